@@ -1,0 +1,292 @@
+"""`ledger`: the command line. Each command parses, calls one `ledger.Ledger` method, prints.
+
+Errors the user can act on come out as one line, `error: ...`, with exit code 2 for bad usage
+or input and 1 for a problem with stored state; never a traceback.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from ledger import BaftConfig, Ledger, LedgerError, load_facts
+from ledger.store import engine as store_engine
+
+
+class LedgerGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LedgerError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; nothing of the unfinished step was written", err=True)
+            ctx.exit(130)
+        except Exception as e:  # a database that vanished mid-command, a disk that filled up
+            from sqlalchemy.exc import SQLAlchemyError
+            if isinstance(e, SQLAlchemyError):
+                first = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+                click.echo(f"error: database: {first}", err=True)
+                ctx.exit(1)
+            raise
+
+
+def _dump(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False))
+
+
+def _open(ctx: click.Context) -> Ledger:
+    o = ctx.obj
+    return Ledger.open(o["db"], author=o["author"], device=o["device"])
+
+
+@click.group(cls=LedgerGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--db", envvar="LEDGER_DB", default=None, metavar="URL",
+              help="SQLAlchemy URL of the ledger database [env LEDGER_DB; default sqlite:///.ledger/ledger.db].")
+@click.option("--author", envvar="LEDGER_AUTHOR", default=None, help="Who is acting [env LEDGER_AUTHOR; default: the user].")
+@click.option("--device", default="cpu", show_default=True, help="Torch device for the model (cpu, cuda).")
+@click.version_option(package_name="baft-ledger")
+@click.pass_context
+def cli(ctx: click.Context, db: str | None, author: str | None, device: str) -> None:
+    """The edit ledger for BaFT: knowledge edits of a language model, kept like commits."""
+    ctx.obj = {"db": db, "author": author, "device": device}
+
+
+@cli.command()
+@click.option("--model", default=None, metavar="PATH",
+              help="Local Hugging Face model directory [default: the bundled SmolLM2-135M-Instruct].")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def init(ctx: click.Context, model: str | None, as_json: bool) -> None:
+    """Create a new ledger on a base model (rev-1 is the base, unedited)."""
+    o = ctx.obj
+    with Ledger.init(o["db"], model=model, author=o["author"], device=o["device"]) as lg:
+        s, head = lg.settings(), lg.head()
+        info = {"database": lg.engine.url.render_as_string(hide_password=True), "model": s["base_model"],
+                "fingerprint": s["base_fingerprint"], **head}
+    if as_json:
+        _dump(info)
+    else:
+        click.echo(f"initialised ledger in {info['database']}\nmodel {info['model']} "
+                   f"(fingerprint {info['fingerprint'][:12]})\nHEAD -> {info['branch']} at {info['revision']}")
+
+
+class _Bar:
+    """One progress bar on stderr over all training steps of all facts."""
+
+    def __init__(self, n_facts: int, steps: int):
+        self.steps = steps
+        self.bar = click.progressbar(length=n_facts * steps, label="training", file=sys.stderr,
+                                     show_pos=True)
+        self.done_edits = 0
+        self.pos = 0
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        idx = int(label.split()[1].split("/")[0]) - 1
+        target = idx * self.steps + done
+        self.bar.label = label
+        if target > self.pos:
+            self.bar.update(target - self.pos)
+            self.pos = target
+
+    def finish(self) -> None:
+        self.bar.update(self.bar.length - self.pos)
+        self.bar.render_finish()
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=False))
+@click.option("--method", type=click.Choice(["baft", "reft"]), default="baft", show_default=True,
+              help="baft: input-gated bases; reft: constant gate (the LoReFT ablation).")
+@click.option("--layer", type=int, default=None, help="Decoder block to edit [default: per model].")
+@click.option("--rank", type=int, default=BaftConfig.rank, show_default=True, help="Bases per edit.")
+@click.option("--steps", type=int, default=BaftConfig.steps, show_default=True, help="Most training steps.")
+@click.option("--lr", type=float, default=BaftConfig.lr, show_default=True, help="Adam learning rate.")
+@click.option("--locality-weight", type=float, default=BaftConfig.locality_weight, show_default=True,
+              help="Weight of the KL term on unrelated inputs.")
+@click.option("--gate-weight", type=float, default=BaftConfig.gate_weight, show_default=True,
+              help="Weight of the gate-closing term on unrelated inputs.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-m", "--message", default=None, help="Revision message [default: the fact].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per new revision.")
+@click.pass_context
+def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int, steps: int, lr: float,
+        locality_weight: float, gate_weight: float, seed: int, message: str | None, as_json: bool) -> None:
+    """Train one BaFT edit per fact in FILE and commit each as a new revision.
+
+    FILE holds one fact object, a JSON list, or JSON Lines, in the native form
+    (prompt, target_new, subject, target_true, rephrase_prompts, locality_prompts) or the
+    EasyEdit CounterFact form. Every record is checked before anything is trained.
+    """
+    cfg = BaftConfig(method=method, layer=layer, rank=rank, steps=steps, lr=lr,
+                     locality_weight=locality_weight, gate_weight=gate_weight, seed=seed)
+    facts = load_facts(file)
+    with _open(ctx) as lg:
+        bar = _Bar(len(facts), cfg.steps)
+        try:
+            results = lg.add(facts, cfg, message=message, progress=bar)
+        finally:
+            bar.finish()
+    for r in results:
+        if as_json:
+            click.echo(json.dumps(r.to_dict(), ensure_ascii=False))
+        else:
+            m = r.metrics
+            shown = "  ".join(f"{k}={v:.2f}" for k, v in m.items()
+                              if k in ("reliability", "generalization", "locality"))
+            extra = f"  (supersedes {', '.join(r.superseded)})" if r.superseded else ""
+            click.echo(f"{r.revision}  {r.edit}  {r.fact['prompt']} -> {r.fact['target_new']}  "
+                       f"{shown}  {r.stats['steps']} steps {r.stats['seconds']:.1f}s{extra}")
+
+
+@cli.command()
+@click.option("--rev", default="HEAD", show_default=True, help="Start from this revision.")
+@click.option("-n", "--limit", type=int, default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def log(ctx: click.Context, rev: str, limit: int, as_json: bool) -> None:
+    """Revisions from REV back through its parents, newest first."""
+    with _open(ctx) as lg:
+        rows = lg.log(rev, limit)
+    if as_json:
+        _dump([r.to_dict() for r in rows])
+        return
+    for r in rows:
+        refs = f" ({', '.join(r.refs)})" if r.refs else ""
+        change = " ".join([f"+{e}" for e in r.added] + [f"-{e}" for e in r.removed])
+        click.echo(f"{r.revision}{refs}  {r.operation}  {r.author}  {r.created_at}  "
+                   f"[{r.n_active} active] {change}\n    {r.message}")
+
+
+@cli.command()
+@click.argument("rev", default="HEAD")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def show(ctx: click.Context, rev: str, as_json: bool) -> None:
+    """One revision: its record, change set and the edits it added or removed."""
+    with _open(ctx) as lg:
+        info = lg.show(rev)
+    if as_json:
+        _dump(info.to_dict())
+        return
+    click.echo(f"revision   {info.revision}{' (' + ', '.join(info.refs) + ')' if info.refs else ''}\n"
+               f"parent     {info.parent or '-'}\noperation  {info.operation}\nauthor     {info.author}\n"
+               f"time       {info.created_at}\nactive     {info.n_active} edits\nchain      {info.chain_hash}\n"
+               f"message    {info.message}")
+    for e in info.edits:
+        sign = "+" if e.id in info.added else "-"
+        metrics = "  ".join(f"{k}={v:.2f}" for k, v in e.metrics.items())
+        click.echo(f"{sign} {e.id}  {e.fact['prompt']} -> {e.fact['target_new']}\n"
+                   f"    {e.method} layer {e.layer} rank {e.rank}  {metrics}\n"
+                   f"    {e.stats.get('steps')} steps  loss {e.stats.get('final_loss')}  "
+                   f"{e.stats.get('seconds')}s  blob {e.blob[:12]}")
+
+
+@cli.command()
+@click.argument("rev")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def checkout(ctx: click.Context, rev: str, as_json: bool) -> None:
+    """Move HEAD to a branch or revision; later adds build on it."""
+    with _open(ctx) as lg:
+        head = lg.checkout(rev)
+    if as_json:
+        _dump(head)
+    elif head["detached"]:
+        click.echo(f"HEAD detached at {head['revision']}")
+    else:
+        click.echo(f"HEAD -> {head['branch']} at {head['revision']}")
+
+
+@cli.command()
+@click.argument("prompt")
+@click.option("--rev", default=None, help="Revision to run [default: HEAD].")
+@click.option("--max-new-tokens", type=int, default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def generate(ctx: click.Context, prompt: str, rev: str | None, max_new_tokens: int, as_json: bool) -> None:
+    """Greedy continuation of PROMPT by the model composed at a revision."""
+    with _open(ctx) as lg:
+        text = lg.generate(prompt, rev=rev, max_new_tokens=max_new_tokens)
+        revision = lg.model_at(rev).revision
+    if as_json:
+        _dump({"revision": f"rev-{revision}", "prompt": prompt, "completion": text})
+    else:
+        click.echo(prompt + text)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def verify(ctx: click.Context, as_json: bool) -> None:
+    """Recompute every hash; exit 1 naming each revision, edit or blob that does not match."""
+    with _open(ctx) as lg:
+        problems = lg.verify()
+    if as_json:
+        _dump({"ok": not problems, "problems": problems})
+    else:
+        for p in problems:
+            click.echo(p)
+        click.echo("ok: every hash matches" if not problems else f"{len(problems)} problem(s) found")
+    if problems:
+        ctx.exit(1)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Where HEAD is, and the ledger's base model."""
+    with _open(ctx) as lg:
+        info = {**lg.head(), **lg.settings()}
+    if as_json:
+        _dump(info)
+    else:
+        where = f"on {info['branch']}" if info["branch"] else "detached"
+        click.echo(f"HEAD {where} at {info['revision']}\nmodel {info['base_model']} "
+                   f"(fingerprint {info['base_fingerprint'][:12]})")
+
+
+@cli.group()
+def db() -> None:
+    """Schema migrations of the ledger database."""
+
+
+@db.command("upgrade")
+@click.option("--to", "target", default="head", show_default=True, help="Alembic revision to reach.")
+@click.pass_context
+def db_upgrade(ctx: click.Context, target: str) -> None:
+    """Migrate the database schema (to head by default)."""
+    engine = store_engine.make_engine(store_engine.database_url(ctx.obj["db"]))
+    store_engine.check_reachable(engine)
+    if not store_engine.has_ledger_tables(engine):
+        raise LedgerError("no ledger in this database: run `ledger init`")
+    before = store_engine.current_revision(engine)
+    store_engine.upgrade(engine, target)
+    click.echo(f"schema {before} -> {store_engine.current_revision(engine)}")
+
+
+@db.command("current")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def db_current(ctx: click.Context, as_json: bool) -> None:
+    """The schema revision of the database and the one this version needs."""
+    engine = store_engine.make_engine(store_engine.database_url(ctx.obj["db"]))
+    store_engine.check_reachable(engine)
+    info = {"current": store_engine.current_revision(engine), "head": store_engine.head_revision()}
+    if as_json:
+        _dump(info)
+    else:
+        click.echo(f"current {info['current'] or '-'}  head {info['head']}"
+                   + ("" if info["current"] == info["head"] else "  (run `ledger db upgrade`)"))
+
+
+def main() -> None:
+    cli(prog_name="ledger")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""The edit ledger for BaFT: knowledge edits of a language model, kept like commits.
+
+    from ledger import Ledger, load_facts
+    with Ledger.init("sqlite:///my.db") as lg:          # or Ledger.open(...)
+        [res] = lg.add(load_facts("fact.json"))
+        print(res.revision, res.metrics)
+        print(lg.generate("The mother tongue of Danielle Darrieux is"))
+"""
+__version__ = "0.1.0"
+
+from .api import AddResult, EditInfo, Ledger, RevisionInfo  # noqa: E402
+from .baft.config import BaftConfig  # noqa: E402
+from .errors import InputError, LedgerError, StateError  # noqa: E402
+from .facts import Fact, LocalityPrompt, load_facts, parse_facts_text  # noqa: E402
+
+__all__ = ["Ledger", "AddResult", "EditInfo", "RevisionInfo", "BaftConfig", "Fact", "LocalityPrompt",
+           "load_facts", "parse_facts_text", "LedgerError", "InputError", "StateError", "__version__"]

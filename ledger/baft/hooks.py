@@ -1,0 +1,63 @@
+"""Put interventions on a Hugging Face model's decoder blocks.
+
+A site is one decoder block's output. Its change is the frozen fused stack of the active
+edits plus, while an edit is trained, the new trainable block; both read the same h, which is
+exactly the composition the edit will be deployed in. Forward hooks leave the model's own
+modules untouched, so detaching restores the base model bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layer import BaftBlock, FusedIntervention
+
+
+class InterventionSite(nn.Module):
+    def __init__(self, layer: int, fused: FusedIntervention):
+        super().__init__()
+        self.layer = layer
+        self.fused = fused
+        self.trainable = nn.ModuleList()
+        self._handle = None
+
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.fused(h)
+        for block in self.trainable:
+            out = out + block(h)
+        return out
+
+    def _hook(self, module, args, output):
+        if isinstance(output, tuple):  # older or GPT-2 style blocks return (hidden, ...)
+            h = output[0]
+            return (h + self.delta(h),) + tuple(output[1:])
+        return output + self.delta(output)
+
+    def attach(self, block_module: nn.Module) -> None:
+        self.detach()
+        self._handle = block_module.register_forward_hook(self._hook)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def attach_sites(layers: nn.ModuleList, sites: dict[int, InterventionSite]) -> None:
+    for idx, site in sites.items():
+        if not 0 <= idx < len(layers):
+            raise ValueError(f"layer {idx} out of range for a model of {len(layers)} blocks")
+        site.attach(layers[idx])
+
+
+def detach_sites(sites: dict[int, InterventionSite]) -> None:
+    for site in sites.values():
+        site.detach()
+
+
+def add_trainable(site: InterventionSite, block: BaftBlock) -> None:
+    site.trainable.append(block)
+
+
+def clear_trainable(site: InterventionSite) -> None:
+    site.trainable = nn.ModuleList()

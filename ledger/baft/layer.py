@@ -1,0 +1,105 @@
+"""The BaFT intervention on a hidden state h (d wide), DESIGN.md section 2:
+
+    s(h)    = sigmoid(U h + c)                       one weight per basis
+    BaFT(h) = h + R^T [ s(h) * (W h + b - R h) ]     R: r x d with orthonormal rows
+
+`BaftBlock` is one trainable edit. `FusedIntervention` is the frozen sum of many edits of one
+layer: stacking their (R, W, b, U, c) row-wise gives one intervention of rank sum(r_k) whose
+output is exactly the sum of the blocks' outputs, because each basis only ever multiplies its
+own gate and its own rows.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils.parametrizations import orthogonal
+
+TENSOR_NAMES = ("R", "W", "b", "U", "c")
+# sigmoid(30) rounds to exactly 1.0 in float32, so a ReFT block stored as U = 0, c = 30 is the
+# LoReFT formula bit for bit, and needs no special case in the fused path.
+REFT_GATE_BIAS = 30.0
+
+
+class BaftBlock(nn.Module):
+    """One edit's trainable intervention of rank r."""
+
+    def __init__(self, d: int, rank: int, *, method: str = "baft", gate_bias_init: float = 0.0,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.method = method
+        rot = nn.Linear(d, rank, bias=False)
+        with torch.no_grad():
+            rot.weight.copy_(torch.randn(rank, d, generator=generator) / d ** 0.5)
+        # The orthogonal parametrisation keeps R's rows orthonormal through every step.
+        self.rotation = orthogonal(rot)
+        # W starts equal to R and b at 0, so the block starts as the identity: training begins
+        # from the parent model's exact behaviour.
+        self.W = nn.Parameter(self.rotation.weight.detach().clone())
+        self.b = nn.Parameter(torch.zeros(rank))
+        if method == "baft":
+            # A small U: the gate starts near sigmoid(c) everywhere and learns what to read.
+            self.U = nn.Parameter(torch.randn(rank, d, generator=generator) * (1e-3 / d ** 0.5))
+            self.c = nn.Parameter(torch.full((rank,), float(gate_bias_init)))
+        else:
+            self.register_buffer("U", torch.zeros(rank, d))
+            self.register_buffer("c", torch.full((rank,), REFT_GATE_BIAS))
+        self.last_gate: torch.Tensor | None = None  # read by the trainer's gate term
+
+    @property
+    def R(self) -> torch.Tensor:
+        return self.rotation.weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """The additive change R^T [s * (W h + b - R h)] (not h plus it)."""
+        R = self.R
+        gate = torch.sigmoid(F.linear(h, self.U, self.c))
+        self.last_gate = gate
+        value = F.linear(h, self.W, self.b) - F.linear(h, R)
+        return (gate * value) @ R
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"R": self.R.detach().clone().contiguous(), "W": self.W.detach().clone(),
+                "b": self.b.detach().clone(), "U": self.U.detach().clone(),
+                "c": self.c.detach().clone()}
+
+
+def block_delta(t: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+    """The change one stored block makes to h, by the formula, term by term (the reference
+    the fused path is tested against)."""
+    gate = torch.sigmoid(h @ t["U"].T + t["c"])
+    return (gate * (h @ t["W"].T + t["b"] - h @ t["R"].T)) @ t["R"]
+
+
+class FusedIntervention(nn.Module):
+    """The frozen sum of any number of blocks of one layer, as one rank-sum(r_k) intervention.
+
+    Per token it costs one (2n x d) matmul for gate and value together and one (d x n) matmul
+    back, where n = sum(r_k); the number of edits does not change the number of calls.
+    """
+
+    def __init__(self, blocks: list[dict[str, torch.Tensor]], d: int):
+        super().__init__()
+        self.n_blocks = len(blocks)
+        if blocks:
+            R = torch.cat([t["R"] for t in blocks]).float()
+            W = torch.cat([t["W"] for t in blocks]).float()
+            b = torch.cat([t["b"] for t in blocks]).float()
+            U = torch.cat([t["U"] for t in blocks]).float()
+            c = torch.cat([t["c"] for t in blocks]).float()
+        else:
+            R = W = U = torch.zeros(0, d)
+            b = c = torch.zeros(0)
+        self.rank = R.shape[0]
+        # Gate and value read the same h: one matmul for both, split afterwards.
+        self.register_buffer("in_weight", torch.cat([U, W - R]), persistent=False)
+        self.register_buffer("in_bias", torch.cat([c, b]), persistent=False)
+        self.register_buffer("R", R, persistent=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """The additive change (sum over blocks), shaped like h."""
+        if self.rank == 0:
+            return torch.zeros_like(h)
+        gv = F.linear(h, self.in_weight.to(h.dtype), self.in_bias.to(h.dtype))
+        gate, value = gv.split(self.rank, dim=-1)
+        return (torch.sigmoid(gate) * value) @ self.R.to(h.dtype)

@@ -1,0 +1,151 @@
+"""The trainer of one BaFT edit.
+
+The model arrives with the parent revision's fused interventions attached and frozen; the new
+block is added beside them at its layer, so the edit is trained in exactly the composition it
+will be deployed in. Only the new block's parameters receive gradients.
+
+Loss of one step, on one padded batch of "edit" rows and "unrelated" rows:
+
+    CE(target_new | edit rows)                                   make the edit
+  + locality_weight * KL(parent || edited) over unrelated rows    leave the rest alone
+  + gate_weight * mean gate over unrelated rows (BaFT only)       keep the gate shut there
+
+Edit rows: the prompt, the fact's rephrase prompts (when `train_on_rephrases`), and the prompt
+behind short fixed prefixes (generalisation, as ROME does). Unrelated rows: the fact's own
+locality prompts with their answers (when `train_on_locality`), a few neutral sentences, and
+the prompts + targets of edits already active in the ledger (a retention set, so old edits
+survive new ones). The parent's distributions on the unrelated rows are computed once, before
+the new block exists.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.nn import functional as F
+
+from ..facts import Fact
+from ..models import hidden_size
+from ..text import logits, make_batch
+from .config import BaftConfig
+from .hooks import InterventionSite
+from .layer import BaftBlock, FusedIntervention
+
+PREFIXES = ("Here is a fact. ", "As everyone knows, ", "In short: ", "Note that ")
+NEUTRAL = (
+    "The weather today is mild with a light breeze.",
+    "She opened the window and looked at the garden.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+    "The meeting was moved to Thursday afternoon.",
+    "A triangle has three sides and three angles.",
+    "He bought bread, milk and eggs at the shop.",
+)
+
+
+@dataclass
+class TrainedEdit:
+    layer: int
+    tensors: dict[str, torch.Tensor]
+    stats: dict[str, float | int | bool] = field(default_factory=dict)
+
+
+def _edit_pairs(fact: Fact, cfg: BaftConfig) -> list[tuple[str, str]]:
+    pairs = [(fact.prompt, fact.target_new)]
+    if cfg.train_on_rephrases:
+        pairs += [(p, fact.target_new) for p in fact.rephrase_prompts]
+    pairs += [(pre + fact.prompt, fact.target_new) for pre in PREFIXES[: cfg.n_prefixes]]
+    return pairs
+
+
+def _unrelated_texts(fact: Fact, cfg: BaftConfig, retention: list[tuple[str, str]],
+                     rng: random.Random) -> list[str]:
+    texts = []
+    if cfg.train_on_locality:
+        for lp in fact.locality_prompts:
+            texts.append(lp.prompt + (" " + lp.answer.strip() if lp.answer else ""))
+    texts += list(NEUTRAL)
+    n = cfg.retention_samples
+    keep = retention if len(retention) <= n else rng.sample(retention, n)
+    texts += [p + " " + t.strip() for p, t in keep]
+    return texts
+
+
+def train_edit(model, tok, sites: dict[int, InterventionSite], layers, fact: Fact,
+               cfg: BaftConfig, *, layer: int, retention: list[tuple[str, str]] = (),
+               progress: Callable[[int, int], None] | None = None) -> TrainedEdit:
+    """Train one block at `layer` with every site in `sites` active and frozen."""
+    started = time.perf_counter()
+    device = next(model.parameters()).device
+    rng = random.Random(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    edit_pairs = _edit_pairs(fact, cfg)
+    unrelated = _unrelated_texts(fact, cfg, list(retention), rng)
+    batch = make_batch(tok, edit_pairs + [(t, None) for t in unrelated], device=device)
+    n_edit = len(edit_pairs)
+    target_mask = batch.target_mask[:n_edit]
+    target_ids = batch.next_ids[:n_edit][target_mask]
+    # KL over every real position of the unrelated rows
+    unrel_mask = batch.attention_mask[n_edit:].bool()
+
+    own_site = layer not in sites
+    if own_site:
+        site = InterventionSite(layer, FusedIntervention([], hidden_size(model)))
+        site.attach(layers[layer])
+        sites = {**sites, layer: site}
+    site = sites[layer]
+
+    with torch.no_grad():
+        ref_logp = torch.log_softmax(logits(model, batch)[n_edit:].float(), -1)[unrel_mask]
+
+    block = BaftBlock(hidden_size(model), cfg.rank, method=cfg.method,
+                      gate_bias_init=cfg.gate_bias_init, generator=gen).to(device)
+    site.trainable.append(block)
+    params = [p for p in block.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    steps_run, last = 0, {}
+    try:
+        model.train(False)
+        for step in range(cfg.steps):
+            out = logits(model, batch).float()
+            logp = torch.log_softmax(out, -1)
+            edit_logp = logp[:n_edit][target_mask]
+            tok_logp = edit_logp.gather(-1, target_ids[:, None]).squeeze(-1)
+            ce = -tok_logp.mean()
+            cur = logp[n_edit:][unrel_mask]
+            kl = F.kl_div(cur, ref_logp, log_target=True, reduction="batchmean")
+            gate_term = torch.zeros((), device=device)
+            if cfg.method == "baft" and block.last_gate is not None:
+                gate_term = block.last_gate[n_edit:][unrel_mask].mean()
+            loss = ce + cfg.locality_weight * kl + cfg.gate_weight * gate_term
+            last = {"loss": loss.item(), "ce": ce.item(), "kl": kl.item(), "gate": gate_term.item()}
+            reached = bool((edit_logp.argmax(-1) == target_ids).all()
+                           and tok_logp.exp().min() >= cfg.stop_prob)
+            if reached and step >= cfg.min_steps:
+                break  # the checked state is the one we keep: no update after the check
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps_run = step + 1
+            if progress:
+                progress(steps_run, cfg.steps)
+        tensors = block.tensors()
+    finally:
+        site.trainable = torch.nn.ModuleList()
+        block.last_gate = None
+        if own_site:
+            site.detach()
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise FloatingPointError(f"training produced non-finite values in {name}")
+    stats = {"steps": steps_run, "final_loss": round(last.get("loss", float("nan")), 6),
+             "final_ce": round(last.get("ce", float("nan")), 6),
+             "final_kl": round(last.get("kl", float("nan")), 6),
+             "final_gate": round(last.get("gate", float("nan")), 6),
+             "reached_target": steps_run < cfg.steps,
+             "seconds": round(time.perf_counter() - started, 3),
+             "n_edit_rows": n_edit, "n_unrelated_rows": len(unrelated)}
+    return TrainedEdit(layer=layer, tensors=tensors, stats=stats)

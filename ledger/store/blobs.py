@@ -1,0 +1,120 @@
+"""Tensor blobs: safetensors bytes, content-addressed, verified on every read.
+
+Never pickle: tensors are written with safetensors only, and before safetensors parses any
+stored bytes we check the sha256 against the address and the header against what a ledger
+blob may contain (float32 only, sane shapes, offsets that tile the buffer exactly).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from datetime import datetime, timezone
+
+import torch
+from safetensors.torch import load as st_load, save as st_save
+from sqlalchemy import Connection, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from ..errors import IntegrityError, StateError
+from .schema import Blob
+
+MAX_HEADER = 1 << 20
+_ITEMSIZE = {"F32": 4, "I64": 8}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def encode(tensors: dict[str, torch.Tensor]) -> bytes:
+    """Canonical bytes: float32, contiguous, CPU, no metadata; safetensors orders the header
+    itself, so equal tensors always give equal bytes and so equal addresses."""
+    clean = {}
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu", torch.float32).contiguous()
+        if not torch.isfinite(t).all():
+            raise StateError(f"refusing to store non-finite values in tensor {name!r}")
+        clean[name] = t
+    return st_save(clean)
+
+
+def check_header(data: bytes, what: str = "blob") -> dict:
+    """Validate a safetensors header without trusting it: returns {name: (dtype, shape)}."""
+    if len(data) < 8:
+        raise IntegrityError(f"{what} is too short to be safetensors")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER or 8 + n > len(data):
+        raise IntegrityError(f"{what} has a safetensors header of impossible size {n}")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise IntegrityError(f"{what} has an unreadable safetensors header") from None
+    if not isinstance(header, dict):
+        raise IntegrityError(f"{what} has a malformed safetensors header")
+    header.pop("__metadata__", None)
+    body = len(data) - 8 - n
+    spans, out = [], {}
+    for name, info in header.items():
+        try:
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise IntegrityError(f"{what}: tensor {name!r} has a malformed header entry") from None
+        if dtype not in _ITEMSIZE:
+            raise IntegrityError(f"{what}: tensor {name!r} has dtype {dtype}, not allowed here")
+        if not (isinstance(shape, list) and len(shape) <= 4
+                and all(isinstance(s, int) and 0 <= s <= 1 << 24 for s in shape)):
+            raise IntegrityError(f"{what}: tensor {name!r} has an invalid shape {shape!r}")
+        count = 1
+        for s in shape:
+            count *= s
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= body
+                and end - start == count * _ITEMSIZE[dtype]):
+            raise IntegrityError(f"{what}: tensor {name!r} has offsets that do not match its shape")
+        spans.append((start, end))
+        out[name] = (dtype, shape)
+    pos = 0
+    for start, end in sorted(spans):
+        if start != pos:
+            raise IntegrityError(f"{what}: tensor data overlaps or leaves gaps")
+        pos = end
+    if pos != body:
+        raise IntegrityError(f"{what}: tensor data does not fill the buffer")
+    return out
+
+
+def decode(data: bytes, address: str | None = None, *, what: str = "blob") -> dict[str, torch.Tensor]:
+    """Verify the hash (when an address is given) and the header, then load and check values."""
+    if address is not None and sha256(data) != address:
+        raise IntegrityError(f"blob {address[:12]} does not match its sha256: stored bytes were changed")
+    check_header(data, what)
+    tensors = st_load(data)
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise IntegrityError(f"{what}: tensor {name!r} holds non-finite values")
+    return tensors
+
+
+def put(conn: Connection, data: bytes) -> str:
+    """Store bytes under their sha256 (a no-op when already there); return the address."""
+    address = sha256(data)
+    table = Blob.__table__
+    values = {"sha256": address, "size": len(data), "data": data, "created_at": now()}
+    if conn.dialect.name == "postgresql":
+        stmt = pg_insert(table).values(**values).on_conflict_do_nothing(index_elements=["sha256"])
+    else:
+        stmt = sqlite_insert(table).values(**values).on_conflict_do_nothing(index_elements=["sha256"])
+    conn.execute(stmt)
+    return address
+
+
+def get(conn: Connection, address: str) -> dict[str, torch.Tensor]:
+    data = conn.execute(select(Blob.data).where(Blob.sha256 == address)).scalar_one_or_none()
+    if data is None:
+        raise IntegrityError(f"blob {address[:12]} is missing from the database")
+    return decode(bytes(data), address)

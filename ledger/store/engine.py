@@ -1,0 +1,142 @@
+"""Engines, transactions and the schema's migration state.
+
+SQLite (the embedded default): WAL so readers never block the writer, foreign keys on, a
+busy timeout, and every write transaction opened with BEGIN IMMEDIATE so two writers queue
+on the lock instead of failing half-way. PostgreSQL: every write transaction first takes one
+transaction-scoped advisory lock, which serialises appends to the ledger across processes.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+
+from ..errors import InputError, SchemaError, StateError
+
+DEFAULT_URL = "sqlite:///.ledger/ledger.db"
+_WRITE_LOCK_KEY = 0x42AF7_1ED6  # any constant: one advisory lock for the whole ledger
+
+
+def database_url(url: str | None) -> str:
+    return url or os.environ.get("LEDGER_DB") or DEFAULT_URL
+
+
+def make_engine(url: str, *, create_dir: bool = False) -> Engine:
+    try:
+        u = make_url(url)
+    except ArgumentError:
+        raise InputError(f"--db {url!r} is not a database URL (e.g. sqlite:///path/ledger.db)") from None
+    if u.get_backend_name() == "sqlite":
+        db = u.database
+        if db and db != ":memory:":
+            path = Path(db).expanduser()
+            if create_dir:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            elif not path.exists():
+                # Connecting would create an empty file; say what is wrong instead.
+                raise StateError(f"no ledger database at {path}: run `ledger init` (or pass --db)")
+        try:
+            engine = create_engine(u, connect_args={"timeout": 60})
+        except (ArgumentError, NoSuchModuleError) as e:
+            raise InputError(f"--db {url!r}: {e}") from None
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn, _record):
+            # Let SQLAlchemy, not the driver, decide when transactions begin.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=60000")
+            if db and db != ":memory:":
+                cur.execute("PRAGMA journal_mode=WAL")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection):
+            immediate = conn.get_execution_options().get("ledger_write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+    try:
+        return create_engine(u, pool_pre_ping=True)
+    except (ArgumentError, NoSuchModuleError) as e:
+        raise InputError(f"--db {url!r}: {e}") from None
+
+
+@contextlib.contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """One serialised write transaction: all of it commits, or none of it does."""
+    with engine.connect().execution_options(ledger_write=True) as conn:
+        with conn.begin():
+            if engine.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _WRITE_LOCK_KEY})
+            yield conn
+
+
+def check_reachable(engine: Engine) -> None:
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except OperationalError as e:
+        first = str(e.orig).strip().splitlines()[0] if e.orig else str(e).splitlines()[0]
+        raise StateError(f"cannot reach the database {engine.url.render_as_string(hide_password=True)}: {first}") from None
+
+
+# --- migrations -------------------------------------------------------------------------------
+
+def alembic_config(url: str | None = None):
+    """An alembic Config that finds our packaged migrations, installed or not."""
+    from alembic.config import Config
+    import migrations
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    if url:
+        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(engine: Engine, target: str = "head") -> None:
+    from alembic import command
+    cfg = alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, target)
+
+
+def downgrade(engine: Engine, target: str) -> None:
+    from alembic import command
+    cfg = alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, target)
+
+
+def has_ledger_tables(engine: Engine) -> bool:
+    return inspect(engine).has_table("alembic_version")
+
+
+def check_schema(engine: Engine) -> None:
+    """Refuse to work on a database that is not at our head migration, changing nothing."""
+    check_reachable(engine)
+    if not has_ledger_tables(engine):
+        raise StateError(f"no ledger in {engine.url.render_as_string(hide_password=True)}: run `ledger init`")
+    current, head = current_revision(engine), head_revision()
+    if current != head:
+        raise SchemaError(f"the database schema is at {current or 'nothing'}, this version needs {head}: "
+                          "run `ledger db upgrade`")

@@ -1,0 +1,92 @@
+"""The intervention's algebra: BaFT reduces to LoReFT with a constant gate, and the fused
+stack of k blocks equals the sum of the k blocks applied one by one."""
+import torch
+
+from ledger.baft import BaftBlock, BaftConfig, FusedIntervention, InterventionSite
+from ledger.baft.layer import REFT_GATE_BIAS, block_delta
+from ledger.models import load_base
+
+import pytest
+
+
+def _random_block(d, r, seed, method="baft"):
+    g = torch.Generator().manual_seed(seed)
+    blk = BaftBlock(d, r, method=method, generator=g)
+    with torch.no_grad():  # move away from the identity start so the test sees real values
+        blk.W.add_(torch.randn(blk.W.shape, generator=g) * 0.3)
+        blk.b.add_(torch.randn(blk.b.shape, generator=g) * 0.3)
+        if method == "baft":
+            blk.U.add_(torch.randn(blk.U.shape, generator=g) * 0.3)
+            blk.c.add_(torch.randn(blk.c.shape, generator=g))
+    return blk
+
+
+def test_rotation_rows_are_orthonormal():
+    R = _random_block(32, 6, 0).R
+    assert torch.allclose(R @ R.T, torch.eye(6), atol=1e-5)
+
+
+def test_block_starts_as_identity():
+    blk = BaftBlock(32, 4, generator=torch.Generator().manual_seed(0))
+    h = torch.randn(3, 5, 32)
+    assert blk(h).abs().max() < 1e-5
+
+
+def test_constant_gate_equals_loreft_formula():
+    d, r = 48, 5
+    blk = _random_block(d, r, 1, method="reft")
+    t = blk.tensors()
+    assert torch.sigmoid(torch.tensor(REFT_GATE_BIAS)) == 1.0  # exact in float32
+    h = torch.randn(2, 7, d)
+    R, W, b = t["R"], t["W"], t["b"]
+    loreft = h + (h @ W.T + b - h @ R.T) @ R          # LoReFT(h) = h + R^T(Wh + b - Rh)
+    assert torch.allclose(h + blk(h), loreft, atol=1e-6)
+    assert torch.allclose(h + FusedIntervention([t], d)(h), loreft, atol=1e-5)
+
+
+def test_gate_is_input_dependent_for_baft_only():
+    d = 32
+    baft, reft = _random_block(d, 4, 2), _random_block(d, 4, 2, method="reft")
+    h = torch.randn(10, d) * 3
+    baft(h), reft(h)
+    assert baft.last_gate.std(0).max() > 1e-3
+    assert torch.all(reft.last_gate == 1.0)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_fused_stack_equals_sum_of_blocks(k):
+    d = 64
+    blocks = [_random_block(d, r, 10 + i, method="baft" if i % 3 else "reft").tensors()
+              for i, r in zip(range(k), [1, 2, 4, 3, 2, 5, 1, 4])]
+    h = torch.randn(3, 9, d)
+    fused = FusedIntervention(blocks, d)(h)
+    separate = sum(block_delta(t, h) for t in blocks)
+    assert fused.shape == h.shape
+    assert (fused - separate).abs().max() <= 1e-5
+    assert fused.abs().max() > 1e-3  # the test is not comparing zeros
+
+
+def test_empty_stack_changes_nothing():
+    h = torch.randn(2, 3, 16)
+    assert torch.equal(FusedIntervention([], 16)(h), torch.zeros_like(h))
+
+
+def test_hook_on_model_adds_the_delta_and_detaches_cleanly(tiny_llama):
+    base = load_base(str(tiny_llama))
+    ids = torch.tensor([[5, 9, 13, 17]])
+    before = base.model(ids).logits
+    t = _random_block(base.hidden_size, 4, 3).tensors()
+    site = InterventionSite(1, FusedIntervention([t], base.hidden_size))
+    site.attach(base.layers[1])
+    during = base.model(ids).logits
+    site.detach()
+    after = base.model(ids).logits
+    assert (during - before).abs().max() > 1e-4
+    assert torch.equal(before, after)
+
+
+def test_config_rejects_bad_values():
+    from ledger.errors import InputError
+    for bad in ({"method": "lora"}, {"rank": 0}, {"lr": 0}, {"steps": 0}, {"layer": -1}, {"gate_weight": -1}):
+        with pytest.raises(InputError):
+            BaftConfig(**bad)
