@@ -79,12 +79,13 @@ class _Bar:
 
     def __init__(self, n_facts: int, steps: int):
         self.steps = steps
-        self.bar = click.progressbar(length=n_facts * steps, label="training", file=sys.stderr,
-                                     show_pos=True)
-        self.done_edits = 0
+        self.length = n_facts * steps
+        self.bar = None   # drawn at the first step, so a refused file prints only its error
         self.pos = 0
 
     def __call__(self, label: str, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=self.length, label=label, file=sys.stderr, show_pos=True)
         idx = int(label.split()[1].split("/")[0]) - 1
         target = idx * self.steps + done
         self.bar.label = label
@@ -93,8 +94,9 @@ class _Bar:
             self.pos = target
 
     def finish(self) -> None:
-        self.bar.update(self.bar.length - self.pos)
-        self.bar.render_finish()
+        if self.bar is not None:
+            self.bar.update(self.length - self.pos)
+            self.bar.render_finish()
 
 
 @cli.command()
@@ -248,6 +250,158 @@ def status(ctx: click.Context, as_json: bool) -> None:
         where = f"on {info['branch']}" if info["branch"] else "detached"
         click.echo(f"HEAD {where} at {info['revision']}\nmodel {info['base_model']} "
                    f"(fingerprint {info['base_fingerprint'][:12]})")
+
+
+@cli.command()
+@click.argument("target")
+@click.option("-m", "--message", default=None, help="Revision message [default: revert TARGET].")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def revert(ctx: click.Context, target: str, message: str | None, as_json: bool) -> None:
+    """Undo TARGET (a revision, or an edit as edit-N) in a new revision on HEAD.
+
+    Edits that were trained with the reverted state are re-measured; their metric changes
+    are stored and printed. `ledger rebase` retrains them.
+    """
+    with _open(ctx) as lg:
+        res = lg.revert(target, message=message)
+    if as_json:
+        _dump(res.to_dict())
+        return
+    parts = [f"-{e}" for e in res.removed] + [f"+{e}" for e in res.restored]
+    click.echo(f"{res.revision}  revert {res.reverted}  {' '.join(parts)}")
+    for r in res.remeasured:
+        shown = "  ".join(f"{k} {r.before[k]:.2f}->{r.after[k]:.2f}" for k in r.after if k in r.before)
+        click.echo(f"  re-measured {r.edit}: {shown}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def rebase(ctx: click.Context, as_json: bool) -> None:
+    """Retrain the edits at HEAD whose training composition changed since (after a revert or
+    supersede), each as a new revision that replaces the old edit."""
+    with _open(ctx) as lg:
+        stale = lg.stale_edits()
+        bar = _Bar(len(stale), BaftConfig.steps) if stale else None
+        try:
+            results = lg.rebase(progress=bar)
+        finally:
+            if bar:
+                bar.finish()
+    if as_json:
+        _dump([r.to_dict() for r in results])
+        return
+    if not results:
+        click.echo("nothing to rebase: every active edit was trained in its current composition")
+    for r in results:
+        click.echo(f"{r.revision}  {r.edit} replaces {', '.join(r.superseded)}  "
+                   + "  ".join(f"{k}={v:.2f}" for k, v in r.metrics.items()
+                               if k in ("reliability", "generalization", "locality")))
+
+
+@cli.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def diff(ctx: click.Context, a: str, b: str, as_json: bool) -> None:
+    """What changes from revision A to revision B."""
+    with _open(ctx) as lg:
+        d = lg.diff(a, b)
+    if as_json:
+        _dump(d.to_dict())
+        return
+    click.echo(f"{d.a} -> {d.b}")
+    for e in d.added:
+        click.echo(f"+ {e['edit']}  {e['prompt']} -> {e['target_new']}  (layer {e['layer']}, rank {e['rank']})")
+    for e in d.removed:
+        click.echo(f"- {e['edit']}  {e['prompt']} -> {e['target_new']}  (layer {e['layer']}, rank {e['rank']})")
+    for layer, st in d.layers.items():
+        click.echo(f"layer {layer}: blocks {st['a']['blocks']} -> {st['b']['blocks']}, rank "
+                   f"{st['a']['total_rank']} -> {st['b']['total_rank']}, norm +{st['norm_added']:.3f} "
+                   f"-{st['norm_removed']:.3f}")
+    for e, m in d.metric_deltas.items():
+        click.echo(f"~ {e}  " + "  ".join(f"{k} {v:+.2f}" for k, v in m.items()))
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("rev", required=False)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def branch(ctx: click.Context, name: str, rev: str | None, as_json: bool) -> None:
+    """Create branch NAME at REV (default HEAD)."""
+    with _open(ctx) as lg:
+        out = lg.branch(name, rev)
+    _dump(out) if as_json else click.echo(f"branch {out['name']} at {out['revision']}")
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("rev")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def tag(ctx: click.Context, name: str, rev: str, as_json: bool) -> None:
+    """Tag REV as NAME. Tags never move."""
+    with _open(ctx) as lg:
+        out = lg.tag(name, rev)
+    _dump(out) if as_json else click.echo(f"tag {out['name']} at {out['revision']}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def refs(ctx: click.Context, as_json: bool) -> None:
+    """HEAD, branches and tags."""
+    with _open(ctx) as lg:
+        rows = lg.refs()
+    if as_json:
+        _dump(rows)
+        return
+    for r in rows:
+        target = f" -> {r['target']}" if r["target"] else ""
+        click.echo(f"{r['kind']:<7} {r['name']}{target}  {r['revision']}")
+
+
+@cli.command()
+@click.argument("ref", required=False)
+@click.option("-n", "--limit", type=int, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def reflog(ctx: click.Context, ref: str | None, limit: int, as_json: bool) -> None:
+    """Every move of a ref (or of all refs), newest first."""
+    with _open(ctx) as lg:
+        rows = lg.reflog(ref, limit)
+    if as_json:
+        _dump(rows)
+        return
+    for r in rows:
+        old = r["old_branch"] or r["old"] or "-"
+        new = r["new_branch"] or r["new"] or "-"
+        click.echo(f"{r['time']}  {r['ref']}: {old} -> {new}  by {r['actor']}  ({r['reason']})")
+
+
+@cli.command()
+@click.option("--rev", default=None, help="Only events about this revision.")
+@click.option("--edit", default=None, help="Only events about this edit (edit-N).")
+@click.option("--actor", default=None)
+@click.option("--command", "command_", default=None, help="Only this command (add, revert, checkout, ...).")
+@click.option("--since", default=None, help="ISO-8601 time, inclusive.")
+@click.option("--until", default=None, help="ISO-8601 time, inclusive.")
+@click.option("-n", "--limit", type=int, default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def audit(ctx: click.Context, rev, edit, actor, command_, since, until, limit, as_json) -> None:
+    """The append-only audit record: who did what, when."""
+    with _open(ctx) as lg:
+        rows = lg.audit(rev=rev, edit=edit, actor=actor, since=since, until=until, command=command_, limit=limit)
+    if as_json:
+        _dump(rows)
+        return
+    for r in rows:
+        click.echo(f"{r['time']}  {r['actor']}  {r['command']}  {r['revision'] or '-'}  {r['edit'] or ''}  "
+                   + json.dumps(r["details"], ensure_ascii=False))
 
 
 @cli.group()

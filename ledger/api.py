@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine, func, select
 
 from . import __version__
 from . import revisions as revs
@@ -29,7 +29,7 @@ from .models import BaseModel, load_base, resolve_spec
 from .store import blobs
 from .store.engine import (check_reachable, check_schema, database_url, has_ledger_tables,
                            make_engine, upgrade, write_transaction)
-from .store.schema import AuditEvent, Edit, Revision, Setting
+from .store.schema import AuditEvent, Edit, Measurement, Ref, RefLog, Revision, Setting
 
 Progress = Callable[[str, int, int], None]   # (label, done, total)
 
@@ -81,6 +81,51 @@ class RevisionInfo:
         if not self.edits:
             d.pop("edits")
         return d
+
+
+@dataclass
+class Remeasure:
+    edit: str
+    before: dict[str, float]
+    after: dict[str, float]
+
+    @property
+    def delta(self) -> dict[str, float]:
+        return {k: self.after[k] - self.before[k] for k in self.after if k in self.before}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "delta": self.delta}
+
+
+@dataclass
+class RevertResult:
+    revision: str
+    reverted: str
+    removed: list[str]
+    restored: list[str]
+    remeasured: list[Remeasure]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "remeasured": [r.to_dict() for r in self.remeasured]}
+
+
+@dataclass
+class LayerStats:
+    blocks: int
+    total_rank: int
+
+
+@dataclass
+class DiffResult:
+    a: str
+    b: str
+    added: list[dict[str, Any]]        # edits active in b and not in a: id, prompt, target_new
+    removed: list[dict[str, Any]]      # edits active in a and not in b
+    layers: dict[str, dict[str, Any]]  # layer -> {"a": LayerStats, "b": LayerStats, "norm_added", "norm_removed"}
+    metric_deltas: dict[str, dict[str, float]]  # edit in both -> metric -> (at b) - (at a)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -214,7 +259,6 @@ class Ledger:
             refs=refs.get(r.id, []))
 
     def _refs_by_revision(self, conn: Connection) -> dict[int, list[str]]:
-        from .store.schema import Ref
         out: dict[int, list[str]] = {}
         state = revs.head(conn)
         for name, kind, rid in conn.execute(select(Ref.name, Ref.kind, Ref.revision_id).order_by(Ref.name)):
@@ -311,7 +355,6 @@ class Ledger:
         """Move HEAD: to a branch (attached) or to a revision (detached, unless it is the tip
         of the branch HEAD is on). Later adds commit on top of where HEAD points."""
         with write_transaction(self.engine) as conn:
-            from .store.schema import Ref
             branch = conn.execute(select(Ref.name).where(Ref.name == rev, Ref.kind == "branch")).scalar_one_or_none()
             rid = revs.resolve(conn, rev)
             state = revs.head(conn)
@@ -361,26 +404,35 @@ class Ledger:
             state = revs.head(conn)
             parent_active = revs.active_set(conn, state.revision)
             superseded = self._superseded(conn, fact, parent_active)
-            train_on = parent_active - set(superseded)
+        label = f"edit {index + 1}/{total}"
+        return self._train_and_commit(
+            fact, cfg, layer, state.revision, parent_active - set(superseded), superseded, "add",
+            message or f"add: {fact.prompt} -> {fact.target_new}",
+            (lambda d, t: progress(label, d, t)) if progress else None)
+
+    def _train_and_commit(self, fact: Fact, cfg: BaftConfig, layer: int, parent: int, train_on: set[int],
+                          remove: list[int], operation: str, message: str,
+                          progress: Callable[[int, int], None] | None) -> AddResult:
+        """Train one edit with the blocks of `train_on` active and frozen, measure it, and
+        commit one revision on `parent` that removes `remove` and adds the new edit."""
+        with self.engine.connect() as conn:
             retention = [(f["prompt"], f["target_new"]) for f in self._facts_of(conn, train_on).values()]
-        composed = self._compose_ids(train_on, state.revision if not superseded else None)
+        composed = self._compose_ids(train_on, parent if not remove else None)
         model, tok = composed.model, composed.tokenizer
         before = measure(model, tok, fact)
-        label = f"edit {index + 1}/{total}"
         trained = train_edit(model, tok, composed.sites, self.base.layers, fact, cfg, layer=layer,
-                             retention=retention,
-                             progress=(lambda d, t: progress(label, d, t)) if progress else None)
-        new_block = Block(2 ** 62, layer, trained.tensors)  # sorts last, as its id will
-        composed.compose(self._load_blocks_cached(train_on) + [new_block], None)
+                             retention=retention, progress=progress)
+        # The new block sorts last, as its id will once committed: measured as it will compose.
+        composed.compose(self._load_blocks_cached(train_on) + [Block(2 ** 62, layer, trained.tensors)], None)
         metrics = score(measure(model, tok, fact), before)
         data = blobs.encode(trained.tensors)
 
         with write_transaction(self.engine) as conn:
             now_state = revs.head(conn)
-            if now_state.revision != state.revision:
-                raise StateError(f"the branch moved from {revs.rev_name(state.revision)} to "
+            if now_state.revision != parent:
+                raise StateError(f"the branch moved from {revs.rev_name(parent)} to "
                                  f"{revs.rev_name(now_state.revision)} while training: nothing was written, "
-                                 "run the add again")
+                                 "run the command again")
             address = blobs.put(conn, data)
             edit = Edit(fact_json=json.dumps(fact.to_dict(), sort_keys=True, ensure_ascii=False),
                         subject=fact.subject, relation=fact.relation, method=cfg.method, layer=layer,
@@ -388,26 +440,288 @@ class Ledger:
                         blob_sha256=address, metrics_json=json.dumps(metrics, sort_keys=True),
                         stats_json=json.dumps(trained.stats, sort_keys=True),
                         versions_json=json.dumps(library_versions(), sort_keys=True),
-                        trained_on=state.revision, author=self.author, created_at=blobs.now(),
-                        content_hash="")
+                        trained_on=parent, author=self.author, created_at=blobs.now(), content_hash="")
             edit_id = conn.execute(Edit.__table__.insert().values(
                 {c.name: getattr(edit, c.name) for c in Edit.__table__.columns if c.name != "id"})
             ).inserted_primary_key[0]
             edit.id = edit_id
             conn.execute(Edit.__table__.update().where(Edit.id == edit_id)
                          .values(content_hash=revs.edit_hash(edit)))
-            changes = [(e, "remove") for e in superseded] + [(edit_id, "add")]
-            msg = message or f"add: {fact.prompt} -> {fact.target_new}"
-            rev = revs.append(conn, parent_id=state.revision, operation="add", author=self.author,
-                              message=msg, changes=changes)
-            revs.advance_head(conn, rev.id, self.author, f"add {revs.edit_name(edit_id)}")
-            self._audit(conn, "add", rev.id, edit_id, {"fact": fact.prompt, "target_new": fact.target_new,
-                                                       "superseded": [revs.edit_name(e) for e in superseded]})
+            changes = [(e, "remove") for e in remove] + [(edit_id, "add")]
+            rev = revs.append(conn, parent_id=parent, operation=operation, author=self.author,
+                              message=message, changes=changes)
+            revs.advance_head(conn, rev.id, self.author, f"{operation} {revs.edit_name(edit_id)}")
+            self._audit(conn, operation, rev.id, edit_id, {
+                "fact": fact.prompt, "target_new": fact.target_new,
+                "removed": [revs.edit_name(e) for e in remove]})
         self._blocks[edit_id] = Block(edit_id, layer, blobs.decode(data, address))
         composed.compose(self._load_blocks_cached(train_on | {edit_id}), rev.id)
         return AddResult(revision=revs.rev_name(rev.id), edit=revs.edit_name(edit_id), metrics=metrics,
-                         stats=trained.stats, superseded=[revs.edit_name(e) for e in superseded],
+                         stats=trained.stats, superseded=[revs.edit_name(e) for e in remove],
                          fact=fact.to_dict())
+
+    # --- history: revert, rebase, diff -----------------------------------------------------------
+
+    def _remeasure(self, active: set[int], edit_ids: list[int], revision: int | None) -> dict[int, dict[str, float]]:
+        """Metrics of each edit in the composition `active`, locality against the same
+        composition without that edit (as at creation)."""
+        from .facts import fact_from_record
+        with self.engine.connect() as conn:
+            facts = self._facts_of(conn, edit_ids)
+        out = {}
+        for eid in edit_ids:
+            fact = fact_from_record(facts[eid])
+            composed = self._compose_ids(active - {eid}, None)
+            before = measure(composed.model, composed.tokenizer, fact)
+            composed = self._compose_ids(active, revision)
+            out[eid] = score(measure(composed.model, composed.tokenizer, fact), before)
+        return out
+
+    def _dependents(self, conn: Connection, active: set[int], changed: set[int]) -> list[int]:
+        """Active edits that were trained with any of `changed` in a different state than now."""
+        deps = []
+        for eid, trained_on in conn.execute(select(Edit.id, Edit.trained_on).where(Edit.id.in_(sorted(active)))):
+            if trained_on is None:
+                continue
+            then = revs.active_set(conn, trained_on)
+            if any((c in then) != (c in active) for c in changed):
+                deps.append(eid)
+        return sorted(deps)
+
+    def revert(self, target: str, *, message: str | None = None) -> RevertResult:
+        """A new revision on HEAD undoing `target`: a revision (its change set, inverted) or
+        an edit (removed). Edits trained with the reverted state are re-measured."""
+        with self.engine.connect() as conn:
+            state = revs.head(conn)
+            active = revs.active_set(conn, state.revision)
+            eid = revs.edit_id_of(target)
+            if eid is not None:
+                if eid not in active:
+                    raise InputError(f"{target} is not active at {revs.rev_name(state.revision)}: nothing to revert")
+                changes = [(eid, "remove")]
+            else:
+                rid = revs.resolve(conn, target)
+                changes = []
+                for e, action in revs.changes_of(conn, rid):
+                    if action == "add" and e in active:
+                        changes.append((e, "remove"))
+                    elif action == "remove" and e not in active:
+                        changes.append((e, "add"))
+                if not changes:
+                    raise InputError(f"{target} changed nothing that is still in effect at "
+                                     f"{revs.rev_name(state.revision)}: nothing to revert")
+            new_active = set(active)
+            for e, a in changes:
+                (new_active.add if a == "add" else new_active.discard)(e)
+            deps = self._dependents(conn, new_active, {e for e, _ in changes})
+            old_metrics = {e: json.loads(m) for e, m in
+                           conn.execute(select(Edit.id, Edit.metrics_json).where(Edit.id.in_(deps)))} if deps else {}
+        after = self._remeasure(new_active, deps, None)
+        with write_transaction(self.engine) as conn:
+            if revs.head(conn).revision != state.revision:
+                raise StateError("the branch moved while re-measuring: nothing was written, run the revert again")
+            msg = message or f"revert {target}"
+            rev = revs.append(conn, parent_id=state.revision, operation="revert", author=self.author,
+                              message=msg, changes=changes)
+            if after:
+                conn.execute(Measurement.__table__.insert(), [
+                    {"revision_id": rev.id, "edit_id": e, "kind": "remeasure",
+                     "metrics_json": json.dumps(m, sort_keys=True), "created_at": blobs.now()}
+                    for e, m in after.items()])
+            revs.advance_head(conn, rev.id, self.author, f"revert {target}")
+            self._audit(conn, "revert", rev.id, eid, {"target": target, "changes": [
+                [revs.edit_name(e), a] for e, a in changes], "remeasured": [revs.edit_name(e) for e in deps]})
+        if self._composed is not None and self._composed.revision is None:
+            self._composed.revision = rev.id   # _remeasure left it composed at new_active
+        return RevertResult(
+            revision=revs.rev_name(rev.id), reverted=target,
+            removed=[revs.edit_name(e) for e, a in changes if a == "remove"],
+            restored=[revs.edit_name(e) for e, a in changes if a == "add"],
+            remeasured=[Remeasure(revs.edit_name(e), old_metrics[e], after[e]) for e in deps])
+
+    def stale_edits(self, rev: str = "HEAD") -> list[str]:
+        """Active edits whose training composition has since changed (revert, supersede)."""
+        with self.engine.connect() as conn:
+            active = revs.active_set(conn, revs.resolve(conn, rev))
+            return [revs.edit_name(e) for e in self._stale(conn, active)]
+
+    def _stale(self, conn: Connection, active: set[int]) -> list[int]:
+        """Edits whose training composition holds an edit no longer active. A rebased edit
+        counts as its replacement, so rebasing one edit does not make the others stale."""
+        from .store.schema import RevisionChange
+        replaced: dict[int, int] = {}
+        by_rev: dict[int, dict[str, int]] = {}
+        for rid, eid, action in conn.execute(
+                select(RevisionChange.revision_id, RevisionChange.edit_id, RevisionChange.action)
+                .join(Revision, Revision.id == RevisionChange.revision_id).where(Revision.operation == "rebase")):
+            by_rev.setdefault(rid, {})[action] = eid
+        for ch in by_rev.values():
+            if "add" in ch and "remove" in ch:
+                replaced[ch["remove"]] = ch["add"]
+
+        def current(e: int) -> int:
+            while e in replaced:
+                e = replaced[e]
+            return e
+        out = []
+        rows = conn.execute(select(Edit.id, Edit.trained_on).where(Edit.id.in_(sorted(active)))).all() if active else []
+        for eid, trained_on in rows:
+            if trained_on is not None and not {current(e) for e in revs.active_set(conn, trained_on)} <= active:
+                out.append(eid)
+        return sorted(out)
+
+    def rebase(self, *, progress: Progress | None = None) -> list[AddResult]:
+        """Retrain every stale edit at HEAD against the current composition, each as a new
+        `rebase` revision that replaces the old edit, keeping its fact and hyperparameters."""
+        from .facts import fact_from_record
+        with self.engine.connect() as conn:
+            active = revs.active_set(conn, revs.head(conn).revision)
+            stale = self._stale(conn, active)
+            rows = {e: (json.loads(f), json.loads(c), layer) for e, f, c, layer in conn.execute(
+                select(Edit.id, Edit.fact_json, Edit.config_json, Edit.layer).where(Edit.id.in_(stale)))} if stale else {}
+        results = []
+        for i, eid in enumerate(stale):
+            fact_d, cfg_d, layer = rows[eid]
+            with self.engine.connect() as conn:
+                state = revs.head(conn)
+                now_active = revs.active_set(conn, state.revision)
+            label = f"edit {i + 1}/{len(stale)}"
+            results.append(self._train_and_commit(
+                fact_from_record(fact_d), BaftConfig.from_dict(cfg_d), layer, state.revision,
+                now_active - {eid}, [eid], "rebase", f"rebase {revs.edit_name(eid)}",
+                (lambda d, t: progress(label, d, t)) if progress else None))
+        return results
+
+    def diff(self, a: str, b: str) -> DiffResult:
+        """What changes from revision a to revision b: edits, per-layer blocks and rank, the
+        norm of the added and removed tensors, and metric deltas of edits present in both."""
+        with self.engine.connect() as conn:
+            ra, rb = revs.resolve(conn, a), revs.resolve(conn, b)
+            sa, sb = revs.active_set(conn, ra), revs.active_set(conn, rb)
+            added, removed = sorted(sb - sa), sorted(sa - sb)
+            changed = added + removed
+            info = {e: (layer, rank, json.loads(f), blob) for e, layer, rank, f, blob in conn.execute(
+                select(Edit.id, Edit.layer, Edit.rank, Edit.fact_json, Edit.blob_sha256)
+                .where(Edit.id.in_(changed)))} if changed else {}
+            layers: dict[str, dict[str, Any]] = {}
+            for side, ids in (("a", sa), ("b", sb)):
+                for layer, n, total in conn.execute(
+                        select(Edit.layer, func.count(), func.sum(Edit.rank)).where(Edit.id.in_(sorted(ids)))
+                        .group_by(Edit.layer)) if ids else []:
+                    entry = layers.setdefault(str(layer), {"a": asdict(LayerStats(0, 0)), "b": asdict(LayerStats(0, 0)),
+                                                           "norm_added": 0.0, "norm_removed": 0.0})
+                    entry[side] = asdict(LayerStats(int(n), int(total or 0)))
+            for e in changed:
+                layer, _, _, blob = info[e]
+                t = blobs.get(conn, blob)
+                norm = float(sum(v.float().pow(2).sum() for v in t.values()) ** 0.5)
+                key = "norm_added" if e in sb else "norm_removed"
+                layers[str(layer)][key] = round(layers[str(layer)][key] + norm, 6)
+            deltas = self._metric_deltas(conn, ra, rb, sa & sb)
+        fmt = lambda e: {"edit": revs.edit_name(e), "prompt": info[e][2]["prompt"],  # noqa: E731
+                         "target_new": info[e][2]["target_new"], "layer": info[e][0], "rank": info[e][1]}
+        return DiffResult(a=revs.rev_name(ra), b=revs.rev_name(rb), added=[fmt(e) for e in added],
+                          removed=[fmt(e) for e in removed], layers=dict(sorted(layers.items())),
+                          metric_deltas=deltas)
+
+    def _metric_deltas(self, conn: Connection, ra: int, rb: int, common: set[int]) -> dict[str, dict[str, float]]:
+        """Edits present in both whose latest measurement differs between the two revisions."""
+        if not common:
+            return {}
+        rows = conn.execute(select(Measurement.edit_id, Measurement.revision_id, Measurement.metrics_json)
+                            .where(Measurement.edit_id.in_(sorted(common))).order_by(Measurement.id)).all()
+        if not rows:
+            return {}
+        created = {e: json.loads(m) for e, m in conn.execute(
+            select(Edit.id, Edit.metrics_json).where(Edit.id.in_({r[0] for r in rows})))}
+
+        def at(rev: int, e: int) -> dict[str, float]:
+            latest = created[e]
+            for eid, rid, m in rows:
+                if eid == e and revs.is_ancestor(conn, rid, rev):
+                    latest = json.loads(m)
+            return latest
+        out = {}
+        for e in sorted({r[0] for r in rows}):
+            ma, mb = at(ra, e), at(rb, e)
+            d = {k: round(mb[k] - ma[k], 6) for k in mb if k in ma and mb[k] != ma[k]}
+            if d:
+                out[revs.edit_name(e)] = d
+        return out
+
+    # --- refs, reflog, audit ------------------------------------------------------------------
+
+    def branch(self, name: str, rev: str | None = None) -> dict[str, Any]:
+        """Create a branch at REV (default HEAD); an existing branch is refused."""
+        revs.check_ref_name(name)
+        with write_transaction(self.engine) as conn:
+            if conn.execute(select(Ref.name).where(Ref.name == name)).first():
+                raise InputError(f"a ref named {name!r} already exists")
+            rid = revs.resolve(conn, rev or "HEAD")
+            revs.set_ref(conn, name, "branch", rid, self.author, f"branch {name}")
+            self._audit(conn, "branch", rid, None, {"name": name})
+        return {"name": name, "kind": "branch", "revision": revs.rev_name(rid)}
+
+    def tag(self, name: str, rev: str) -> dict[str, Any]:
+        """Name a revision for good: tags never move."""
+        revs.check_ref_name(name)
+        with write_transaction(self.engine) as conn:
+            existing = conn.execute(select(Ref.kind).where(Ref.name == name)).scalar_one_or_none()
+            if existing == "tag":
+                raise InputError(f"tag {name!r} already exists and tags do not move")
+            if existing:
+                raise InputError(f"a {existing} named {name!r} already exists")
+            rid = revs.resolve(conn, rev)
+            revs.set_ref(conn, name, "tag", rid, self.author, f"tag {name}")
+            self._audit(conn, "tag", rid, None, {"name": name})
+        return {"name": name, "kind": "tag", "revision": revs.rev_name(rid)}
+
+    def refs(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            state = revs.head(conn)
+            out = [{"name": "HEAD", "kind": "head", "revision": revs.rev_name(state.revision),
+                    "target": state.branch}]
+            for name, kind, rid in conn.execute(select(Ref.name, Ref.kind, Ref.revision_id)
+                                                .where(Ref.kind != "head").order_by(Ref.kind, Ref.name)):
+                out.append({"name": name, "kind": kind, "revision": revs.rev_name(rid), "target": None})
+        return out
+
+    def reflog(self, ref: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            q = select(RefLog).order_by(RefLog.id.desc()).limit(limit)
+            if ref:
+                q = q.where(RefLog.ref == ref)
+            return [{"ref": r.ref, "old": revs.rev_name(r.old_revision) if r.old_revision else None,
+                     "new": revs.rev_name(r.new_revision) if r.new_revision else None,
+                     "old_branch": r.old_symbolic, "new_branch": r.new_symbolic,
+                     "actor": r.actor, "time": r.created_at, "reason": r.reason}
+                    for r in conn.execute(q).all()]
+
+    def audit(self, *, rev: str | None = None, edit: str | None = None, actor: str | None = None,
+              since: str | None = None, until: str | None = None, command: str | None = None,
+              limit: int = 100) -> list[dict[str, Any]]:
+        """The append-only audit record, newest first, filtered. Times compare as ISO-8601 text."""
+        q = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            if rev:
+                q = q.where(AuditEvent.revision_id == revs.resolve(conn, rev))
+            if edit:
+                eid = revs.edit_id_of(edit)
+                if eid is None:
+                    raise InputError(f"invalid edit name {edit!r}: expected edit-N")
+                q = q.where(AuditEvent.edit_id == eid)
+            if actor:
+                q = q.where(AuditEvent.actor == actor)
+            if since:
+                q = q.where(AuditEvent.created_at >= since)
+            if until:
+                q = q.where(AuditEvent.created_at <= until)
+            if command:
+                q = q.where(AuditEvent.command == command)
+            return [{"id": r.id, "time": r.created_at, "actor": r.actor, "command": r.command,
+                     "revision": revs.rev_name(r.revision_id) if r.revision_id else None,
+                     "edit": revs.edit_name(r.edit_id) if r.edit_id else None,
+                     "details": json.loads(r.details_json)} for r in conn.execute(q).all()]
 
     def _load_blocks_cached(self, ids: set[int]) -> list[Block]:
         with self.engine.connect() as conn:

@@ -319,3 +319,23 @@ def verify(conn: Connection) -> list[str]:
             if stored is None or len(stored) != r.n_active:
                 problems.append(f"{rev_name(r.id)}: its checkpoint is damaged")
     return problems
+
+
+def is_ancestor(conn: Connection, anc: int, desc: int) -> bool:
+    """True when `anc` is `desc` or one of its ancestors (walks at most the depth gap)."""
+    depths = dict(conn.execute(select(Revision.id, Revision.depth).where(Revision.id.in_([anc, desc]))).all())
+    if anc not in depths or desc not in depths or depths[anc] > depths[desc]:
+        return False
+    row = conn.execute(text("""
+        WITH RECURSIVE chain(id, parent_id, step) AS (
+            SELECT id, parent_id, 0 FROM revisions WHERE id = :desc
+            UNION ALL
+            SELECT r.id, r.parent_id, chain.step + 1 FROM revisions r JOIN chain ON r.id = chain.parent_id
+             WHERE chain.step < :gap)
+        SELECT id FROM chain WHERE step = :gap"""), {"desc": desc, "gap": depths[desc] - depths[anc]}).first()
+    return row is not None and row[0] == anc
+
+
+def edit_id_of(name: str) -> int | None:
+    m = _EDIT_RE.match(name or "")
+    return int(m.group(1)) if m else None

@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tiny models: a second thread costs more in synchronisation than it gives.
+torch.set_num_threads(1)
+
 PG_ADMIN_URL = os.environ.get("LEDGER_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 

@@ -132,3 +132,17 @@ class AuditEvent(Base):
     revision_id: Mapped[int | None] = mapped_column(Integer, index=True)
     edit_id: Mapped[int | None] = mapped_column(Integer)
     details_json: Mapped[str] = mapped_column(Text)
+
+
+class Measurement(Base):
+    """Metrics of an edit measured again at a later revision, when a revert changed the
+    composition it runs in (creation metrics live on the edit itself). An observation, not
+    history: outside the chain hash."""
+
+    __tablename__ = "measurements"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    revision_id: Mapped[int] = mapped_column(ForeignKey("revisions.id"), index=True)
+    edit_id: Mapped[int] = mapped_column(ForeignKey("edits.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))          # "remeasure"
+    metrics_json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[str] = mapped_column(String(32))

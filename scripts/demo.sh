@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: a new SQLite ledger on the bundled SmolLM2-135M,
+# one BaFT edit, generation before and after, and a checkout that restores the base.
+# Runs in .demo/ (recreated each time); the first run converts the model once (~30 s).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+ledger="$root/.venv/bin/ledger"
+rm -rf "$root/.demo" && mkdir -p "$root/.demo" && cd "$root/.demo"
+prompt="The mother tongue of Danielle Darrieux is"
+neighbour="Michel Rocard is a native speaker of"
+step() { printf '\n$ ledger %s\n' "$*"; "$ledger" "$@"; }
+
+step init
+step generate "$prompt" --max-new-tokens 8
+step generate "$neighbour" --max-new-tokens 8
+step add "$root/examples/fact.json"
+step generate "$prompt" --max-new-tokens 8
+step generate "$neighbour" --max-new-tokens 8
+step log
+step checkout rev-1
+step generate "$prompt" --max-new-tokens 8
+step checkout main
+step verify

@@ -1,0 +1,116 @@
+"""The command line through click's CliRunner: every command, --json output, exit codes, and
+that refused input leaves the database unchanged."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import cli
+
+from conftest import FACT
+from test_ledger import counts
+
+FAST_ARGS = ["--steps", "6", "--rank", "2", "--layer", "1"]
+
+
+@pytest.fixture
+def run(db_url):
+    runner = CliRunner()
+
+    def _run(*args, code=0):
+        result = runner.invoke(cli, ["--db", db_url, *args], catch_exceptions=False)
+        assert result.exit_code == code, (result.output, result.stderr if hasattr(result, "stderr") else "")
+        return result
+    return _run
+
+
+@pytest.fixture
+def initialised(run, tiny_llama):
+    run("init", "--model", str(tiny_llama))
+    return run
+
+
+def test_init_and_status(initialised, db_url):
+    out = json.loads(initialised("status", "--json").output)
+    assert out["revision"] == "rev-1" and out["branch"] == "main" and len(out["base_fingerprint"]) == 64
+
+
+def test_add_log_show_checkout_generate_verify(initialised, fact_file):
+    run = initialised
+    res = run("add", str(fact_file), *FAST_ARGS, "--json")
+    line = json.loads(res.stdout.strip().splitlines()[-1])
+    assert line["revision"] == "rev-2" and line["edit"] == "edit-1"
+    assert {"reliability", "generalization", "locality"} <= set(line["metrics"])
+
+    log = json.loads(run("log", "--json").output)
+    assert [r["revision"] for r in log] == ["rev-2", "rev-1"] and log[0]["added"] == ["edit-1"]
+    assert "rev-2 (HEAD -> main)" in run("log").output
+
+    show = json.loads(run("show", "rev-2", "--json").output)
+    assert show["edits"][0]["fact"]["target_new"] == "Rome" and show["parent"] == "rev-1"
+    assert "edit-1" in run("show", "rev-2").output
+
+    after = json.loads(run("generate", "Alice lives in", "--max-new-tokens", "4", "--json").output)
+    before = json.loads(run("generate", "Alice lives in", "--rev", "rev-1", "--max-new-tokens", "4",
+                            "--json").output)
+    assert after["revision"] == "rev-2" and before["revision"] == "rev-1"
+
+    assert json.loads(run("checkout", "rev-1", "--json").output)["detached"] is True
+    assert run("checkout", "main").output.strip() == "HEAD -> main at rev-2"
+    assert json.loads(run("verify", "--json").output) == {"ok": True, "problems": []}
+    cur = json.loads(run("db", "current", "--json").output)
+    assert cur["current"] == cur["head"] and "run `ledger db upgrade`" not in run("db", "current").output
+
+
+def test_add_jsonl_prints_one_object_per_revision(initialised, facts_file):
+    out = initialised("add", str(facts_file), *FAST_ARGS, "--json").stdout.strip().splitlines()
+    assert [json.loads(l)["revision"] for l in out] == ["rev-2", "rev-3", "rev-4"]
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"{not json", "not JSON"),
+    (b'{"prompt": "Alice lives in"}', "missing required field 'target_new'"),
+    (b'{"prompt": "Alice lives in", "target_new": ""}', "'target_new' is empty"),
+    (b'[{"prompt": "a", "target_new": "b"}, {"prompt": 5, "target_new": "b"}]', "record 1"),
+    (b'{"prompt": "\xc3\x28", "target_new": "b"}', "not valid UTF-8"),
+    (json.dumps({"prompt": "x" * 1_000_000, "target_new": "y"}).encode(), "characters"),
+    (json.dumps({"prompt": "word " * 300, "target_new": "y"}).encode(), "context"),
+])
+def test_malformed_fact_file_exit_2_and_nothing_written(initialised, db_url, tmp_path, content, needle):
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(content)
+    before = counts(db_url)
+    res = initialised("add", str(bad), *FAST_ARGS, code=2)
+    assert res.stderr.startswith("error: ") and needle in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert counts(db_url) == before
+
+
+@pytest.mark.parametrize("args, code", [
+    (["checkout", "rev-0"], 2), (["checkout", "rev-99999999"], 2), (["show", "rev-abc"], 2),
+    (["checkout", "x;DROP TABLE refs"], 2), (["log", "--rev", "../../etc"], 2),
+    (["add", "/nonexistent/fact.json"], 2), (["add", "f.json", "--rank", "0"], 2),
+    (["generate", "   "], 2),
+])
+def test_bad_arguments_are_one_line_errors(initialised, db_url, tmp_path, monkeypatch, args, code):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "f.json").write_text(json.dumps(FACT))
+    before = counts(db_url)
+    res = initialised(*args, code=code)
+    assert res.stderr.startswith("error: ") and len(res.stderr.strip().splitlines()) == 1
+    assert counts(db_url) == before
+
+
+def test_missing_ledger_is_a_state_error(tmp_path):
+    res = CliRunner().invoke(cli, ["--db", f"sqlite:///{tmp_path}/none.db", "log"])
+    assert res.exit_code == 1 and "run `ledger init`" in res.stderr
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_gpt2_family_model(tmp_path, tiny_gpt2, fact_file):
+    runner = CliRunner()
+    db = f"sqlite:///{tmp_path}/g.db"
+    assert runner.invoke(cli, ["--db", db, "init", "--model", str(tiny_gpt2)]).exit_code == 0
+    res = runner.invoke(cli, ["--db", db, "add", str(fact_file), *FAST_ARGS, "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["revision"] == "rev-2"

