@@ -8,6 +8,7 @@ revision is never committed on a parent it was not trained against.
 from __future__ import annotations
 
 import getpass
+import math
 import json
 import os
 import platform
@@ -139,6 +140,11 @@ class AddResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def tensor_norm(tensors: dict[str, torch.Tensor]) -> float:
+    """Frobenius norm of all of an edit's tensors together, as reported by diff."""
+    return math.sqrt(math.fsum(float(v.double().pow(2).sum()) for v in tensors.values()))
 
 
 def default_author() -> str:
@@ -438,7 +444,8 @@ class Ledger:
                         subject=fact.subject, relation=fact.relation, method=cfg.method, layer=layer,
                         rank=cfg.rank, config_json=json.dumps({**cfg.to_dict(), "layer": layer}, sort_keys=True),
                         blob_sha256=address, metrics_json=json.dumps(metrics, sort_keys=True),
-                        stats_json=json.dumps(trained.stats, sort_keys=True),
+                        stats_json=json.dumps({**trained.stats, "tensor_norm": tensor_norm(trained.tensors)},
+                                              sort_keys=True),
                         versions_json=json.dumps(library_versions(), sort_keys=True),
                         trained_on=parent, author=self.author, created_at=blobs.now(), content_hash="")
             edit_id = conn.execute(Edit.__table__.insert().values(
@@ -600,9 +607,10 @@ class Ledger:
             sa, sb = revs.active_set(conn, ra), revs.active_set(conn, rb)
             added, removed = sorted(sb - sa), sorted(sa - sb)
             changed = added + removed
-            info = {e: (layer, rank, json.loads(f), blob) for e, layer, rank, f, blob in conn.execute(
-                select(Edit.id, Edit.layer, Edit.rank, Edit.fact_json, Edit.blob_sha256)
-                .where(Edit.id.in_(changed)))} if changed else {}
+            info = {e: (layer, rank, json.loads(f), blob, json.loads(st).get("tensor_norm"))
+                    for e, layer, rank, f, blob, st in conn.execute(
+                        select(Edit.id, Edit.layer, Edit.rank, Edit.fact_json, Edit.blob_sha256, Edit.stats_json)
+                        .where(Edit.id.in_(changed)))} if changed else {}
             layers: dict[str, dict[str, Any]] = {}
             for side, ids in (("a", sa), ("b", sb)):
                 for layer, n, total in conn.execute(
@@ -611,12 +619,14 @@ class Ledger:
                     entry = layers.setdefault(str(layer), {"a": asdict(LayerStats(0, 0)), "b": asdict(LayerStats(0, 0)),
                                                            "norm_added": 0.0, "norm_removed": 0.0})
                     entry[side] = asdict(LayerStats(int(n), int(total or 0)))
+            sums: dict[tuple[str, str], list[float]] = {}
             for e in changed:
-                layer, _, _, blob = info[e]
-                t = blobs.get(conn, blob)
-                norm = float(sum(v.float().pow(2).sum() for v in t.values()) ** 0.5)
-                key = "norm_added" if e in sb else "norm_removed"
-                layers[str(layer)][key] = round(layers[str(layer)][key] + norm, 6)
+                layer, _, _, blob, norm = info[e]
+                if norm is None:   # recorded at creation; older records: read the tensors
+                    norm = tensor_norm(blobs.get(conn, blob))
+                sums.setdefault((str(layer), "norm_added" if e in sb else "norm_removed"), []).append(norm)
+            for (layer, key), norms in sums.items():
+                layers[layer][key] = round(math.fsum(norms), 6)   # fsum: independent of order
             deltas = self._metric_deltas(conn, ra, rb, sa & sb)
         fmt = lambda e: {"edit": revs.edit_name(e), "prompt": info[e][2]["prompt"],  # noqa: E731
                          "target_new": info[e][2]["target_new"], "layer": info[e][0], "rank": info[e][1]}

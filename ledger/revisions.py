@@ -223,14 +223,16 @@ def next_revision_id(conn: Connection) -> int:
 
 
 def append(conn: Connection, *, parent_id: int | None, operation: str, author: str, message: str,
-           changes: list[tuple[int, str]]) -> Revision:
-    """Write one immutable revision on top of parent_id. Changes are (edit_id, "add"|"remove")."""
+           changes: list[tuple[int, str]], parent_active: set[int] | None = None):
+    """Write one immutable revision on top of parent_id. Changes are (edit_id, "add"|"remove").
+    A writer appending many revisions in a row may pass the parent's active set it already
+    holds (it is not modified); otherwise it is resolved here."""
     if parent_id is None:
         active: set[int] = set()
         depth, parent_hash = 0, None
     else:
-        parent = conn.execute(select(Revision).where(Revision.id == parent_id)).one()
-        active = active_set(conn, parent_id)
+        parent = conn.execute(select(Revision.depth, Revision.chain_hash).where(Revision.id == parent_id)).one()
+        active = set(parent_active) if parent_active is not None else active_set(conn, parent_id)
         depth, parent_hash = parent.depth + 1, parent.chain_hash
     for eid, action in changes:
         if action == "add":
@@ -254,7 +256,7 @@ def append(conn: Connection, *, parent_id: int | None, operation: str, author: s
     if changes:
         conn.execute(RevisionChange.__table__.insert(),
                      [{"revision_id": row["id"], "edit_id": e, "action": a} for e, a in changes])
-    return conn.execute(select(Revision).where(Revision.id == row["id"])).one()
+    return conn.execute(select(Revision).where(Revision.id == row["id"])).one()   # a Row
 
 
 def changes_of(conn: Connection, rev_id: int) -> list[tuple[int, str]]:
