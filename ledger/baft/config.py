@@ -30,6 +30,8 @@ class BaftConfig:
     gate_bias_init: float = 0.0
     # Early stop once every target token is the argmax and has at least this probability.
     stop_prob: float = 0.9
+    # ... and the KL on unrelated text is at most this.
+    stop_kl: float = 0.01
     # Train on the fact's own rephrase prompts (a user's paraphrases are training data).
     # Benchmarks turn this off so generalisation is measured on unseen prompts.
     train_on_rephrases: bool = True
@@ -37,6 +39,9 @@ class BaftConfig:
     train_on_locality: bool = True
     # Short fixed prefixes before the prompt, for generalisation (as ROME does).
     n_prefixes: int = 2
+    # Locality prompts are continued by this many tokens of the parent's own greedy output
+    # before the KL is taken over them.
+    continuation_tokens: int = 8
     # Prompts of edits already active, used as retention negatives (sampled when more).
     retention_samples: int = 8
     seed: int = 0

@@ -60,17 +60,33 @@ def _edit_pairs(fact: Fact, cfg: BaftConfig) -> list[tuple[str, str]]:
     return pairs
 
 
-def _unrelated_texts(fact: Fact, cfg: BaftConfig, retention: list[tuple[str, str]],
+def _unrelated_texts(model, tok, fact: Fact, cfg: BaftConfig, retention: list[tuple[str, str]],
                      rng: random.Random) -> list[str]:
     texts = []
-    if cfg.train_on_locality:
-        for lp in fact.locality_prompts:
-            texts.append(lp.prompt + (" " + lp.answer.strip() if lp.answer else ""))
+    if cfg.train_on_locality and fact.locality_prompts:
+        # A locality prompt continued by the parent's OWN greedy continuation: the KL then
+        # protects what the model actually goes on to say there, not just the next token.
+        texts += continue_greedily(model, tok, [lp.prompt for lp in fact.locality_prompts],
+                                   cfg.continuation_tokens)
     texts += list(NEUTRAL)
     n = cfg.retention_samples
     keep = retention if len(retention) <= n else rng.sample(retention, n)
     texts += [p + " " + t.strip() for p, t in keep]
     return texts
+
+
+@torch.no_grad()
+def continue_greedily(model, tok, prompts: list[str], n_tokens: int) -> list[str]:
+    """Each prompt followed by the model's greedy continuation of n_tokens (as text)."""
+    if n_tokens <= 0:
+        return list(prompts)
+    device = next(model.parameters()).device
+    out = []
+    for p in prompts:
+        enc = tok(p, return_tensors="pt").to(device)
+        gen = model.generate(**enc, max_new_tokens=n_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        out.append(p + tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    return out
 
 
 def train_edit(model, tok, sites: dict[int, InterventionSite], layers, fact: Fact,
@@ -83,7 +99,7 @@ def train_edit(model, tok, sites: dict[int, InterventionSite], layers, fact: Fac
     gen = torch.Generator().manual_seed(cfg.seed)
 
     edit_pairs = _edit_pairs(fact, cfg)
-    unrelated = _unrelated_texts(fact, cfg, list(retention), rng)
+    unrelated = _unrelated_texts(model, tok, fact, cfg, list(retention), rng)
     batch = make_batch(tok, edit_pairs + [(t, None) for t in unrelated], device=device)
     n_edit = len(edit_pairs)
     target_mask = batch.target_mask[:n_edit]
@@ -122,8 +138,10 @@ def train_edit(model, tok, sites: dict[int, InterventionSite], layers, fact: Fac
                 gate_term = block.last_gate[n_edit:][unrel_mask].mean()
             loss = ce + cfg.locality_weight * kl + cfg.gate_weight * gate_term
             last = {"loss": loss.item(), "ce": ce.item(), "kl": kl.item(), "gate": gate_term.item()}
+            # Done when the target is the argmax with margin AND the unrelated text is back to
+            # the parent's distribution: stopping on the target alone leaves the gate half open.
             reached = bool((edit_logp.argmax(-1) == target_ids).all()
-                           and tok_logp.exp().min() >= cfg.stop_prob)
+                           and tok_logp.exp().min() >= cfg.stop_prob and kl.item() <= cfg.stop_kl)
             if reached and step >= cfg.min_steps:
                 break  # the checked state is the one we keep: no update after the check
             opt.zero_grad(set_to_none=True)
