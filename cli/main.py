@@ -404,6 +404,23 @@ def audit(ctx: click.Context, rev, edit, actor, command_, since, until, limit, a
                    + json.dumps(r["details"], ensure_ascii=False))
 
 
+@cli.command()
+@click.argument("rev")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def export(ctx: click.Context, rev: str, out: str, force: bool, as_json: bool) -> None:
+    """Write a deployable snapshot of REV to OUT, loadable with plain transformers:
+    AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)."""
+    with _open(ctx) as lg:
+        manifest = lg.export(rev, out, force=force)
+    if as_json:
+        _dump({"out": out, **{k: manifest[k] for k in ("revision", "chain_hash", "base_fingerprint", "files")}})
+    else:
+        click.echo(f"exported {manifest['revision']} ({len(manifest['edits'])} active edits) to {out}")
+
+
 @cli.group()
 def db() -> None:
     """Schema migrations of the ledger database."""

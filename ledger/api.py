@@ -13,6 +13,7 @@ import json
 import os
 import platform
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
@@ -289,14 +290,14 @@ class Ledger:
             info = self._info(conn, r, self._refs_by_revision(conn))
             ids = [e for e, _ in revs.changes_of(conn, rid)]
             if ids:
-                rows = conn.execute(select(Edit).where(Edit.id.in_(ids)).order_by(Edit.id)).all()
+                rows = conn.execute(select(Edit).where(revs.among(Edit.id, ids, conn)).order_by(Edit.id)).all()
                 info.edits = [EditInfo.from_row(e) for e in rows]
             return info
 
     def active_edits(self, rev: str = "HEAD") -> list[EditInfo]:
         with self.engine.connect() as conn:
             ids = sorted(revs.active_set(conn, revs.resolve(conn, rev)))
-            rows = conn.execute(select(Edit).where(Edit.id.in_(ids)).order_by(Edit.id)).all() if ids else []
+            rows = conn.execute(select(Edit).where(revs.among(Edit.id, ids, conn)).order_by(Edit.id)).all() if ids else []
             return [EditInfo.from_row(e) for e in rows]
 
     def edit(self, edit: str) -> EditInfo:
@@ -375,7 +376,7 @@ class Ledger:
         if not ids:
             return {}
         return {eid: json.loads(fj) for eid, fj in
-                conn.execute(select(Edit.id, Edit.fact_json).where(Edit.id.in_(ids)))}
+                conn.execute(select(Edit.id, Edit.fact_json).where(revs.among(Edit.id, ids, conn)))}
 
     def add(self, facts: list[Fact], config: BaftConfig | None = None, *, message: str | None = None,
             progress: Progress | None = None) -> list[AddResult]:
@@ -487,7 +488,7 @@ class Ledger:
     def _dependents(self, conn: Connection, active: set[int], changed: set[int]) -> list[int]:
         """Active edits that were trained with any of `changed` in a different state than now."""
         deps = []
-        for eid, trained_on in conn.execute(select(Edit.id, Edit.trained_on).where(Edit.id.in_(sorted(active)))):
+        for eid, trained_on in conn.execute(select(Edit.id, Edit.trained_on).where(revs.among(Edit.id, active, conn))):
             if trained_on is None:
                 continue
             then = revs.active_set(conn, trained_on)
@@ -571,7 +572,7 @@ class Ledger:
                 e = replaced[e]
             return e
         out = []
-        rows = conn.execute(select(Edit.id, Edit.trained_on).where(Edit.id.in_(sorted(active)))).all() if active else []
+        rows = conn.execute(select(Edit.id, Edit.trained_on).where(revs.among(Edit.id, active, conn))).all() if active else []
         for eid, trained_on in rows:
             if trained_on is not None and not {current(e) for e in revs.active_set(conn, trained_on)} <= active:
                 out.append(eid)
@@ -610,11 +611,11 @@ class Ledger:
             info = {e: (layer, rank, json.loads(f), blob, json.loads(st).get("tensor_norm"))
                     for e, layer, rank, f, blob, st in conn.execute(
                         select(Edit.id, Edit.layer, Edit.rank, Edit.fact_json, Edit.blob_sha256, Edit.stats_json)
-                        .where(Edit.id.in_(changed)))} if changed else {}
+                        .where(revs.among(Edit.id, changed, conn)))} if changed else {}
             layers: dict[str, dict[str, Any]] = {}
             for side, ids in (("a", sa), ("b", sb)):
                 for layer, n, total in conn.execute(
-                        select(Edit.layer, func.count(), func.sum(Edit.rank)).where(Edit.id.in_(sorted(ids)))
+                        select(Edit.layer, func.count(), func.sum(Edit.rank)).where(revs.among(Edit.id, ids, conn))
                         .group_by(Edit.layer)) if ids else []:
                     entry = layers.setdefault(str(layer), {"a": asdict(LayerStats(0, 0)), "b": asdict(LayerStats(0, 0)),
                                                            "norm_added": 0.0, "norm_removed": 0.0})
@@ -639,7 +640,7 @@ class Ledger:
         if not common:
             return {}
         rows = conn.execute(select(Measurement.edit_id, Measurement.revision_id, Measurement.metrics_json)
-                            .where(Measurement.edit_id.in_(sorted(common))).order_by(Measurement.id)).all()
+                            .where(revs.among(Measurement.edit_id, common, conn)).order_by(Measurement.id)).all()
         if not rows:
             return {}
         created = {e: json.loads(m) for e, m in conn.execute(
@@ -658,6 +659,26 @@ class Ledger:
             if d:
                 out[revs.edit_name(e)] = d
         return out
+
+    # --- export -----------------------------------------------------------------------------
+
+    def export(self, rev: str, out: str | os.PathLike, *, force: bool = False) -> dict[str, Any]:
+        """Write a snapshot of `rev` that plain transformers loads (see ledger/export.py)."""
+        from .export import write_snapshot
+        with self.engine.connect() as conn:
+            rid = revs.resolve(conn, rev)
+            chain_hash = conn.execute(select(Revision.chain_hash).where(Revision.id == rid)).scalar_one()
+        composed = self.model_at(revs.rev_name(rid))
+        s = self.settings()
+        manifest = {"revision": revs.rev_name(rid), "chain_hash": chain_hash, "base_model": s["base_model"],
+                    "base_fingerprint": s["base_fingerprint"], "versions": library_versions(),
+                    "edits": [{"edit": e.id, "fact": e.fact, "metrics": e.metrics, "method": e.method,
+                               "layer": e.layer, "rank": e.rank} for e in self.active_edits(revs.rev_name(rid))]}
+        manifest = write_snapshot(self.base, composed.sites, Path(out), manifest, force=force)
+        with write_transaction(self.engine) as conn:
+            self._audit(conn, "export", rid, None, {"out": str(Path(out).resolve()), "force": force,
+                                                    "files": manifest["files"]})
+        return manifest
 
     # --- refs, reflog, audit ------------------------------------------------------------------
 

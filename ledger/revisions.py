@@ -53,6 +53,19 @@ def check_ref_name(name: str) -> str:
     return name
 
 
+def among(column, ids: Iterable[int], conn: Connection):
+    """`column IN ids` as ONE bound parameter, whatever the number of ids: PostgreSQL plans a
+    10,000-item IN list slowly, and SQLite caps the number of parameters."""
+    from sqlalchemy import ARRAY, Integer, any_, bindparam, literal_column
+    ids = sorted(int(i) for i in ids)
+    if conn.dialect.name == "postgresql":
+        return column == any_(bindparam("ids_array", ids, type_=ARRAY(Integer)))
+    if conn.dialect.name == "sqlite":
+        return column.in_(select(literal_column("value")).select_from(
+            func.json_each(bindparam("ids_json", json.dumps(ids)))))
+    return column.in_(ids)
+
+
 # --- content hashes ------------------------------------------------------------------------------
 
 def edit_payload(e: Edit) -> dict[str, Any]:
