@@ -48,10 +48,15 @@ def _open(ctx: click.Context) -> Ledger:
               help="SQLAlchemy URL of the ledger database [env LEDGER_DB; default sqlite:///.ledger/ledger.db].")
 @click.option("--author", envvar="LEDGER_AUTHOR", default=None, help="Who is acting [env LEDGER_AUTHOR; default: the user].")
 @click.option("--device", default="cpu", show_default=True, help="Torch device for the model (cpu, cuda).")
+@click.option("--threads", envvar="LEDGER_THREADS", type=click.IntRange(1, 512), default=None,
+              help="CPU threads for torch [env LEDGER_THREADS; default: torch's choice].")
 @click.version_option(package_name="baft-ledger")
 @click.pass_context
-def cli(ctx: click.Context, db: str | None, author: str | None, device: str) -> None:
+def cli(ctx: click.Context, db: str | None, author: str | None, device: str, threads: int | None) -> None:
     """The edit ledger for BaFT: knowledge edits of a language model, kept like commits."""
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
     ctx.obj = {"db": db, "author": author, "device": device}
 
 
@@ -419,6 +424,16 @@ def export(ctx: click.Context, rev: str, out: str, force: bool, as_json: bool) -
         _dump({"out": out, **{k: manifest[k] for k in ("revision", "chain_hash", "base_fingerprint", "files")}})
     else:
         click.echo(f"exported {manifest['revision']} ({len(manifest['edits'])} active edits) to {out}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def gc(ctx: click.Context, as_json: bool) -> None:
+    """Delete tensor blobs that no edit refers to."""
+    with _open(ctx) as lg:
+        out = lg.gc()
+    _dump(out) if as_json else click.echo(f"removed {out['blobs_removed']} blob(s), {out['bytes_removed']} bytes")
 
 
 @cli.group()

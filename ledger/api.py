@@ -8,10 +8,12 @@ revision is never committed on a parent it was not trained against.
 from __future__ import annotations
 
 import getpass
-import math
 import json
+import math
 import os
 import platform
+import random
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -24,13 +26,13 @@ from . import revisions as revs
 from .baft import BaftConfig, default_layer
 from .baft.trainer import train_edit
 from .compose import Block, ComposedModel
-from .errors import InputError, StateError
+from .errors import BranchMoved, InputError, StateError
 from .evaluate import measure, score
 from .facts import Fact
 from .models import BaseModel, load_base, resolve_spec
 from .store import blobs
 from .store.engine import (check_reachable, check_schema, database_url, has_ledger_tables,
-                           make_engine, upgrade, write_transaction)
+                           make_engine, upgrade, write_transaction, writer_lock)
 from .store.schema import AuditEvent, Edit, Measurement, Ref, RefLog, Revision, Setting
 
 Progress = Callable[[str, int, int], None]   # (label, done, total)
@@ -174,6 +176,8 @@ class Ledger:
         self._base: BaseModel | None = None
         self._composed: ComposedModel | None = None
         self._blocks: dict[int, Block] = {}
+        # How often an add retrains when another writer moved the branch meanwhile.
+        self.max_attempts = 20
 
     # --- opening ---------------------------------------------------------------------------
 
@@ -392,7 +396,8 @@ class Ledger:
         self._check_lengths(facts)
         results = []
         for i, fact in enumerate(facts):
-            results.append(self._add_one(fact, cfg, layer, message, progress, i, len(facts)))
+            with writer_lock(self.engine):   # one edit at a time per ledger; readers go on
+                results.append(self._add_one(fact, cfg, layer, message, progress, i, len(facts)))
         return results
 
     def _check_lengths(self, facts: list[Fact]) -> None:
@@ -407,15 +412,26 @@ class Ledger:
 
     def _add_one(self, fact: Fact, cfg: BaftConfig, layer: int, message: str | None,
                  progress: Progress | None, index: int, total: int) -> AddResult:
-        with self.engine.connect() as conn:
-            state = revs.head(conn)
-            parent_active = revs.active_set(conn, state.revision)
-            superseded = self._superseded(conn, fact, parent_active)
         label = f"edit {index + 1}/{total}"
-        return self._train_and_commit(
-            fact, cfg, layer, state.revision, parent_active - set(superseded), superseded, "add",
-            message or f"add: {fact.prompt} -> {fact.target_new}",
-            (lambda d, t: progress(label, d, t)) if progress else None)
+        rng = random.Random()
+        for attempt in range(self.max_attempts):
+            with self.engine.connect() as conn:
+                state = revs.head(conn)
+                parent_active = revs.active_set(conn, state.revision)
+                superseded = self._superseded(conn, fact, parent_active)
+            try:
+                return self._train_and_commit(
+                    fact, cfg, layer, state.revision, parent_active - set(superseded), superseded, "add",
+                    message or f"add: {fact.prompt} -> {fact.target_new}",
+                    (lambda d, t: progress(label, d, t)) if progress else None)
+            except BranchMoved:
+                # Another writer committed first. An edit must be trained in the composition
+                # it is committed on, so retrain on the new head (after a short random wait
+                # so that racing writers spread out).
+                if attempt + 1 == self.max_attempts:
+                    raise
+                time.sleep(rng.uniform(0, 0.05 * (attempt + 1)))
+        raise AssertionError("unreachable")
 
     def _train_and_commit(self, fact: Fact, cfg: BaftConfig, layer: int, parent: int, train_on: set[int],
                           remove: list[int], operation: str, message: str,
@@ -437,9 +453,9 @@ class Ledger:
         with write_transaction(self.engine) as conn:
             now_state = revs.head(conn)
             if now_state.revision != parent:
-                raise StateError(f"the branch moved from {revs.rev_name(parent)} to "
-                                 f"{revs.rev_name(now_state.revision)} while training: nothing was written, "
-                                 "run the command again")
+                raise BranchMoved(f"the branch moved from {revs.rev_name(parent)} to "
+                                  f"{revs.rev_name(now_state.revision)} while training: nothing was written, "
+                                  "run the command again")
             address = blobs.put(conn, data)
             edit = Edit(fact_json=json.dumps(fact.to_dict(), sort_keys=True, ensure_ascii=False),
                         subject=fact.subject, relation=fact.relation, method=cfg.method, layer=layer,
@@ -499,6 +515,10 @@ class Ledger:
     def revert(self, target: str, *, message: str | None = None) -> RevertResult:
         """A new revision on HEAD undoing `target`: a revision (its change set, inverted) or
         an edit (removed). Edits trained with the reverted state are re-measured."""
+        with writer_lock(self.engine):
+            return self._revert(target, message)
+
+    def _revert(self, target: str, message: str | None) -> RevertResult:
         with self.engine.connect() as conn:
             state = revs.head(conn)
             active = revs.active_set(conn, state.revision)
@@ -581,24 +601,29 @@ class Ledger:
     def rebase(self, *, progress: Progress | None = None) -> list[AddResult]:
         """Retrain every stale edit at HEAD against the current composition, each as a new
         `rebase` revision that replaces the old edit, keeping its fact and hyperparameters."""
-        from .facts import fact_from_record
         with self.engine.connect() as conn:
             active = revs.active_set(conn, revs.head(conn).revision)
             stale = self._stale(conn, active)
             rows = {e: (json.loads(f), json.loads(c), layer) for e, f, c, layer in conn.execute(
-                select(Edit.id, Edit.fact_json, Edit.config_json, Edit.layer).where(Edit.id.in_(stale)))} if stale else {}
+                select(Edit.id, Edit.fact_json, Edit.config_json, Edit.layer)
+                .where(revs.among(Edit.id, stale, conn)))} if stale else {}
         results = []
         for i, eid in enumerate(stale):
-            fact_d, cfg_d, layer = rows[eid]
-            with self.engine.connect() as conn:
-                state = revs.head(conn)
-                now_active = revs.active_set(conn, state.revision)
             label = f"edit {i + 1}/{len(stale)}"
-            results.append(self._train_and_commit(
-                fact_from_record(fact_d), BaftConfig.from_dict(cfg_d), layer, state.revision,
-                now_active - {eid}, [eid], "rebase", f"rebase {revs.edit_name(eid)}",
-                (lambda d, t: progress(label, d, t)) if progress else None))
+            with writer_lock(self.engine):
+                results.append(self._rebase_one(eid, rows[eid], label, progress))
         return results
+
+    def _rebase_one(self, eid: int, row: tuple, label: str, progress: Progress | None) -> AddResult:
+        from .facts import fact_from_record
+        fact_d, cfg_d, layer = row
+        with self.engine.connect() as conn:
+            state = revs.head(conn)
+            now_active = revs.active_set(conn, state.revision)
+        return self._train_and_commit(
+            fact_from_record(fact_d), BaftConfig.from_dict(cfg_d), layer, state.revision,
+            now_active - {eid}, [eid], "rebase", f"rebase {revs.edit_name(eid)}",
+            (lambda d, t: progress(label, d, t)) if progress else None)
 
     def diff(self, a: str, b: str) -> DiffResult:
         """What changes from revision a to revision b: edits, per-layer blocks and rank, the
@@ -659,6 +684,18 @@ class Ledger:
             if d:
                 out[revs.edit_name(e)] = d
         return out
+
+    def gc(self) -> dict[str, int]:
+        """Delete blobs no edit refers to. Commits write a blob and its edit in one
+        transaction, so orphans only come from outside tampering or a future bulk import."""
+        from .store.schema import Blob
+        with write_transaction(self.engine) as conn:
+            used = select(Edit.blob_sha256)
+            orphans = conn.execute(select(Blob.sha256, Blob.size).where(Blob.sha256.not_in(used))).all()
+            if orphans:
+                conn.execute(Blob.__table__.delete().where(Blob.sha256.in_([a for a, _ in orphans])))
+                self._audit(conn, "gc", None, None, {"blobs": [a for a, _ in orphans]})
+        return {"blobs_removed": len(orphans), "bytes_removed": int(sum(n for _, n in orphans))}
 
     # --- export -----------------------------------------------------------------------------
 

@@ -29,6 +29,10 @@ class StateError(LedgerError):
     exit_code = 1
 
 
+class BranchMoved(StateError):
+    """Another writer committed on the branch while this edit was training."""
+
+
 class SchemaError(StateError):
     """The database schema is not at the head migration."""
 

@@ -78,6 +78,39 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
             yield conn
 
 
+@contextlib.contextmanager
+def writer_lock(engine: Engine) -> Iterator[None]:
+    """Queue writers of one ledger for the whole of train-then-commit.
+
+    An edit must be trained in the composition it is committed on, so two writers training
+    at once would waste one training run. PostgreSQL: a session-level advisory lock on a
+    connection held for the duration. SQLite: an exclusive flock on `<db>.writer-lock` next to
+    the database. Both are released by the OS or server if the process dies. Readers never
+    wait on it; the head check inside the commit transaction stays as the safety net.
+    """
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _WRITE_LOCK_KEY + 1})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _WRITE_LOCK_KEY + 1})
+                conn.commit()
+        return
+    db = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not db or db == ":memory:":
+        yield
+        return
+    import fcntl
+    with open(f"{db}.writer-lock", "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def check_reachable(engine: Engine) -> None:
     try:
         with engine.connect() as conn:
