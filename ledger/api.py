@@ -393,14 +393,16 @@ class Ledger:
         layer = cfg.layer if cfg.layer is not None else default_layer(n_layers)
         if layer >= n_layers:
             raise InputError(f"--layer {layer} is out of range: the model has {n_layers} blocks (0..{n_layers - 1})")
-        self._check_lengths(facts)
+        self._precheck(facts)
         results = []
         for i, fact in enumerate(facts):
             with writer_lock(self.engine):   # one edit at a time per ledger; readers go on
                 results.append(self._add_one(fact, cfg, layer, message, progress, i, len(facts)))
         return results
 
-    def _check_lengths(self, facts: list[Fact]) -> None:
+    def _precheck(self, facts: list[Fact]) -> None:
+        """Refuse a file before anything is trained: a prompt longer than the model's context,
+        or a target the model at HEAD already gives (nothing to edit)."""
         tok = self.base.tokenizer
         limit = getattr(self.base.model.config, "max_position_embeddings", None) or \
             getattr(self.base.model.config, "n_positions", None) or 2048
@@ -409,6 +411,11 @@ class Ledger:
             n = len(tok(longest + " " + f.target_new)["input_ids"])
             if n + 8 > limit:
                 raise InputError(f"record {i}: a prompt is {n} tokens, longer than the model's context ({limit})")
+        head = self.model_at()
+        for i, f in enumerate(facts):
+            if measure(head.model, head.tokenizer, Fact(prompt=f.prompt, target_new=f.target_new)).accuracy["rel"][0] == 1.0:
+                raise InputError(f"record {i}: the model at {revs.rev_name(head.revision)} already answers "
+                                 f"{f.target_new!r} to {f.prompt!r}: nothing to edit")
 
     def _add_one(self, fact: Fact, cfg: BaftConfig, layer: int, message: str | None,
                  progress: Progress | None, index: int, total: int) -> AddResult:

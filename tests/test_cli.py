@@ -114,3 +114,4 @@ def test_gpt2_family_model(tmp_path, tiny_gpt2, fact_file):
     res = runner.invoke(cli, ["--db", db, "add", str(fact_file), *FAST_ARGS, "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout.strip().splitlines()[-1])["revision"] == "rev-2"
+

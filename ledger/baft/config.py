@@ -24,8 +24,8 @@ class BaftConfig:
     lr: float = 1e-2
     # Loss = CE(target) + locality_weight * KL(parent || edited on unrelated inputs)
     #        + gate_weight * mean gate on unrelated inputs.
-    locality_weight: float = 1.0
-    gate_weight: float = 0.1
+    locality_weight: float = 4.0
+    gate_weight: float = 1.0
     # The gate starts half open (sigmoid(0)); a closed start would starve U of gradient.
     gate_bias_init: float = 0.0
     # Early stop once every target token is the argmax and has at least this probability.
@@ -42,6 +42,10 @@ class BaftConfig:
     # Locality prompts are continued by this many tokens of the parent's own greedy output
     # before the KL is taken over them.
     continuation_tokens: int = 8
+    # Hard negatives: the fact's relation template filled with this many generic subjects,
+    # each continued by the parent for neg_continuation_tokens tokens (needs a subject).
+    neg_subjects: int = 8
+    neg_continuation_tokens: int = 2
     # Prompts of edits already active, used as retention negatives (sampled when more).
     retention_samples: int = 8
     seed: int = 0

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch.nn import functional as F
 
 from ..facts import Fact
 from ..models import hidden_size
@@ -42,6 +41,15 @@ NEUTRAL = (
     "The meeting was moved to Thursday afternoon.",
     "A triangle has three sides and three angles.",
     "He bought bread, milk and eggs at the shop.",
+)
+
+# Hard negatives with no dataset at serve time: the fact's relation template filled with other,
+# generic subjects and continued by the parent itself, so the KL and gate terms keep the
+# parent's behaviour on the subject's neighbours in the same relation.
+GENERIC_SUBJECTS = (
+    "Barack Obama", "Paris", "Microsoft", "Albert Einstein", "Tokyo", "Toyota", "William Shakespeare",
+    "Germany", "Google", "Lionel Messi", "London", "Nokia", "Marie Curie", "Brazil", "the BBC",
+    "Pablo Picasso",
 )
 
 
@@ -68,6 +76,11 @@ def _unrelated_texts(model, tok, fact: Fact, cfg: BaftConfig, retention: list[tu
         # protects what the model actually goes on to say there, not just the next token.
         texts += continue_greedily(model, tok, [lp.prompt for lp in fact.locality_prompts],
                                    cfg.continuation_tokens)
+    relation = fact.relation
+    if cfg.neg_subjects and relation and relation.count("{}") == 1:
+        pool = [x for x in GENERIC_SUBJECTS if x.lower() != (fact.subject or "").lower()]
+        picked = pool if len(pool) <= cfg.neg_subjects else rng.sample(pool, cfg.neg_subjects)
+        texts += continue_greedily(model, tok, [relation.format(x) for x in picked], cfg.neg_continuation_tokens)
     texts += list(NEUTRAL)
     n = cfg.retention_samples
     keep = retention if len(retention) <= n else rng.sample(retention, n)
@@ -104,8 +117,11 @@ def train_edit(model, tok, sites: dict[int, InterventionSite], layers, fact: Fac
     n_edit = len(edit_pairs)
     target_mask = batch.target_mask[:n_edit]
     target_ids = batch.next_ids[:n_edit][target_mask]
-    # KL over every real position of the unrelated rows
+    # KL over every real position of the unrelated rows, each ROW weighing the same: a long
+    # neutral sentence must not drown the one position where a neighbour's answer is decided.
     unrel_mask = batch.attention_mask[n_edit:].bool()
+    row_len = unrel_mask.sum(1, keepdim=True).float()
+    pos_weight = (1.0 / row_len).expand_as(unrel_mask)[unrel_mask] / len(unrelated)
 
     own_site = layer not in sites
     if own_site:
@@ -132,7 +148,7 @@ def train_edit(model, tok, sites: dict[int, InterventionSite], layers, fact: Fac
             tok_logp = edit_logp.gather(-1, target_ids[:, None]).squeeze(-1)
             ce = -tok_logp.mean()
             cur = logp[n_edit:][unrel_mask]
-            kl = F.kl_div(cur, ref_logp, log_target=True, reduction="batchmean")
+            kl = ((ref_logp.exp() * (ref_logp - cur)).sum(-1) * pos_weight).sum()
             gate_term = torch.zeros((), device=device)
             if cfg.method == "baft" and block.last_gate is not None:
                 gate_term = block.last_gate[n_edit:][unrel_mask].mean()
