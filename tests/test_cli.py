@@ -115,3 +115,22 @@ def test_gpt2_family_model(tmp_path, tiny_gpt2, fact_file):
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout.strip().splitlines()[-1])["revision"] == "rev-2"
 
+
+
+def test_state_errors_are_one_line_exit_1(initialised, db_url, fact_file, tiny_llama, tiny_llama_other, tmp_path):
+    from sqlalchemy import select, update
+    from ledger.store.engine import make_engine
+    from ledger.store.schema import Blob
+    initialised("add", str(fact_file), *FAST_ARGS)
+    eng = make_engine(db_url)
+    with eng.begin() as c:
+        address, data = c.execute(select(Blob.sha256, Blob.data)).one()
+        c.execute(update(Blob).values(data=bytes(data[:-1]) + bytes([data[-1] ^ 1])))
+    eng.dispose()
+    before = counts(db_url)
+    for args in (["generate", "Alice lives in"], ["export", "HEAD", str(tmp_path / "out")], ["verify"]):
+        res = initialised(*args, code=1)
+        assert len(res.stderr.strip().splitlines()) <= 1
+        assert address[:12] in (res.stderr + res.stdout)
+    assert counts(db_url) == before
+    assert not (tmp_path / "out").exists()

@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import StateError
 from ..facts import Fact
 from ..models import hidden_size
 from ..text import logits, make_batch
@@ -174,7 +175,8 @@ def train_edit(model, tok, sites: dict[int, InterventionSite], layers, fact: Fac
             site.detach()
     for name, t in tensors.items():
         if not torch.isfinite(t).all():
-            raise FloatingPointError(f"training produced non-finite values in {name}")
+            raise StateError(f"training diverged (non-finite values in {name}): nothing was written; "
+                             "try a smaller --lr")
     stats = {"steps": steps_run, "final_loss": round(last.get("loss", float("nan")), 6),
              "final_ce": round(last.get("ce", float("nan")), 6),
              "final_kl": round(last.get("kl", float("nan")), 6),
