@@ -71,4 +71,5 @@ def make_batch(tok, pairs: list[tuple[str, str | None]], device="cpu") -> Batch:
 
 
 def logits(model, batch: Batch) -> torch.Tensor:
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    # No KV cache: these are one-shot teacher-forced passes.
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits

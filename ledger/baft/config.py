@@ -48,6 +48,9 @@ class BaftConfig:
     neg_continuation_tokens: int = 2
     # Prompts of edits already active, used as retention negatives (sampled when more).
     retention_samples: int = 8
+    # Replay the edited block's cached output instead of recomputing the blocks below it at
+    # every step (exact; off only to test that it is).
+    replay_lower_layers: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -103,6 +103,44 @@ def continue_greedily(model, tok, prompts: list[str], n_tokens: int) -> list[str
     return out
 
 
+class _Skip(torch.nn.Module):
+    """Stands in for a decoder block below the edited one: passes the hidden state through."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+class _Replay(torch.nn.Module):
+    """Stands in for the edited decoder block: returns its cached raw output. The batch is the
+    same at every step and nothing below the edited block changes during training, so this is
+    exact, and it saves the forward pass through every block up to the edited one."""
+
+    def __init__(self, output):
+        super().__init__()
+        self.output = output
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.output
+
+
+class _ReplayBelow:
+    def __init__(self, layers, layer: int, site: InterventionSite, output):
+        self.layers, self.layer, self.site = layers, layer, site
+        self.originals = [layers[i] for i in range(layer + 1)]
+        self.replay = _Replay(output)
+
+    def enter(self) -> None:
+        for i in range(self.layer):
+            self.layers[i] = _Skip()
+        self.layers[self.layer] = self.replay
+        self.site.attach(self.replay)      # the site's hook moves to the stand-in
+
+    def exit(self) -> None:
+        for i, module in enumerate(self.originals):
+            self.layers[i] = module
+        self.site.attach(self.layers[self.layer])
+
+
 def train_edit(model, tok, sites: dict[int, InterventionSite], layers, fact: Fact,
                cfg: BaftConfig, *, layer: int, retention: list[tuple[str, str]] = (),
                progress: Callable[[int, int], None] | None = None) -> TrainedEdit:
@@ -131,17 +169,31 @@ def train_edit(model, tok, sites: dict[int, InterventionSite], layers, fact: Fac
         sites = {**sites, layer: site}
     site = sites[layer]
 
-    with torch.no_grad():
-        ref_logp = torch.log_softmax(logits(model, batch)[n_edit:].float(), -1)[unrel_mask]
+    # One no-grad pass of the parent: its distributions on the unrelated rows, and the raw
+    # output of the edited block, which the blocks below can then stop recomputing.
+    captured: dict[str, object] = {}
+    grab = layers[layer].register_forward_hook(lambda m, a, out: captured.setdefault("out", out), prepend=True)
+    try:
+        with torch.no_grad():
+            ref_logp = torch.log_softmax(logits(model, batch)[n_edit:].float(), -1)[unrel_mask]
+    finally:
+        grab.remove()
+    replay = _ReplayBelow(layers, layer, site, captured["out"]) if cfg.replay_lower_layers else None
 
-    block = BaftBlock(hidden_size(model), cfg.rank, method=cfg.method,
-                      gate_bias_init=cfg.gate_bias_init, generator=gen).to(device)
+    # The orthogonal parametrisation draws from torch's global generator when it is set up:
+    # seed it too (in a fork, leaving the caller's state alone) so an edit is reproducible.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        block = BaftBlock(hidden_size(model), cfg.rank, method=cfg.method,
+                          gate_bias_init=cfg.gate_bias_init, generator=gen).to(device)
     site.trainable.append(block)
     params = [p for p in block.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     steps_run, last = 0, {}
     try:
         model.train(False)
+        if replay:
+            replay.enter()
         for step in range(cfg.steps):
             out = logits(model, batch).float()
             logp = torch.log_softmax(out, -1)
@@ -169,6 +221,8 @@ def train_edit(model, tok, sites: dict[int, InterventionSite], layers, fact: Fac
                 progress(steps_run, cfg.steps)
         tensors = block.tensors()
     finally:
+        if replay:
+            replay.exit()
         site.trainable = torch.nn.ModuleList()
         block.last_gate = None
         if own_site:
