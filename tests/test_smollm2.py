@@ -5,6 +5,7 @@ Slow (a minute or two on 2 CPU cores, more on the first run, which converts the 
 deselect with `-m "not slow"`.
 """
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fact.json"
 @pytest.fixture(scope="module")
 def smol_threads():
     old = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(2, __import__("os").cpu_count() or 1)))
+    # LEDGER_THREADS, as for the CLI: on a busy machine one thread beats two by far.
+    torch.set_num_threads(int(os.environ.get("LEDGER_THREADS") or min(2, os.cpu_count() or 1)))
     yield
     torch.set_num_threads(old)
 
@@ -64,7 +66,8 @@ def test_real_edit_end_to_end(tmp_path, smol_threads):
     code = ("import sys, torch; from safetensors.torch import save_file; from ledger import Ledger\n"
             "lg = Ledger.open(sys.argv[1]); lg.checkout('rev-2')\n"
             "save_file({'logits': lg.model_at().logits(sys.argv[2]).contiguous()}, sys.argv[3])\n")
-    subprocess.run([sys.executable, "-c", code, db, fact["prompt"], str(dump)], check=True)
+    subprocess.run([sys.executable, "-c", code, db, fact["prompt"], str(dump)], check=True,
+                   env={**os.environ, "LEDGER_THREADS": str(torch.get_num_threads())})
     other = load_file(dump)["logits"]
     assert (other - composed).abs().max().item() <= 1e-5
 

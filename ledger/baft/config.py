@@ -30,7 +30,7 @@ class BaftConfig:
     gate_bias_init: float = 0.0
     # Early stop once every target token is the argmax and has at least this probability.
     stop_prob: float = 0.9
-    # ... and the KL on unrelated text is at most this.
+    # ... and the KL on every unrelated row (mean over its tokens) is at most this.
     stop_kl: float = 0.01
     # Train on the fact's own rephrase prompts (a user's paraphrases are training data).
     # Benchmarks turn this off so generalisation is measured on unseen prompts.

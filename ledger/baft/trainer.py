@@ -161,6 +161,7 @@ def train_edit(model, tok, sites: dict[int, InterventionSite], layers, fact: Fac
     unrel_mask = batch.attention_mask[n_edit:].bool()
     row_len = unrel_mask.sum(1, keepdim=True).float()
     pos_weight = (1.0 / row_len).expand_as(unrel_mask)[unrel_mask] / len(unrelated)
+    row_of_pos = torch.arange(len(unrelated), device=device)[:, None].expand_as(unrel_mask)[unrel_mask]
 
     own_site = layer not in sites
     if own_site:
@@ -201,16 +202,21 @@ def train_edit(model, tok, sites: dict[int, InterventionSite], layers, fact: Fac
             tok_logp = edit_logp.gather(-1, target_ids[:, None]).squeeze(-1)
             ce = -tok_logp.mean()
             cur = logp[n_edit:][unrel_mask]
-            kl = ((ref_logp.exp() * (ref_logp - cur)).sum(-1) * pos_weight).sum()
+            kl_pos = (ref_logp.exp() * (ref_logp - cur)).sum(-1)
+            kl = (kl_pos * pos_weight).sum()
+            # the worst unrelated row: done only when every one of them is back to the parent
+            worst_kl = torch.zeros(len(unrelated), device=device).index_add_(
+                0, row_of_pos, kl_pos.detach() * pos_weight * len(unrelated)).max()
             gate_term = torch.zeros((), device=device)
             if cfg.method == "baft" and block.last_gate is not None:
                 gate_term = block.last_gate[n_edit:][unrel_mask].mean()
             loss = ce + cfg.locality_weight * kl + cfg.gate_weight * gate_term
-            last = {"loss": loss.item(), "ce": ce.item(), "kl": kl.item(), "gate": gate_term.item()}
+            last = {"loss": loss.item(), "ce": ce.item(), "kl": kl.item(), "gate": gate_term.item(),
+                    "worst_kl": worst_kl.item()}
             # Done when the target is the argmax with margin AND the unrelated text is back to
             # the parent's distribution: stopping on the target alone leaves the gate half open.
             reached = bool((edit_logp.argmax(-1) == target_ids).all()
-                           and tok_logp.exp().min() >= cfg.stop_prob and kl.item() <= cfg.stop_kl)
+                           and tok_logp.exp().min() >= cfg.stop_prob and worst_kl.item() <= cfg.stop_kl)
             if reached and step >= cfg.min_steps:
                 break  # the checked state is the one we keep: no update after the check
             opt.zero_grad(set_to_none=True)
@@ -235,6 +241,7 @@ def train_edit(model, tok, sites: dict[int, InterventionSite], layers, fact: Fac
              "final_ce": round(last.get("ce", float("nan")), 6),
              "final_kl": round(last.get("kl", float("nan")), 6),
              "final_gate": round(last.get("gate", float("nan")), 6),
+             "final_worst_kl": round(last.get("worst_kl", float("nan")), 6),
              "reached_target": steps_run < cfg.steps,
              "seconds": round(time.perf_counter() - started, 3),
              "n_edit_rows": n_edit, "n_unrelated_rows": len(unrelated)}
