@@ -134,3 +134,23 @@ def test_state_errors_are_one_line_exit_1(initialised, db_url, fact_file, tiny_l
         assert address[:12] in (res.stderr + res.stdout)
     assert counts(db_url) == before
     assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_db_and_other_base_through_the_cli(tmp_path, tiny_llama, tiny_llama_other, fact_file):
+    import shutil
+    runner = CliRunner()
+    res = runner.invoke(cli, ["--db", "postgresql+psycopg://nobody@127.0.0.1:1/none", "log"])
+    assert res.exit_code == 1 and res.stderr.startswith("error: cannot reach the database")
+    res = runner.invoke(cli, ["--db", "::nonsense::", "log"])
+    assert res.exit_code == 2 and "not a database URL" in res.stderr
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    db = f"sqlite:///{tmp_path}/l.db"
+    assert runner.invoke(cli, ["--db", db, "init", "--model", str(model)]).exit_code == 0
+    assert runner.invoke(cli, ["--db", db, "add", str(fact_file), *FAST_ARGS]).exit_code == 0
+    shutil.copy(tiny_llama_other / "model.safetensors", model / "model.safetensors")
+    before = counts(db)
+    for args in (["generate", "Alice lives in"], ["add", str(fact_file), *FAST_ARGS]):
+        res = runner.invoke(cli, ["--db", db, *args])
+        assert res.exit_code == 1 and "fingerprint" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert counts(db) == before
