@@ -305,11 +305,11 @@ class Ledger:
             return [EditInfo.from_row(e) for e in rows]
 
     def edit(self, edit: str) -> EditInfo:
-        m = revs._EDIT_RE.match(edit or "")
-        if not m:
+        eid = revs.edit_id_of(edit)
+        if eid is None:
             raise InputError(f"invalid edit name {edit!r}: expected edit-N")
         with self.engine.connect() as conn:
-            row = conn.execute(select(Edit).where(Edit.id == int(m.group(1)))).one_or_none()
+            row = conn.execute(select(Edit).where(Edit.id == eid)).one_or_none()
         if row is None:
             raise InputError(f"no edit {edit}")
         return EditInfo.from_row(row)
@@ -453,7 +453,7 @@ class Ledger:
         trained = train_edit(model, tok, composed.sites, self.base.layers, fact, cfg, layer=layer,
                              retention=retention, progress=progress)
         # The new block sorts last, as its id will once committed: measured as it will compose.
-        composed.compose(self._load_blocks_cached(train_on) + [Block(2 ** 62, layer, trained.tensors)], None)
+        composed.compose(self._blocks_of(train_on) + [Block(2 ** 62, layer, trained.tensors)], None)
         metrics = score(measure(model, tok, fact), before)
         data = blobs.encode(trained.tensors)
 
@@ -486,7 +486,7 @@ class Ledger:
                 "fact": fact.prompt, "target_new": fact.target_new,
                 "removed": [revs.edit_name(e) for e in remove]})
         self._blocks[edit_id] = Block(edit_id, layer, blobs.decode(data, address))
-        composed.compose(self._load_blocks_cached(train_on | {edit_id}), rev.id)
+        composed.compose(self._blocks_of(train_on | {edit_id}), rev.id)
         return AddResult(revision=revs.rev_name(rev.id), edit=revs.edit_name(edit_id), metrics=metrics,
                          stats=trained.stats, superseded=[revs.edit_name(e) for e in remove],
                          fact=fact.to_dict())
@@ -661,10 +661,12 @@ class Ledger:
             for (layer, key), norms in sums.items():
                 layers[layer][key] = round(math.fsum(norms), 6)   # fsum: independent of order
             deltas = self._metric_deltas(conn, ra, rb, sa & sb)
-        fmt = lambda e: {"edit": revs.edit_name(e), "prompt": info[e][2]["prompt"],  # noqa: E731
-                         "target_new": info[e][2]["target_new"], "layer": info[e][0], "rank": info[e][1]}
-        return DiffResult(a=revs.rev_name(ra), b=revs.rev_name(rb), added=[fmt(e) for e in added],
-                          removed=[fmt(e) for e in removed], layers=dict(sorted(layers.items())),
+        def brief(e: int) -> dict[str, Any]:
+            layer, rank, fact = info[e][0], info[e][1], info[e][2]
+            return {"edit": revs.edit_name(e), "prompt": fact["prompt"], "target_new": fact["target_new"],
+                    "layer": layer, "rank": rank}
+        return DiffResult(a=revs.rev_name(ra), b=revs.rev_name(rb), added=[brief(e) for e in added],
+                          removed=[brief(e) for e in removed], layers=dict(sorted(layers.items())),
                           metric_deltas=deltas)
 
     def _metric_deltas(self, conn: Connection, ra: int, rb: int, common: set[int]) -> dict[str, dict[str, float]]:
@@ -798,7 +800,8 @@ class Ledger:
                      "edit": revs.edit_name(r.edit_id) if r.edit_id else None,
                      "details": json.loads(r.details_json)} for r in conn.execute(q).all()]
 
-    def _load_blocks_cached(self, ids: set[int]) -> list[Block]:
+    def _blocks_of(self, ids: set[int]) -> list[Block]:
+        """The blocks of these edits, from the in-memory cache or the database."""
         with self.engine.connect() as conn:
             return self._load_blocks(conn, ids)
 

@@ -42,7 +42,7 @@ def test_revert_of_edit_k_equals_the_composition_without_k(five):
     assert "reliability" in res.remeasured[0].after
     got = logits_of(five)
     composed = five.model_at("rev-7")
-    blocks = [b for b in five._load_blocks_cached({1, 2, 4, 5})]
+    blocks = [b for b in five._blocks_of({1, 2, 4, 5})]
     sites = fuse(blocks, five.base.hidden_size)
     composed.clear()
     from ledger.baft.hooks import attach_sites, detach_sites
