@@ -63,11 +63,14 @@ def test_real_edit_end_to_end(tmp_path, smol_threads):
 
     # A new process that checks out the same revision gets the same logits.
     dump = tmp_path / "logits.safetensors"
+    # Same thread count as here: float32 matmuls reduce in a thread-dependent order, which
+    # alone moves logits of size ~15 by ~5e-5.
     code = ("import sys, torch; from safetensors.torch import save_file; from ledger import Ledger\n"
+            "torch.set_num_threads(int(sys.argv[4]))\n"
             "lg = Ledger.open(sys.argv[1]); lg.checkout('rev-2')\n"
             "save_file({'logits': lg.model_at().logits(sys.argv[2]).contiguous()}, sys.argv[3])\n")
-    subprocess.run([sys.executable, "-c", code, db, fact["prompt"], str(dump)], check=True,
-                   env={**os.environ, "LEDGER_THREADS": str(torch.get_num_threads())})
+    subprocess.run([sys.executable, "-c", code, db, fact["prompt"], str(dump), str(torch.get_num_threads())],
+                   check=True)
     other = load_file(dump)["logits"]
     assert (other - composed).abs().max().item() <= 1e-5
 
