@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ledger import BaftConfig, Ledger  # noqa: E402
+from ledger import BaftConfig, InputError, Ledger  # noqa: E402
 from ledger.evaluate import mean_metrics, measure, score  # noqa: E402
 from ledger.facts import facts_from_records  # noqa: E402
 
@@ -44,7 +44,7 @@ def main() -> None:
     facts = facts_from_records(records)
     held_out = not args.train_on_eval_prompts
     cfg = BaftConfig(method=args.method, train_on_rephrases=not held_out, train_on_locality=not held_out)
-    rows, base_rows, seconds = [], [], []
+    rows, base_rows, seconds, skipped = [], [], [], []
     with tempfile.TemporaryDirectory() as d:
         lg = Ledger.init(f"sqlite:///{d}/ledger.db")
         for i, fact in enumerate(facts):
@@ -53,7 +53,13 @@ def main() -> None:
             pre = measure(base.model, base.tokenizer, fact)
             base_rows.append(score(pre, pre))
             t = time.perf_counter()
-            [res] = lg.add([fact], cfg)
+            try:
+                [res] = lg.add([fact], cfg)
+            except InputError as e:   # the model already gives target_new: `ledger add` refuses
+                skipped.append(fact.case_id)
+                base_rows.pop()
+                print(json.dumps({"i": args.offset + i, "case_id": fact.case_id, "skipped": str(e)}), flush=True)
+                continue
             seconds.append(time.perf_counter() - t)
             rows.append(res.metrics)
             print(json.dumps({"i": args.offset + i, "case_id": fact.case_id, "revision": res.revision,
@@ -61,7 +67,7 @@ def main() -> None:
                   flush=True)
         lg.close()
     summary = {"summary": True, "model": "SmolLM2-135M-Instruct", "data": Path(args.data).name,
-               "offset": args.offset, "n": len(facts), "method": args.method, "held_out_eval_prompts": held_out,
+               "offset": args.offset, "n": len(facts), "n_edited": len(rows), "skipped_already_known": skipped, "method": args.method, "held_out_eval_prompts": held_out,
                "threads": args.threads,
                "after_edit": {k: round(v, 4) for k, v in mean_metrics(rows).items()},
                "baseline_unedited": {k: round(v, 4) for k, v in mean_metrics(base_rows).items()},
