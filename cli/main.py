@@ -413,13 +413,15 @@ def audit(ctx: click.Context, rev, edit, actor, command_, since, until, limit, a
 @click.argument("rev")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
+@click.option("--base-ref", is_flag=True,
+              help="Do not copy the base weights: refer to the base model's directory (checked by sha256 on load).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def export(ctx: click.Context, rev: str, out: str, force: bool, as_json: bool) -> None:
+def export(ctx: click.Context, rev: str, out: str, force: bool, base_ref: bool, as_json: bool) -> None:
     """Write a deployable snapshot of REV to OUT, loadable with plain transformers:
     AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)."""
     with _open(ctx) as lg:
-        manifest = lg.export(rev, out, force=force)
+        manifest = lg.export(rev, out, force=force, base_ref=base_ref)
     if as_json:
         _dump({"out": out, **{k: manifest[k] for k in ("revision", "chain_hash", "base_fingerprint", "files")}})
     else:

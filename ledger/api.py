@@ -708,8 +708,10 @@ class Ledger:
 
     # --- export -----------------------------------------------------------------------------
 
-    def export(self, rev: str, out: str | os.PathLike, *, force: bool = False) -> dict[str, Any]:
-        """Write a snapshot of `rev` that plain transformers loads (see ledger/export.py)."""
+    def export(self, rev: str, out: str | os.PathLike, *, force: bool = False,
+               base_ref: bool = False) -> dict[str, Any]:
+        """Write a snapshot of `rev` that plain transformers loads (see ledger/export.py).
+        With base_ref, the snapshot refers to the base model's directory instead of copying it."""
         from .export import write_snapshot
         with self.engine.connect() as conn:
             rid = revs.resolve(conn, rev)
@@ -720,7 +722,11 @@ class Ledger:
                     "base_fingerprint": s["base_fingerprint"], "versions": library_versions(),
                     "edits": [{"edit": e.id, "fact": e.fact, "metrics": e.metrics, "method": e.method,
                                "layer": e.layer, "rank": e.rank} for e in self.active_edits(revs.rev_name(rid))]}
-        manifest = write_snapshot(self.base, composed.sites, Path(out), manifest, force=force)
+        base_dir = None
+        if base_ref:
+            from .models import DEFAULT_MODEL, default_model_dir
+            base_dir = default_model_dir() if s["base_model"] == DEFAULT_MODEL else Path(s["base_model"])
+        manifest = write_snapshot(self.base, composed.sites, Path(out), manifest, force=force, base_ref=base_dir)
         with write_transaction(self.engine) as conn:
             self._audit(conn, "export", rid, None, {"out": str(Path(out).resolve()), "force": force,
                                                     "files": manifest["files"]})

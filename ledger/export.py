@@ -70,6 +70,30 @@ def _hook(intervention):
 
 
 class LedgerEditedForCausalLM(_Base):
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
+        ref = getattr(config, "ledger_base_ref", None)
+        if not ref:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
+        # A --base-ref snapshot: the base weights come from the referenced directory, checked
+        # file by file against the hashes recorded at export; the interventions from here.
+        import hashlib, os
+        from safetensors.torch import load_file
+        for name, digest in config.ledger_base_files.items():
+            h = hashlib.sha256()
+            with open(os.path.join(ref, name), "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            if h.hexdigest() != digest:
+                raise ValueError(f"base model file {{name}} in {{ref}} does not match the snapshot's base")
+        model = super().from_pretrained(ref, *args, config=config, **kwargs)
+        own = load_file(os.path.join(pretrained_model_name_or_path, "model.safetensors"))
+        missing = set(own) - set(model.state_dict())
+        if missing:
+            raise ValueError(f"snapshot tensors {{sorted(missing)}} have no place in the model")
+        model.load_state_dict(own, strict=False)
+        return model
+
     def __init__(self, config):
         super().__init__(config)
         hidden = {hidden_expr}
@@ -99,8 +123,10 @@ def _layers_attr(model) -> str:
 
 
 def write_snapshot(base, sites: dict[int, InterventionSite], out: Path, manifest: dict[str, Any], *,
-                   force: bool = False) -> dict[str, Any]:
-    """Write the snapshot of `base` with `sites` (the composer's fused interventions) to `out`."""
+                   force: bool = False, base_ref: Path | None = None) -> dict[str, Any]:
+    """Write the snapshot of `base` with `sites` (the composer's fused interventions) to `out`.
+    With `base_ref` (the base model's directory), the base weights are not copied: the
+    snapshot records that directory and the sha256 of its weight and config files instead."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise InputError(f"{out} exists and is not empty: choose another directory or pass --force")
@@ -114,12 +140,17 @@ def write_snapshot(base, sites: dict[int, InterventionSite], out: Path, manifest
         config.ledger_layers = ranks
         config.auto_map = {"AutoModelForCausalLM": f"{MODELING[:-3]}.LedgerEditedForCausalLM"}
         config.architectures = ["LedgerEditedForCausalLM"]
+        if base_ref is not None:
+            base_ref = Path(base_ref).resolve()
+            config.ledger_base_ref = str(base_ref)
+            config.ledger_base_files = {f.name: sha256_file(f) for f in sorted(base_ref.iterdir())
+                                        if f.name == "config.json" or f.name.endswith(".safetensors")}
         # One safetensors file: the base weights (tied ones once; transformers re-ties them on
         # load) plus the fused intervention buffers under their module path.
         from safetensors.torch import save_file
         weights: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
-        for k, v in model.state_dict().items():
+        for k, v in (model.state_dict().items() if base_ref is None else ()):
             if v.data_ptr() in seen:
                 continue
             seen.add(v.data_ptr())
@@ -138,7 +169,9 @@ def write_snapshot(base, sites: dict[int, InterventionSite], out: Path, manifest
             base_class=base_class, hidden_expr=hidden_expr, prefix=_BUFFER_PREFIX, layers_attr=_layers_attr(model)))
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {**manifest, "format": "baft-ledger-snapshot/1", "base_class": base_class,
-                    "edited_layers": ranks, "files": files}
+                    "edited_layers": ranks, "files": files,
+                    "base_ref": None if base_ref is None else {"path": str(base_ref),
+                                                               "files": config.ledger_base_files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False, sort_keys=True))
         if out.exists():
             old = out.with_name(f".{out.name}.replaced-{os.getpid()}")

@@ -121,3 +121,27 @@ def test_export_refuses_nonempty_dir_and_is_atomic(edited, tmp_path, db_url):
     assert res.exit_code == 0, res.output
     assert not (out / "keep.txt").exists() and (out / "ledger.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".snap")]   # no temporary left
+
+
+def test_base_ref_snapshot_refers_to_the_base_and_checks_it(db_url, tiny_llama, tmp_path):
+    import shutil
+    model_dir = tmp_path / "base"
+    shutil.copytree(tiny_llama, model_dir)
+    with Ledger.init(db_url, model=str(model_dir)) as lg:
+        lg.add(parse_facts_text(json.dumps([FACT, FACT2])), BaftConfig(**FAST))
+        out = tmp_path / "snap"
+        manifest = lg.export("HEAD", out, base_ref=True)
+        expected_logits, expected_greedy = composed_outputs(lg, PROMPTS)
+    assert manifest["base_ref"]["path"] == str(model_dir.resolve())
+    size = (out / "model.safetensors").stat().st_size
+    assert size < (model_dir / "model.safetensors").stat().st_size / 5      # no base weights inside
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    got = run_isolated(out, PROMPTS, root)
+    assert (torch.tensor(got["logits"]) - expected_logits).abs().max() <= 1e-5
+    assert got["greedy"] == expected_greedy
+    # a changed base is refused
+    data = bytearray((model_dir / "model.safetensors").read_bytes())
+    data[-5] ^= 0x01
+    (model_dir / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match the snapshot's base"):
+        load_snapshot(out)

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from cli.main import cli
-from ledger import Ledger
+from ledger import Ledger, load_facts
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,6 @@ def test_counterfact_fact_from_the_test_split(tmp_path, smol_threads):
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
     with Ledger.init(db) as lg:
         loc_before = _greedy(lg, rec["locality_prompt"], n=1)
-        from ledger import load_facts
         [res] = lg.add(load_facts(f))
         assert res.metrics["reliability"] == 1.0
         assert _greedy(lg, rec["prompt"]).strip().startswith(rec["target_new"])
@@ -102,3 +101,19 @@ def test_a_target_the_model_already_gives_is_refused(tmp_path, smol_threads):
     assert res.exit_code == 2 and "record 1" in res.stderr and "already answers 'Paris'" in res.stderr
     with Ledger.open(db) as lg:
         assert lg.head()["revision"] == "rev-1"     # the good record before it was not added either
+
+
+def test_exported_snapshot_says_the_new_target(tmp_path, smol_threads):
+    """Export a real SmolLM2 edit and load it in a Python that cannot import ledger."""
+    from test_export import run_isolated
+    fact = json.loads(EXAMPLE.read_text())
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    with Ledger.init(db) as lg:
+        lg.add(load_facts(EXAMPLE))
+        out = tmp_path / "snap"
+        lg.export("HEAD", out)
+    root = str(Path(__file__).resolve().parents[1])
+    got = run_isolated(out, [fact["prompt"]], root, n_new=3)
+    from transformers import AutoTokenizer
+    text = AutoTokenizer.from_pretrained(out).decode(got["greedy"][0])
+    assert text.strip().startswith(fact["target_new"]), text
