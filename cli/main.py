@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from ledger import BaftConfig, Ledger, LedgerError, load_facts
+from ledger import BaftConfig, InputError, Ledger, LedgerError, load_facts
 from ledger.store import engine as store_engine
 
 
@@ -116,21 +116,33 @@ class _Bar:
               help="Weight of the KL term on unrelated inputs.")
 @click.option("--gate-weight", type=float, default=BaftConfig.gate_weight, show_default=True,
               help="Weight of the gate-closing term on unrelated inputs.")
+@click.option("--format", "fmt", type=click.Choice(["auto", "native", "counterfact", "rome", "zsre", "knowedit"]),
+              default="auto", show_default=True, help="Record form of FILE (auto detects per record).")
+@click.option("--offset", type=click.IntRange(0), default=0, show_default=True, help="Skip the first N records.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Add at most N records.")
+@click.option("--skip-bad", is_flag=True, help="Add the good records and report the bad ones (default: refuse the file).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-m", "--message", default=None, help="Revision message [default: the fact].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per new revision.")
 @click.pass_context
 def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int, steps: int, lr: float,
-        locality_weight: float, gate_weight: float, seed: int, message: str | None, as_json: bool) -> None:
+        locality_weight: float, gate_weight: float, fmt: str, offset: int, limit: int | None, skip_bad: bool,
+        seed: int, message: str | None, as_json: bool) -> None:
     """Train one BaFT edit per fact in FILE and commit each as a new revision.
 
     FILE holds one fact object, a JSON list, or JSON Lines, in the native form
-    (prompt, target_new, subject, target_true, rephrase_prompts, locality_prompts) or the
-    EasyEdit CounterFact form. Every record is checked before anything is trained.
+    (prompt, target_new, subject, target_true, rephrase_prompts, locality_prompts), the
+    EasyEdit CounterFact form, ROME's CounterFact form, zsRE (MEND) or KnowEdit. Every record
+    is checked before anything is trained.
     """
     cfg = BaftConfig(method=method, layer=layer, rank=rank, steps=steps, lr=lr,
                      locality_weight=locality_weight, gate_weight=gate_weight, seed=seed)
-    facts = load_facts(file)
+    loaded = load_facts(file, fmt=fmt, offset=offset, limit=limit, skip_bad=skip_bad)
+    facts, problems = loaded if skip_bad else (loaded, [])
+    for p in problems:
+        click.echo(f"skipped {p}", err=True)
+    if not facts:
+        raise InputError("no good records to add")
     with _open(ctx) as lg:
         bar = _Bar(len(facts), cfg.steps)
         try:

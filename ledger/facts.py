@@ -127,8 +127,70 @@ def fact_from_record(rec: Any, index: int = 0) -> Fact:
                 case_id=None if case_id is None else str(case_id))
 
 
-def parse_facts_text(text: str) -> list[Fact]:
-    """Parse the text of a fact file: one object, a JSON list, or JSON Lines."""
+FORMATS = ("auto", "native", "counterfact", "rome", "zsre", "knowedit")
+
+
+def detect_format(rec: Any) -> str:
+    if isinstance(rec, dict):
+        if "requested_rewrite" in rec:
+            return "rome"
+        if "src" in rec and "alt" in rec:
+            return "zsre"
+        if isinstance(rec.get("locality"), dict) or isinstance(rec.get("portability"), dict):
+            return "knowedit"
+        if "locality_prompt" in rec or "ground_truth" in rec or "rephrase_prompt" in rec:
+            return "counterfact"
+    return "native"
+
+
+def _first_str(value: Any) -> Any:
+    """KnowEdit and ROME nest answers: {"str": x}, [x, ...] or [[x, ...]]."""
+    while isinstance(value, list) and value:
+        value = value[0]
+    if isinstance(value, dict) and "str" in value:
+        return value["str"]
+    return value
+
+
+def to_native(rec: Any, fmt: str, index: int) -> Any:
+    """Map one record of a known dataset form onto the native fields (validated after)."""
+    if fmt in ("native", "counterfact") or not isinstance(rec, dict):
+        return rec          # fact_from_record reads both of these itself
+    where = f"record {index}"
+    if fmt == "rome":
+        rw = rec.get("requested_rewrite")
+        if not isinstance(rw, dict) or not isinstance(rw.get("prompt"), str) or not isinstance(rw.get("subject"), str):
+            raise InputError(f"{where}: 'requested_rewrite' needs a 'prompt' template and a 'subject'")
+        if "{}" not in rw["prompt"]:
+            raise InputError(f"{where}: the ROME prompt template has no '{{}}' for the subject")
+        true = _first_str(rw.get("target_true"))
+        return {"case_id": rec.get("case_id"), "subject": rw["subject"],
+                "prompt": rw["prompt"].replace("{}", rw["subject"]),
+                "target_new": _first_str(rw.get("target_new")), "target_true": true,
+                "rephrase_prompts": rec.get("paraphrase_prompts") or [],
+                "locality_prompts": [{"prompt": p, "answer": true} for p in rec.get("neighborhood_prompts") or []]}
+    if fmt == "zsre":
+        loc = rec.get("loc")
+        return {"subject": rec.get("subject"), "prompt": rec.get("src"), "target_new": rec.get("alt"),
+                "target_true": _first_str(rec.get("answers")),
+                "rephrase_prompts": [rec["rephrase"]] if rec.get("rephrase") is not None else [],
+                "locality_prompts": [{"prompt": loc, "answer": rec.get("loc_ans")}] if loc is not None else []}
+    if fmt == "knowedit":
+        locality = []
+        for group in (rec.get("locality") or {}).values():
+            for item in group if isinstance(group, list) else [group]:
+                if isinstance(item, dict):
+                    locality.append({"prompt": item.get("prompt"), "answer": _first_str(item.get("ground_truth"))})
+        out = {"subject": rec.get("subject"), "prompt": rec.get("prompt"), "target_new": rec.get("target_new"),
+               "target_true": _first_str(rec.get("ground_truth")), "locality_prompts": locality}
+        if rec.get("rephrase_prompt") is not None:
+            out["rephrase_prompts"] = rec["rephrase_prompt"]
+        return out
+    raise InputError(f"unknown --format {fmt!r}: choose one of {', '.join(FORMATS)}")
+
+
+def _records(text: str) -> list[Any]:
+    """The records of a fact file: one object, a JSON list, or JSON Lines."""
     stripped = text.strip()
     if not stripped:
         raise InputError("the fact file is empty")
@@ -154,11 +216,39 @@ def parse_facts_text(text: str) -> list[Fact]:
                 raise InputError(f"line {lineno}: not valid JSON: {e.msg}") from None
     if not records:
         raise InputError("the fact file holds no facts")
-    return [fact_from_record(rec, i) for i, rec in enumerate(records)]
+    return records
 
 
-def load_facts(path: str | Path) -> list[Fact]:
-    """Read and validate a fact file; raise InputError naming the first problem."""
+def parse_facts_text(text: str, *, fmt: str = "auto", offset: int = 0, limit: int | None = None,
+                     skip_bad: bool = False) -> list[Fact] | tuple[list[Fact], list[str]]:
+    """Parse and validate the records of a fact file (records [offset, offset + limit)).
+
+    Without skip_bad, the first bad record refuses the whole file (InputError naming its
+    index). With skip_bad, returns (facts, problems) and the good records go on."""
+    if fmt not in FORMATS:
+        raise InputError(f"unknown --format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if offset < 0 or (limit is not None and limit < 1):
+        raise InputError("--offset must be >= 0 and --limit >= 1")
+    records = _records(text)
+    end = None if limit is None else offset + limit
+    facts, problems = [], []
+    for i, rec in list(enumerate(records))[offset:end]:
+        try:
+            facts.append(fact_from_record(to_native(rec, detect_format(rec) if fmt == "auto" else fmt, i), i))
+        except InputError as e:
+            if not skip_bad:
+                raise
+            problems.append(str(e))
+    if skip_bad:
+        return facts, problems
+    if not facts:
+        raise InputError(f"no records in the range --offset {offset} --limit {limit}")
+    return facts
+
+
+def load_facts(path: str | Path, **options) -> list[Fact] | tuple[list[Fact], list[str]]:
+    """Read and validate a fact file; raise InputError naming the first problem.
+    Options are those of parse_facts_text (fmt, offset, limit, skip_bad)."""
     p = Path(path)
     try:
         raw = p.read_bytes()
@@ -172,7 +262,7 @@ def load_facts(path: str | Path) -> list[Fact]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"{p} is not valid UTF-8 (byte {e.start})") from None
-    return parse_facts_text(text)
+    return parse_facts_text(text, **options)
 
 
 def facts_from_records(records: Iterable[Any]) -> list[Fact]:

@@ -154,3 +154,16 @@ def test_unreachable_db_and_other_base_through_the_cli(tmp_path, tiny_llama, tin
         res = runner.invoke(cli, ["--db", db, *args])
         assert res.exit_code == 1 and "fingerprint" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert counts(db) == before
+
+
+def test_add_skip_bad_limit_offset(initialised, db_url, tmp_path):
+    f = tmp_path / "mixed.json"
+    f.write_text(json.dumps([FACT, {"prompt": "broken"}, dict(FACT, subject="Bea", prompt="Bea lives in")]))
+    before = counts(db_url)
+    res = initialised("add", str(f), *FAST_ARGS, code=2)
+    assert "record 1" in res.stderr and counts(db_url) == before
+    res = initialised("add", str(f), *FAST_ARGS, "--skip-bad", "--json")
+    assert "skipped record 1: missing required field 'target_new'" in res.stderr
+    assert [json.loads(l)["revision"] for l in res.stdout.strip().splitlines()] == ["rev-2", "rev-3"]
+    res = initialised("add", str(f), *FAST_ARGS, "--offset", "2", "--limit", "1", "--json")
+    assert json.loads(res.stdout.strip())["fact"]["prompt"] == "Bea lives in"

@@ -103,3 +103,62 @@ def test_fuzz_parser_on_arbitrary_text(text):
         parse_facts_text(text)
     except InputError:
         pass
+
+
+ROME = {"case_id": 0, "requested_rewrite": {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
+                                            "target_new": {"str": "English"}, "target_true": {"str": "French"}},
+        "paraphrase_prompts": ["Danielle Darrieux speaks"], "neighborhood_prompts": ["Michel Rocard speaks"]}
+ZSRE = {"subject": "UniFirst", "src": "What is the product made by UniFirst?", "pred": "uniform",
+        "rephrase": "What will be the product of UniFirst?", "alt": "unmanned aircraft", "answers": ["uniform"],
+        "loc": "nq question: who plays walter", "loc_ans": "John Goodman", "cond": "x"}
+KNOWEDIT = {"subject": "Paris", "prompt": "Paris is the capital of", "target_new": "Italy", "ground_truth": ["France"],
+            "rephrase_prompt": "Paris is a capital city in",
+            "locality": {"Relation_Specificity": [{"prompt": "Rome is the capital of", "ground_truth": ["Italy"]}]},
+            "portability": {"Reasoning": [{"prompt": "x", "ground_truth": ["y"]}]}}
+
+
+def test_importers_detect_and_map_each_form():
+    from ledger.facts import detect_format
+    assert [detect_format(r) for r in (FACT, ROME, ZSRE, KNOWEDIT)] == ["native", "rome", "zsre", "knowedit"]
+    rome, zsre, ke = parse_facts_text(json.dumps([ROME, ZSRE, KNOWEDIT]))
+    assert rome.prompt == "The mother tongue of Danielle Darrieux is" and rome.target_new == "English"
+    assert rome.target_true == "French" and rome.locality_prompts[0].answer == "French"
+    assert rome.rephrase_prompts == ("Danielle Darrieux speaks",)
+    assert zsre.prompt.startswith("What is the product") and zsre.target_new == "unmanned aircraft"
+    assert zsre.target_true == "uniform" and zsre.locality_prompts[0].answer == "John Goodman"
+    assert ke.target_true == "France" and ke.locality_prompts[0].prompt == "Rome is the capital of"
+    assert ke.rephrase_prompts == ("Paris is a capital city in",)
+
+
+def test_shared_data_files_parse(tmp_path):
+    from pathlib import Path
+    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not data.exists():
+        pytest.skip(f"no shared data at {data}")
+    zs = load_facts(data / "zsre" / "zsre_mend_train-1k.json", limit=50)
+    assert len(zs) == 50 and all(f.target_new for f in zs)
+    cf = load_facts(data / "counterfact" / "counterfact-val.json", offset=10, limit=5)
+    assert len(cf) == 5 and cf[0].relation
+
+
+@pytest.mark.parametrize("rec, needle", [
+    ({"requested_rewrite": {"prompt": "no template", "subject": "x", "target_new": {"str": "y"}}}, "no '{}'"),
+    ({"requested_rewrite": "x"}, "needs a 'prompt'"),
+    ({"src": "q?", "alt": 5}, "must be a string"),
+    ({"prompt": "p", "target_new": "t", "locality": {"a": [{"prompt": 3}]}}, "locality_prompts[0]"),
+])
+def test_importers_refuse_broken_records(rec, needle):
+    with pytest.raises(InputError) as e:
+        parse_facts_text(json.dumps([FACT, rec]))
+    assert "record 1" in str(e.value) and needle in str(e.value)
+
+
+def test_format_offset_limit_and_skip_bad():
+    text = json.dumps([FACT, {"prompt": "x"}, ZSRE, KNOWEDIT])
+    facts, problems = parse_facts_text(text, skip_bad=True)
+    assert len(facts) == 3 and problems == ["record 1: missing required field 'target_new'"]
+    assert [f.target_new for f in parse_facts_text(text, offset=2, limit=1)] == ["unmanned aircraft"]
+    with pytest.raises(InputError, match="record 0"):
+        parse_facts_text(json.dumps([ZSRE]), fmt="rome")
+    with pytest.raises(InputError, match="unknown --format"):
+        parse_facts_text(text, fmt="xml")
