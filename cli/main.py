@@ -38,6 +38,10 @@ def _dump(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False))
 
 
+def _headline(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{k}={metrics[k]:.2f}" for k in ("reliability", "generalization", "locality") if k in metrics)
+
+
 def _open(ctx: click.Context) -> Ledger:
     o = ctx.obj
     return Ledger.open(o["db"], author=o["author"], device=o["device"])
@@ -153,9 +157,7 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
         if as_json:
             click.echo(json.dumps(r.to_dict(), ensure_ascii=False))
         else:
-            m = r.metrics
-            shown = "  ".join(f"{k}={v:.2f}" for k, v in m.items()
-                              if k in ("reliability", "generalization", "locality"))
+            shown = _headline(r.metrics)
             extra = f"  (supersedes {', '.join(r.superseded)})" if r.superseded else ""
             click.echo(f"{r.revision}  {r.edit}  {r.fact['prompt']} -> {r.fact['target_new']}  "
                        f"{shown}  {r.stats['steps']} steps {r.stats['seconds']:.1f}s{extra}")
@@ -312,9 +314,7 @@ def rebase(ctx: click.Context, as_json: bool) -> None:
     if not results:
         click.echo("nothing to rebase: every active edit was trained in its current composition")
     for r in results:
-        click.echo(f"{r.revision}  {r.edit} replaces {', '.join(r.superseded)}  "
-                   + "  ".join(f"{k}={v:.2f}" for k, v in r.metrics.items()
-                               if k in ("reliability", "generalization", "locality")))
+        click.echo(f"{r.revision}  {r.edit} replaces {', '.join(r.superseded)}  {_headline(r.metrics)}")
 
 
 @cli.command()

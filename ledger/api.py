@@ -25,7 +25,7 @@ from . import __version__
 from . import revisions as revs
 from .baft import BaftConfig, default_layer
 from .baft.trainer import train_edit
-from .compose import Block, ComposedModel
+from .compose import UNCOMMITTED, Block, ComposedModel
 from .errors import BranchMoved, InputError, StateError
 from .evaluate import measure, score
 from .facts import Fact
@@ -452,8 +452,8 @@ class Ledger:
         before = measure(model, tok, fact)
         trained = train_edit(model, tok, composed.sites, self.base.layers, fact, cfg, layer=layer,
                              retention=retention, progress=progress)
-        # The new block sorts last, as its id will once committed: measured as it will compose.
-        composed.compose(self._blocks_of(train_on) + [Block(2 ** 62, layer, trained.tensors)], None)
+        # Measured as it will compose: the uncommitted block sorts last, as its id will.
+        composed.compose(self._blocks_of(train_on) + [Block(UNCOMMITTED, layer, trained.tensors)], None)
         metrics = score(measure(model, tok, fact), before)
         data = blobs.encode(trained.tensors)
 
@@ -485,7 +485,7 @@ class Ledger:
             self._audit(conn, operation, rev.id, edit_id, {
                 "fact": fact.prompt, "target_new": fact.target_new,
                 "removed": [revs.edit_name(e) for e in remove]})
-        self._blocks[edit_id] = Block(edit_id, layer, blobs.decode(data, address))
+        self._blocks[edit_id] = Block(edit_id, layer, trained.tensors)   # what the blob holds
         composed.compose(self._blocks_of(train_on | {edit_id}), rev.id)
         return AddResult(revision=revs.rev_name(rev.id), edit=revs.edit_name(edit_id), metrics=metrics,
                          stats=trained.stats, superseded=[revs.edit_name(e) for e in remove],
@@ -566,8 +566,6 @@ class Ledger:
             revs.advance_head(conn, rev.id, self.author, f"revert {target}")
             self._audit(conn, "revert", rev.id, eid, {"target": target, "changes": [
                 [revs.edit_name(e), a] for e, a in changes], "remeasured": [revs.edit_name(e) for e in deps]})
-        if self._composed is not None and self._composed.revision is None:
-            self._composed.revision = rev.id   # _remeasure left it composed at new_active
         return RevertResult(
             revision=revs.rev_name(rev.id), reverted=target,
             removed=[revs.edit_name(e) for e, a in changes if a == "remove"],

@@ -15,6 +15,11 @@ from .baft.layer import FusedIntervention
 from .models import BaseModel
 
 
+# Id of a block not committed yet (being measured): sorts after every real edit id, as the
+# new edit's id will.
+UNCOMMITTED = 2 ** 62
+
+
 @dataclass(frozen=True)
 class Block:
     """One active edit's tensors at its layer, as the composer needs them."""
@@ -40,6 +45,7 @@ class ComposedModel:
         self.base = base
         self.sites: dict[int, InterventionSite] = {}
         self.revision: int | None = None
+        self.edit_ids: frozenset[int] | None = frozenset()   # None while an uncommitted block is on
 
     @property
     def model(self):
@@ -50,6 +56,12 @@ class ComposedModel:
         return self.base.tokenizer
 
     def compose(self, blocks: list[Block], revision: int | None) -> None:
+        ids = frozenset(b.edit_id for b in blocks)
+        if UNCOMMITTED in ids:
+            ids = None
+        elif ids == self.edit_ids:
+            self.revision = revision   # the same edits: the attached sites are already right
+            return
         n_layers = len(self.base.layers)
         for b in blocks:
             if not 0 <= b.layer < n_layers:
@@ -60,11 +72,13 @@ class ComposedModel:
         attach_sites(self.base.layers, sites)
         self.sites = sites
         self.revision = revision
+        self.edit_ids = ids
 
     def clear(self) -> None:
         detach_sites(self.sites)
         self.sites = {}
         self.revision = None
+        self.edit_ids = frozenset()
 
     @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int = 20) -> str:

@@ -115,6 +115,7 @@ def sha256_file(path: Path) -> str:
 
 
 def _layers_attr(model) -> str:
+    # The same families as models.decoder_layers, as the attribute path the generated code uses.
     if hasattr(getattr(model, "model", None), "layers"):
         return "model.layers"
     if hasattr(getattr(model, "transformer", None), "h"):
@@ -149,12 +150,12 @@ def write_snapshot(base, sites: dict[int, InterventionSite], out: Path, manifest
         # load) plus the fused intervention buffers under their module path.
         from safetensors.torch import save_file
         weights: dict[str, torch.Tensor] = {}
-        seen: set[int] = set()
-        for k, v in (model.state_dict().items() if base_ref is None else ()):
-            if v.data_ptr() in seen:
-                continue
-            seen.add(v.data_ptr())
-            weights[k] = v.detach().cpu().contiguous()
+        if base_ref is None:
+            seen: set[int] = set()
+            for k, v in model.state_dict().items():
+                if v.data_ptr() not in seen:
+                    seen.add(v.data_ptr())
+                    weights[k] = v.detach().cpu().contiguous()
         for layer, site in sites.items():
             if site.fused.rank:
                 for name in ("in_weight", "in_bias", "R"):
