@@ -16,7 +16,7 @@ from .models import BaseModel
 
 
 # Id of a block not committed yet (being measured): sorts after every real edit id, as the
-# new edit's id will.
+# new edit's id will (UNCOMMITTED + k for the k-th edit of a batch).
 UNCOMMITTED = 2 ** 62
 
 
@@ -57,7 +57,7 @@ class ComposedModel:
 
     def compose(self, blocks: list[Block], revision: int | None) -> None:
         ids = frozenset(b.edit_id for b in blocks)
-        if UNCOMMITTED in ids:
+        if any(i >= UNCOMMITTED for i in ids):
             ids = None
         elif ids == self.edit_ids:
             self.revision = revision   # the same edits: the attached sites are already right

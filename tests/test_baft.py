@@ -92,27 +92,79 @@ def test_config_rejects_bad_values():
             BaftConfig(**bad)
 
 
-@pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
-def test_replaying_lower_layers_learns_exactly_the_same(family, request):
-    """The optimised path (blocks below the edited one replayed from cache) gives the same
-    trained tensors as recomputing the whole model at every step."""
-    import json
-    from ledger.baft.trainer import train_edit
-    from ledger.facts import parse_facts_text
-    from conftest import FACT
-    base = load_base(str(request.getfixturevalue(family)))
-    [fact] = parse_facts_text(json.dumps(FACT))
-    # a frozen parent edit at a lower layer and one at the edited layer, as in a real ledger
+def _parent_sites(base):
+    """A frozen parent edit at a lower layer and one at the edited layer, as in a real ledger."""
     sites = {0: InterventionSite(0, FusedIntervention([_random_block(base.hidden_size, 2, 5).tensors()], base.hidden_size)),
              2: InterventionSite(2, FusedIntervention([_random_block(base.hidden_size, 3, 6).tensors()], base.hidden_size))}
     for layer, site in sites.items():
         site.attach(base.layers[layer])
+    return sites
+
+
+def _facts():
+    import json
+    from ledger.facts import parse_facts_text
+    from conftest import FACT
+    other = {**FACT, "prompt": "Rome is the capital of", "subject": "Rome", "target_new": "Spain",
+             "rephrase_prompts": ["Rome, a city, is the capital of"]}
+    return parse_facts_text(json.dumps([FACT, other]))
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("method", ["baft", "reft"])
+@pytest.mark.parametrize("n_facts", [1, 2])
+def test_fast_path_gives_the_same_gradients(family, method, n_facts, request):
+    """The optimised training path (lower blocks replayed from cache, output head only where the
+    loss reads) gives the same loss and gradients as the plain full forward, to 1e-5."""
+    from ledger.baft.trainer import EditProblem
+    base = load_base(str(request.getfixturevalue(family)))
+    sites = _parent_sites(base)
+    cfg = BaftConfig(method=method, rank=2, n_prefixes=1)
+    problem = EditProblem(base.model, base.tokenizer, sites, base.layers, _facts()[:n_facts], cfg, layer=2,
+                          retention=[("Paris is in", "France")])
+    try:
+        assert problem.head_ok                       # both families take the head-only path
+        # move the blocks off the identity first, so every term has a gradient
+        with torch.no_grad():
+            for p in problem.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+        grads, losses = {}, {}
+        for fast in (False, True):
+            for p in problem.parameters():
+                p.grad = None
+            if fast:
+                with problem.fast():
+                    loss, parts, _ = problem.loss()
+                    loss.backward()
+            else:
+                loss, parts, _ = problem.loss()
+                loss.backward()
+            losses[fast] = parts
+            grads[fast] = [p.grad.clone() for p in problem.parameters()]
+        for k in losses[True]:
+            assert abs(losses[True][k] - losses[False][k]) <= 1e-5, k
+        assert any(g.abs().max() > 1e-6 for g in grads[False])
+        for a, b in zip(grads[True], grads[False]):
+            assert (a - b).abs().max() <= 1e-5
+    finally:
+        problem.close()
+    assert all(type(m).__name__ not in ("_Skip", "_Replay") for m in base.layers)
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
+def test_fast_path_learns_exactly_the_same(family, request):
+    """Whole training runs on both paths end with the same tensors."""
+    from ledger.baft.trainer import train_edits
+    base = load_base(str(request.getfixturevalue(family)))
+    sites = _parent_sites(base)
     out = {}
-    for replay in (False, True):
-        cfg = BaftConfig(steps=4, min_steps=4, rank=2, replay_lower_layers=replay, n_prefixes=1)
-        out[replay] = train_edit(base.model, base.tokenizer, sites, base.layers, fact, cfg, layer=2).tensors
-    for name in out[True]:
-        assert (out[True][name] - out[False][name]).abs().max() <= 1e-5, name
-    assert (out[True]["W"] - out[True]["R"]).abs().max() > 1e-4     # training moved the block
+    for fast in (False, True):
+        cfg = BaftConfig(steps=4, min_steps=4, rank=2, fast_path=fast, n_prefixes=1)
+        out[fast] = [t.tensors for t in train_edits(base.model, base.tokenizer, sites, base.layers, _facts(), cfg,
+                                                    layer=2)]
+    for a, b in zip(out[True], out[False]):
+        for name in a:
+            assert (a[name] - b[name]).abs().max() <= 1e-5, name
+    assert (out[True][0]["W"] - out[True][0]["R"]).abs().max() > 1e-4     # training moved the block
     # the model is whole again afterwards
     assert all(type(m).__name__ not in ("_Skip", "_Replay") for m in base.layers)

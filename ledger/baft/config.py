@@ -28,6 +28,21 @@ class BaftConfig:
     gate_weight: float = 1.0
     # The gate starts half open (sigmoid(0)); a closed start would starve U of gradient.
     gate_bias_init: float = 0.0
+    # + gate_open_weight * -log gate at the subject's last token of the edit rows (BaFT).
+    gate_open_weight: float = 0.1
+    # "subject": while training, a BaFT block changes its fact's prompts only at the subject's
+    # tokens, so the edit rides on the subject's representation and the gate learns to fire
+    # on the subject, not on the relation's wording, which neighbours share. "all": every
+    # position. (ReFT always uses "all": its gate cannot tell positions apart.)
+    edit_positions: str = "subject"
+    # With "subject": the gate term also covers the edit rows' other positions.
+    gate_close_edit_rest: bool = True
+    # Start the gate as a match on the subject's key: U along (key - mean of the unrelated
+    # rows' states), c set so the gate is ~0.95 at the key and ~0.05 at the closest negative.
+    gate_key_init: bool = False
+    # Near-miss negatives: the relation template filled with each word of a multi-word subject
+    # alone ("BBC" and "One" for "BBC One"), so the gate learns the whole subject.
+    near_miss_negatives: bool = False
     # Early stop once every target token is the argmax and has at least this probability.
     stop_prob: float = 0.9
     # ... and the KL on every unrelated row (mean over its tokens) is at most this.
@@ -48,9 +63,10 @@ class BaftConfig:
     neg_continuation_tokens: int = 2
     # Prompts of edits already active, used as retention negatives (sampled when more).
     retention_samples: int = 8
-    # Replay the edited block's cached output instead of recomputing the blocks below it at
-    # every step (exact; off only to test that it is).
-    replay_lower_layers: bool = True
+    # Replay the edited block's cached output instead of recomputing the blocks below it, and
+    # run the output head only where the loss reads (same loss and gradients; off only to
+    # test that they are).
+    fast_path: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -62,7 +78,9 @@ class BaftConfig:
             raise InputError("--steps must be at least 1")
         if not self.lr > 0:
             raise InputError(f"--lr must be positive, got {self.lr}")
-        for name in ("locality_weight", "gate_weight"):
+        if self.edit_positions not in ("subject", "all"):
+            raise InputError(f"edit_positions must be 'subject' or 'all', got '{self.edit_positions}'")
+        for name in ("locality_weight", "gate_weight", "gate_open_weight"):
             if getattr(self, name) < 0:
                 raise InputError(f"--{name.replace('_', '-')} must not be negative")
         if self.layer is not None and self.layer < 0:

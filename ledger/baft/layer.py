@@ -44,7 +44,9 @@ class BaftBlock(nn.Module):
         else:
             self.register_buffer("U", torch.zeros(rank, d))
             self.register_buffer("c", torch.full((rank,), REFT_GATE_BIAS))
-        self.last_gate: torch.Tensor | None = None  # read by the trainer's gate term
+        self.last_gate: torch.Tensor | None = None  # read by the trainer's gate terms
+        # Set by the trainer only: where (batch, position) this block may act while training.
+        self.train_mask: torch.Tensor | None = None
 
     @property
     def R(self) -> torch.Tensor:
@@ -56,7 +58,8 @@ class BaftBlock(nn.Module):
         gate = torch.sigmoid(F.linear(h, self.U, self.c))
         self.last_gate = gate
         value = F.linear(h, self.W, self.b) - F.linear(h, R)
-        return (gate * value) @ R
+        out = (gate * value) @ R
+        return out if self.train_mask is None else out * self.train_mask
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"R": self.R.detach().clone().contiguous(), "W": self.W.detach().clone(),

@@ -1,26 +1,38 @@
-"""The trainer of one BaFT edit.
+"""The trainer of BaFT edits.
 
-The model arrives with the parent revision's fused interventions attached and frozen; the new
-block is added beside them at its layer, so the edit is trained in exactly the composition it
-will be deployed in. Only the new block's parameters receive gradients.
+The model arrives with the parent revision's fused interventions attached and frozen; each new
+block is added beside them at its layer, so an edit is trained in exactly the composition it
+will be deployed in. Only the new blocks' parameters receive gradients. Several facts can be
+trained together (`ledger add --batch K`): one block per fact, one optimisation, so each fact
+keeps its own record and can be reverted alone.
 
 Loss of one step, on one padded batch of "edit" rows and "unrelated" rows:
 
     CE(target_new | edit rows)                                   make the edit
   + locality_weight * KL(parent || edited) over unrelated rows    leave the rest alone
-  + gate_weight * mean gate over unrelated rows (BaFT only)       keep the gate shut there
+  + gate_weight * mean gate where the edit must not fire          keep the gate shut there
+  + gate_open_weight * -log gate at the subject's last token      ... and open on the subject
 
 Edit rows: the prompt, the fact's rephrase prompts (when `train_on_rephrases`), and the prompt
-behind short fixed prefixes (generalisation, as ROME does). Unrelated rows: the fact's own
-locality prompts with their answers (when `train_on_locality`), a few neutral sentences, and
-the prompts + targets of edits already active in the ledger (a retention set, so old edits
-survive new ones). The parent's distributions on the unrelated rows are computed once, before
-the new block exists.
+behind short fixed prefixes (generalisation, as ROME does). With `edit_positions="subject"`
+(BaFT's default) a block changes its own fact's edit rows only at the subject's tokens, so the
+edit must be carried by the subject's representation (ROME's finding); everywhere else its
+gate is trained shut, so at serve time the gate decides where it fires. Unrelated rows: the
+fact's own locality prompts continued by the parent (when `train_on_locality`), the relation
+template filled with generic subjects (hard negatives), a few neutral sentences, and the
+prompts + targets of edits already active (a retention set, so old edits survive new ones).
+The parent's distributions on the unrelated rows are computed once, before the new blocks
+exist.
+
+Speed, without changing what is learned (tests/test_baft.py checks gradients and results
+against the plain path): the blocks below the edited one are replayed from one cached pass,
+and the output head runs only at the positions the loss reads.
 """
 from __future__ import annotations
 
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -29,7 +41,7 @@ import torch
 from ..errors import StateError
 from ..facts import Fact
 from ..models import hidden_size
-from ..text import logits, make_batch
+from ..text import Batch, make_batch, prompt_ids
 from .config import BaftConfig
 from .hooks import InterventionSite
 from .layer import BaftBlock, FusedIntervention
@@ -61,46 +73,39 @@ class TrainedEdit:
     stats: dict[str, float | int | bool] = field(default_factory=dict)
 
 
-def _edit_pairs(fact: Fact, cfg: BaftConfig) -> list[tuple[str, str]]:
-    pairs = [(fact.prompt, fact.target_new)]
-    if cfg.train_on_rephrases:
-        pairs += [(p, fact.target_new) for p in fact.rephrase_prompts]
-    pairs += [(pre + fact.prompt, fact.target_new) for pre in PREFIXES[: cfg.n_prefixes]]
-    return pairs
-
-
-def _unrelated_texts(model, tok, fact: Fact, cfg: BaftConfig, retention: list[tuple[str, str]],
-                     rng: random.Random) -> list[str]:
-    texts = []
-    if cfg.train_on_locality and fact.locality_prompts:
-        # A locality prompt continued by the parent's OWN greedy continuation: the KL then
-        # protects what the model actually goes on to say there, not just the next token.
-        texts += continue_greedily(model, tok, [lp.prompt for lp in fact.locality_prompts],
-                                   cfg.continuation_tokens)
-    relation = fact.relation
-    if cfg.neg_subjects and relation and relation.count("{}") == 1:
-        pool = [x for x in GENERIC_SUBJECTS if x.lower() != (fact.subject or "").lower()]
-        picked = pool if len(pool) <= cfg.neg_subjects else rng.sample(pool, cfg.neg_subjects)
-        texts += continue_greedily(model, tok, [relation.format(x) for x in picked], cfg.neg_continuation_tokens)
-    texts += list(NEUTRAL)
-    n = cfg.retention_samples
-    keep = retention if len(retention) <= n else rng.sample(retention, n)
-    texts += [p + " " + t.strip() for p, t in keep]
-    return texts
-
-
 @torch.no_grad()
 def continue_greedily(model, tok, prompts: list[str], n_tokens: int) -> list[str]:
-    """Each prompt followed by the model's greedy continuation of n_tokens (as text)."""
-    if n_tokens <= 0:
+    """Each prompt followed by the model's greedy continuation of n_tokens (as text), all
+    prompts in one left-padded generate call."""
+    if n_tokens <= 0 or not prompts:
         return list(prompts)
     device = next(model.parameters()).device
-    out = []
-    for p in prompts:
-        enc = tok(p, return_tensors="pt").to(device)
-        gen = model.generate(**enc, max_new_tokens=n_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        out.append(p + tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
-    return out
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = tok(list(prompts), return_tensors="pt", padding=True).to(device)
+    finally:
+        tok.padding_side = side
+    gen = model.generate(**enc, max_new_tokens=n_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    new = gen[:, enc["input_ids"].shape[1]:]
+    return [p + tok.decode(row, skip_special_tokens=True) for p, row in zip(prompts, new)]
+
+
+def subject_positions(tok, prompt: str, subject: str | None) -> list[int]:
+    """Token positions of the subject's last occurrence in the prompt (as `prompt_ids`
+    tokenises it); [] when there is no subject or it does not occur."""
+    if not subject:
+        return []
+    start = prompt.rfind(subject)
+    if start < 0:
+        start = prompt.lower().rfind(subject.lower())
+    if start < 0:
+        return []
+    end = start + len(subject)
+    enc = tok(prompt, add_special_tokens=True, return_offsets_mapping=True)
+    if list(enc["input_ids"]) != prompt_ids(tok, prompt):
+        return []
+    return [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end and b > start]
 
 
 class _Skip(torch.nn.Module):
@@ -141,108 +146,307 @@ class _ReplayBelow:
         self.site.attach(self.layers[self.layer])
 
 
-def train_edit(model, tok, sites: dict[int, InterventionSite], layers, fact: Fact,
-               cfg: BaftConfig, *, layer: int, retention: list[tuple[str, str]] = (),
-               progress: Callable[[int, int], None] | None = None) -> TrainedEdit:
-    """Train one block at `layer` with every site in `sites` active and frozen."""
+@dataclass
+class _Rows:
+    pairs: list[tuple[str, str | None]]
+    owner: list[int]                        # fact index of an edit row, -1 for an unrelated row
+    subject_pos: list[list[int]]            # per edit row
+
+
+def _build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[tuple[str, str]],
+                rng: random.Random) -> _Rows:
+    pairs: list[tuple[str, str | None]] = []
+    owner: list[int] = []
+    for k, fact in enumerate(facts):
+        prompts = [fact.prompt]
+        if cfg.train_on_rephrases:
+            prompts += list(fact.rephrase_prompts)
+        prompts += [pre + fact.prompt for pre in PREFIXES[: cfg.n_prefixes]]
+        pairs += [(p, fact.target_new) for p in prompts]
+        owner += [k] * len(prompts)
+    subject_pos = [subject_positions(tok, p, facts[k].subject) for (p, _), k in zip(pairs, owner)]
+
+    texts: list[str] = []
+    own_subjects = {(f.subject or "").lower() for f in facts}
+    # One fact: the configured number of generic negatives; a batch: fewer per fact, since the
+    # other facts' rows already act as negatives for each block.
+    per_fact = cfg.neg_subjects if len(facts) == 1 else min(cfg.neg_subjects, 2)
+    loc_prompts, neg_prompts = [], []
+    for fact in facts:
+        if cfg.train_on_locality:
+            loc_prompts += [lp.prompt for lp in fact.locality_prompts]
+        relation = fact.relation
+        if per_fact and relation and relation.count("{}") == 1:
+            pool = [x for x in GENERIC_SUBJECTS if x.lower() not in own_subjects]
+            picked = pool if len(pool) <= per_fact else rng.sample(pool, per_fact)
+            neg_prompts += [relation.format(x) for x in picked]
+            words = (fact.subject or "").split()
+            if cfg.near_miss_negatives and len(words) > 1:
+                neg_prompts += [relation.format(w) for w in dict.fromkeys(words) if len(w) > 2]
+    # A locality prompt continued by the parent's OWN greedy continuation: the KL then
+    # protects what the model actually goes on to say there, not just the next token.
+    texts += continue_greedily(model, tok, loc_prompts, cfg.continuation_tokens)
+    texts += continue_greedily(model, tok, neg_prompts, cfg.neg_continuation_tokens)
+    texts += list(NEUTRAL)
+    n = cfg.retention_samples * max(1, min(len(facts), 4))
+    keep = retention if len(retention) <= n else rng.sample(retention, n)
+    texts += [p + " " + t.strip() for p, t in keep]
+    pairs += [(t, None) for t in texts]
+    owner += [-1] * len(texts)
+    return _Rows(pairs, owner, subject_pos)
+
+
+class EditProblem:
+    """The fixed batch, masks and parent distributions of one training run, and its loss.
+
+    `loss()` is the objective; `fast()` switches the optimised evaluation of it on (replayed
+    lower blocks, output head only where the loss reads), which gives the same value and
+    gradients as the plain path.
+    """
+
+    def __init__(self, model, tok, sites: dict[int, InterventionSite], layers, facts: list[Fact],
+                 cfg: BaftConfig, *, layer: int, retention: list[tuple[str, str]] = ()):
+        self.model, self.cfg, self.layer, self.layers = model, cfg, layer, layers
+        self.device = device = next(model.parameters()).device
+        rng = random.Random(cfg.seed)
+        rows = _build_rows(model, tok, facts, cfg, list(retention), rng)
+        batch = make_batch(tok, rows.pairs, device=device)
+        self.batch: Batch = batch
+        self.n_facts = len(facts)
+        owner = torch.tensor(rows.owner, device=device)
+        self.n_edit = n_edit = int((owner >= 0).sum())
+        self.n_unrelated = len(rows.pairs) - n_edit
+        real = batch.attention_mask.bool()
+        # The positions the loss reads, row-major: edit rows' target positions, then every real
+        # position of the unrelated rows (KL, each ROW weighing the same: a long neutral
+        # sentence must not drown the one position where a neighbour's answer is decided).
+        self.read = torch.zeros_like(real)
+        self.read[:n_edit] = batch.target_mask[:n_edit]
+        self.read[n_edit:] = real[n_edit:]
+        tgt_rows = torch.arange(n_edit, device=device)[:, None].expand(n_edit, real.shape[1])[batch.target_mask[:n_edit]]
+        self.tgt_owner = owner[tgt_rows]
+        self.target_ids = batch.next_ids[:n_edit][batch.target_mask[:n_edit]]
+        self.n_tgt = len(self.target_ids)
+        unrel = real[n_edit:]
+        row_len = unrel.sum(1, keepdim=True).float()
+        self.pos_weight = (1.0 / row_len).expand_as(unrel)[unrel] / max(1, self.n_unrelated)
+        self.row_of_pos = torch.arange(self.n_unrelated, device=device)[:, None].expand_as(unrel)[unrel]
+
+        # Where each block acts while training (its output is multiplied by this mask), and
+        # where its gate is pushed shut / open.
+        subject_mode = cfg.method == "baft" and cfg.edit_positions == "subject"
+        B, T = real.shape
+        self.apply_masks, self.close_masks, self.open_masks = [], [], []
+        for k in range(len(facts)):
+            apply = real.clone()
+            close = torch.zeros_like(real)
+            close[n_edit:] = real[n_edit:]
+            opened = torch.zeros_like(real)
+            for i in range(n_edit):
+                if rows.owner[i] != k:
+                    if cfg.method == "baft":
+                        apply[i] = False             # another fact's row: not this block's job
+                        close[i] = real[i]
+                    continue
+                pos = rows.subject_pos[i]
+                if pos:
+                    opened[i, pos[-1]] = True
+                if subject_mode and pos:
+                    apply[i] = False
+                    apply[i, pos] = True
+                    if cfg.gate_close_edit_rest:
+                        close[i] = real[i]
+                        close[i, pos] = False
+            self.apply_masks.append(apply[..., None].float())
+            self.close_masks.append(close)
+            self.open_masks.append(opened)
+        self.subject_found = sum(1 for i in range(n_edit) if rows.subject_pos[i]) / max(1, n_edit)
+
+        own_site = layer not in sites
+        if own_site:
+            site = InterventionSite(layer, FusedIntervention([], hidden_size(model)))
+            site.attach(layers[layer])
+            sites = {**sites, layer: site}
+        self.own_site, self.site = own_site, sites[layer]
+
+        # One no-grad pass of the parent: its distributions on the unrelated rows, the raw
+        # output of the edited block (replayed later), and the final hidden states, to check
+        # that head-only-where-read reproduces this model's logits.
+        captured: dict[str, object] = {}
+        grab = layers[layer].register_forward_hook(lambda m, a, out: captured.setdefault("out", out), prepend=True)
+        base_model = getattr(model, "base_model", None)
+        grab_final = base_model.register_forward_hook(
+            lambda m, a, out: captured.setdefault("final", out)) if base_model is not model else None
+        try:
+            with torch.no_grad():
+                full = self._logits_plain()
+        finally:
+            grab.remove()
+            if grab_final is not None:
+                grab_final.remove()
+        logp = torch.log_softmax(full.float(), -1)
+        self.ref_logp = logp[self.n_tgt:]
+        self.head_ok = False
+        final = captured.get("final")
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if final is not None and head is not None:
+            hidden = final[0] if isinstance(final, tuple) else getattr(final, "last_hidden_state", None)
+            if isinstance(hidden, torch.Tensor) and hidden.shape[:2] == real.shape:
+                with torch.no_grad():
+                    self.head_ok = torch.allclose(head(hidden[self.read]).float(), full.float(), atol=1e-4, rtol=1e-4)
+        self._head = head
+        self._replay = _ReplayBelow(layers, layer, self.site, captured["out"])
+        self._fast = False
+
+        # The orthogonal parametrisation draws from torch's global generator when it is set
+        # up: seed it too (in a fork, leaving the caller's state alone) so edits reproduce.
+        gen = torch.Generator().manual_seed(cfg.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.blocks = [BaftBlock(hidden_size(model), cfg.rank, method=cfg.method,
+                                     gate_bias_init=cfg.gate_bias_init, generator=gen).to(device)
+                           for _ in facts]
+        if cfg.gate_key_init and cfg.method == "baft":
+            self._init_gates(captured["out"])
+        for block, mask in zip(self.blocks, self.apply_masks):
+            block.train_mask = mask
+            self.site.trainable.append(block)
+
+    @torch.no_grad()
+    def _init_gates(self, out) -> None:
+        h = (out[0] if isinstance(out, tuple) else out).float()
+        neg = h[self.n_edit:][self.batch.attention_mask[self.n_edit:].bool()]
+        mu = neg.mean(0)
+        for block, om in zip(self.blocks, self.open_masks):
+            if not om.any():
+                continue
+            key = h[om].mean(0)
+            direction = key - mu
+            if direction.norm() == 0:
+                continue
+            e = direction / direction.norm()
+            p_key = float(direction.norm())
+            p_neg = float(((neg - mu) @ e).max())
+            width = max(p_key - p_neg, 0.25 * p_key)
+            beta = 6.0 / width                      # sigmoid(+-3) at the two ends
+            mid = p_key - width / 2
+            block.U.copy_(block.U + (beta * e)[None, :])
+            block.c.fill_(float(-beta * (mid + mu @ e)))
+
+    def _logits_plain(self) -> torch.Tensor:
+        b = self.batch
+        out = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
+        return out[self.read]
+
+    def _logits_fast(self) -> torch.Tensor:
+        b = self.batch
+        if not self.head_ok:
+            return self._logits_plain()
+        out = self.model.base_model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+        return self._head(out.last_hidden_state[self.read])
+
+    @contextmanager
+    def fast(self):
+        """Optimised evaluation of the same loss (the blocks below are replayed)."""
+        self._replay.enter()
+        self._fast = True
+        try:
+            yield self
+        finally:
+            self._fast = False
+            self._replay.exit()
+
+    def loss(self) -> tuple[torch.Tensor, dict[str, float], bool]:
+        cfg = self.cfg
+        out = (self._logits_fast() if self._fast else self._logits_plain()).float()
+        logp = torch.log_softmax(out, -1)
+        tgt_logp = logp[: self.n_tgt]
+        tok_logp = tgt_logp.gather(-1, self.target_ids[:, None]).squeeze(-1)
+        ce = -tok_logp.mean()
+        cur = logp[self.n_tgt:]
+        kl_pos = (self.ref_logp.exp() * (self.ref_logp - cur)).sum(-1)
+        kl = (kl_pos * self.pos_weight).sum()
+        # the worst unrelated row: done only when every one of them is back to the parent
+        worst_kl = torch.zeros(max(1, self.n_unrelated), device=self.device).index_add_(
+            0, self.row_of_pos, kl_pos.detach() * self.pos_weight * self.n_unrelated).max()
+        close = torch.zeros((), device=self.device)
+        opened = torch.zeros((), device=self.device)
+        if cfg.method == "baft":
+            for block, cm, om in zip(self.blocks, self.close_masks, self.open_masks):
+                gate = block.last_gate
+                if cm.any():
+                    close = close + gate[cm].mean()
+                if om.any():
+                    opened = opened - torch.log(gate[om].clamp_min(1e-6)).mean()
+            close, opened = close / len(self.blocks), opened / len(self.blocks)
+        loss = ce + cfg.locality_weight * kl + cfg.gate_weight * close + cfg.gate_open_weight * opened
+        parts = {"loss": loss.item(), "ce": ce.item(), "kl": kl.item(), "gate": close.item(),
+                 "gate_open": opened.item(), "worst_kl": worst_kl.item()}
+        # Done when every target token is the argmax with margin AND the unrelated text is
+        # back to the parent's distribution: stopping on the target alone leaves gates open.
+        reached = bool((tgt_logp.argmax(-1) == self.target_ids).all()
+                       and tok_logp.exp().min() >= cfg.stop_prob and worst_kl.item() <= cfg.stop_kl)
+        return loss, parts, reached
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for b in self.blocks for p in b.parameters() if p.requires_grad]
+
+    def close(self) -> None:
+        self.site.trainable = torch.nn.ModuleList()
+        for b in self.blocks:
+            b.last_gate = None
+            b.train_mask = None
+        if self.own_site:
+            self.site.detach()
+
+
+def train_edits(model, tok, sites: dict[int, InterventionSite], layers, facts: list[Fact],
+                cfg: BaftConfig, *, layer: int, retention: list[tuple[str, str]] = (),
+                progress: Callable[[int, int], None] | None = None) -> list[TrainedEdit]:
+    """Train one block per fact at `layer`, together, with every site in `sites` active and
+    frozen."""
     started = time.perf_counter()
-    device = next(model.parameters()).device
-    rng = random.Random(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-
-    edit_pairs = _edit_pairs(fact, cfg)
-    unrelated = _unrelated_texts(model, tok, fact, cfg, list(retention), rng)
-    batch = make_batch(tok, edit_pairs + [(t, None) for t in unrelated], device=device)
-    n_edit = len(edit_pairs)
-    target_mask = batch.target_mask[:n_edit]
-    target_ids = batch.next_ids[:n_edit][target_mask]
-    # KL over every real position of the unrelated rows, each ROW weighing the same: a long
-    # neutral sentence must not drown the one position where a neighbour's answer is decided.
-    unrel_mask = batch.attention_mask[n_edit:].bool()
-    row_len = unrel_mask.sum(1, keepdim=True).float()
-    pos_weight = (1.0 / row_len).expand_as(unrel_mask)[unrel_mask] / len(unrelated)
-    row_of_pos = torch.arange(len(unrelated), device=device)[:, None].expand_as(unrel_mask)[unrel_mask]
-
-    own_site = layer not in sites
-    if own_site:
-        site = InterventionSite(layer, FusedIntervention([], hidden_size(model)))
-        site.attach(layers[layer])
-        sites = {**sites, layer: site}
-    site = sites[layer]
-
-    # One no-grad pass of the parent: its distributions on the unrelated rows, and the raw
-    # output of the edited block, which the blocks below can then stop recomputing.
-    captured: dict[str, object] = {}
-    grab = layers[layer].register_forward_hook(lambda m, a, out: captured.setdefault("out", out), prepend=True)
-    try:
-        with torch.no_grad():
-            ref_logp = torch.log_softmax(logits(model, batch)[n_edit:].float(), -1)[unrel_mask]
-    finally:
-        grab.remove()
-    replay = _ReplayBelow(layers, layer, site, captured["out"]) if cfg.replay_lower_layers else None
-
-    # The orthogonal parametrisation draws from torch's global generator when it is set up:
-    # seed it too (in a fork, leaving the caller's state alone) so an edit is reproducible.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        block = BaftBlock(hidden_size(model), cfg.rank, method=cfg.method,
-                          gate_bias_init=cfg.gate_bias_init, generator=gen).to(device)
-    site.trainable.append(block)
-    params = [p for p in block.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    problem = EditProblem(model, tok, sites, layers, facts, cfg, layer=layer, retention=retention)
+    opt = torch.optim.Adam(problem.parameters(), lr=cfg.lr)
     steps_run, last = 0, {}
     try:
         model.train(False)
-        if replay:
-            replay.enter()
-        for step in range(cfg.steps):
-            out = logits(model, batch).float()
-            logp = torch.log_softmax(out, -1)
-            edit_logp = logp[:n_edit][target_mask]
-            tok_logp = edit_logp.gather(-1, target_ids[:, None]).squeeze(-1)
-            ce = -tok_logp.mean()
-            cur = logp[n_edit:][unrel_mask]
-            kl_pos = (ref_logp.exp() * (ref_logp - cur)).sum(-1)
-            kl = (kl_pos * pos_weight).sum()
-            # the worst unrelated row: done only when every one of them is back to the parent
-            worst_kl = torch.zeros(len(unrelated), device=device).index_add_(
-                0, row_of_pos, kl_pos.detach() * pos_weight * len(unrelated)).max()
-            gate_term = torch.zeros((), device=device)
-            if cfg.method == "baft" and block.last_gate is not None:
-                gate_term = block.last_gate[n_edit:][unrel_mask].mean()
-            loss = ce + cfg.locality_weight * kl + cfg.gate_weight * gate_term
-            last = {"loss": loss.item(), "ce": ce.item(), "kl": kl.item(), "gate": gate_term.item(),
-                    "worst_kl": worst_kl.item()}
-            # Done when the target is the argmax with margin AND the unrelated text is back to
-            # the parent's distribution: stopping on the target alone leaves the gate half open.
-            reached = bool((edit_logp.argmax(-1) == target_ids).all()
-                           and tok_logp.exp().min() >= cfg.stop_prob and worst_kl.item() <= cfg.stop_kl)
-            if reached and step >= cfg.min_steps:
-                break  # the checked state is the one we keep: no update after the check
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps_run = step + 1
-            if progress:
-                progress(steps_run, cfg.steps)
-        tensors = block.tensors()
+        with (problem.fast() if cfg.fast_path else _nothing()):
+            for step in range(cfg.steps):
+                loss, last, reached = problem.loss()
+                if reached and step >= cfg.min_steps:
+                    break  # the checked state is the one we keep: no update after the check
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                steps_run = step + 1
+                if progress:
+                    progress(steps_run, cfg.steps)
+        tensors = [b.tensors() for b in problem.blocks]
     finally:
-        if replay:
-            replay.exit()
-        site.trainable = torch.nn.ModuleList()
-        block.last_gate = None
-        if own_site:
-            site.detach()
-    for name, t in tensors.items():
-        if not torch.isfinite(t).all():
-            raise StateError(f"training diverged (non-finite values in {name}): nothing was written; "
-                             "try a smaller --lr")
-    stats = {"steps": steps_run, "final_loss": round(last.get("loss", float("nan")), 6),
-             "final_ce": round(last.get("ce", float("nan")), 6),
-             "final_kl": round(last.get("kl", float("nan")), 6),
-             "final_gate": round(last.get("gate", float("nan")), 6),
-             "final_worst_kl": round(last.get("worst_kl", float("nan")), 6),
+        problem.close()
+    for ts in tensors:
+        for name, t in ts.items():
+            if not torch.isfinite(t).all():
+                raise StateError(f"training diverged (non-finite values in {name}): nothing was written; "
+                                 "try a smaller --lr")
+    stats = {"steps": steps_run, **{f"final_{k}": round(v, 6) for k, v in last.items()},
              "reached_target": steps_run < cfg.steps,
              "seconds": round(time.perf_counter() - started, 3),
-             "n_edit_rows": n_edit, "n_unrelated_rows": len(unrelated)}
-    return TrainedEdit(layer=layer, tensors=tensors, stats=stats)
+             "n_edit_rows": problem.n_edit, "n_unrelated_rows": problem.n_unrelated,
+             "subject_found": round(problem.subject_found, 3), "batch_size": len(facts)}
+    return [TrainedEdit(layer=layer, tensors=ts, stats=dict(stats)) for ts in tensors]
+
+
+def train_edit(model, tok, sites: dict[int, InterventionSite], layers, fact: Fact,
+               cfg: BaftConfig, *, layer: int, retention: list[tuple[str, str]] = (),
+               progress: Callable[[int, int], None] | None = None) -> TrainedEdit:
+    """Train one block for one fact (see train_edits)."""
+    [trained] = train_edits(model, tok, sites, layers, [fact], cfg, layer=layer, retention=retention,
+                            progress=progress)
+    return trained
+
+
+@contextmanager
+def _nothing():
+    yield
