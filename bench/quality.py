@@ -1,0 +1,470 @@
+"""Edit quality: BaFT vs ReFT vs FT-M, single and sequential editing, CounterFact and zsRE.
+
+One process, one model load. Per dataset (the first N records from --offset of
+counterfact/counterfact-edit-1k.json and zsre/zsre_mend_train-1k.json under --data-dir):
+
+- single:     each fact edited alone from the base model. BaFT/ReFT: one SQLite ledger,
+              `checkout rev-1` then `Ledger.add` per fact (the full product path), the fact
+              measured at its own revision. FT-M: the weight restored after every fact.
+- sequential: the first T facts added one after another (BaFT/ReFT: `Ledger.add` into a fresh
+              SQLite ledger, one revision per fact; FT-M: the same weight fine-tuned fact after
+              fact), then all T evaluated at the final revision.
+- batch:      (--batch-K) the first K facts as ONE `Ledger.add(facts, cfg, batch=K)` revision
+              (FT-M: one fine-tuning batch of K), compared with one-by-one adds of the same
+              facts (the sequential setting with T = K, run for it).
+
+Metrics are ledger.evaluate's (EasyEdit's definitions); locality is agreement with the
+UNEDITED base model (DESIGN.md section 7) in every setting. BaFT/ReFT train with
+train_on_rephrases=False, train_on_locality=False: the fact's own rephrase and locality
+prompts are held out for evaluation. A fact the model already answers with target_new is
+refused by `Ledger.add`; it is skipped (and listed) for every method alike. On zsRE the
+CounterFact probability scores are not reported (its locality prompts are unrelated NQ
+questions, so "P(true) > P(new)" on them means nothing); its true answer is not used.
+
+Prints one JSON line per (dataset, method, setting[, T or K]) to stdout (and --out), a
+progress line per edit to stderr.
+
+    .venv/bin/python bench/quality.py                       # n=200, T=10,100: hours on 2 cores
+    .venv/bin/python bench/quality.py --n 2 --seq-T 3 --threads 1    # a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ftm import FTMConfig, FTMEditor  # noqa: E402
+from ledger import BaftConfig, InputError, Ledger  # noqa: E402
+from ledger.baft import default_layer  # noqa: E402
+from ledger.evaluate import Measurement, mean_metrics, measure, score  # noqa: E402
+from ledger.facts import Fact, fact_from_record, to_native  # noqa: E402
+from ledger.models import BaseModel  # noqa: E402
+from ledger.store.schema import Blob  # noqa: E402
+from sqlalchemy import select  # noqa: E402
+
+DATASETS = {"counterfact": ("counterfact/counterfact-edit-1k.json", "counterfact"),
+            "zsre": ("zsre/zsre_mend_train-1k.json", "zsre")}
+METHODS = ("baft", "reft", "ftm")
+SETTINGS = ("single", "sequential", "batch")
+CF_ONLY = ("efficacy_score", "paraphrase_score", "neighborhood_score")
+METRICS = ("reliability", "generalization", "locality") + CF_ONLY
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+def int_list(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return out
+
+
+def name_list(choices: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        out = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in out if x not in choices]
+        if bad or not out:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(choices)}")
+        return out
+    return parse
+
+
+def load_dataset(data_dir: Path, name: str, offset: int, count: int) -> list[tuple[str, Fact]]:
+    """(id, fact) for records [offset, offset + count) of the dataset's file. zsRE facts drop
+    their true answer (unused, and equal to target_new in some records)."""
+    rel, fmt = DATASETS[name]
+    path = data_dir / rel
+    records = json.loads(path.read_text())[offset: offset + count]
+    out = []
+    for i, rec in enumerate(records, offset):
+        native = to_native(rec, fmt, i)
+        if name == "zsre":
+            native = {k: v for k, v in native.items() if k != "target_true"}
+        fact = fact_from_record(native, i)
+        out.append((f"case {fact.case_id}" if fact.case_id else f"{name}[{i}]", fact))
+    return out
+
+
+# --- provenance --------------------------------------------------------------------------------
+
+def git_state() -> dict[str, Any]:
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+    return {"git_commit": git("rev-parse", "HEAD") or None, "git_dirty": bool(git("status", "--porcelain"))}
+
+
+# --- ledgers sharing one loaded base model -----------------------------------------------------
+
+class Ledgers:
+    """Fresh SQLite ledgers on one loaded base model: the first is made by `Ledger.init` (the
+    one model load); every further one is a copy of that rev-1 database, opened with the
+    loaded base handed over instead of loaded again (same model, same fingerprint)."""
+
+    def __init__(self, workdir: Path, model: str | None):
+        self.workdir = workdir
+        self.template = workdir / "template.db"
+        lg = Ledger.init(f"sqlite:///{self.template}", model=model)
+        self.base: BaseModel = lg.base
+        lg.close()   # detaches its (empty) composition: the base model is bare between runs
+        self.count = 0
+
+    @contextmanager
+    def fresh(self) -> Iterator[Ledger]:
+        self.count += 1
+        d = self.workdir / f"ledger-{self.count}"
+        d.mkdir()
+        src, dst = sqlite3.connect(self.template), sqlite3.connect(d / "ledger.db")
+        try:
+            src.backup(dst)
+        finally:
+            src.close()
+            dst.close()
+        lg = Ledger.open(f"sqlite:///{d / 'ledger.db'}")
+        lg._base = self.base   # the model loaded once; Ledger.open would load it again on first use
+        try:
+            yield lg
+        finally:
+            lg.close()          # detaches the hooks: the next run starts from the bare base
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def blob_bytes(lg: Ledger, edit: str) -> int:
+    address = lg.edit(edit).blob
+    with lg.engine.connect() as conn:
+        return int(conn.execute(select(Blob.size).where(Blob.sha256 == address)).scalar_one())
+
+
+def already_answers(model, tok, fact: Fact) -> bool:
+    """The rule `Ledger.add` refuses a fact by: the model gives target_new already."""
+    return measure(model, tok, Fact(prompt=fact.prompt, target_new=fact.target_new)).accuracy["rel"][0] == 1.0
+
+
+# --- one run -----------------------------------------------------------------------------------
+
+class Run:
+    """What one (dataset, method, setting) run collects."""
+
+    def __init__(self, dataset: str, method: str, setting: str, size: int | None):
+        self.dataset, self.method, self.setting, self.size = dataset, method, setting, size
+        self.metrics: list[dict[str, float]] = []
+        self.base_metrics: list[dict[str, float]] = []
+        self.seconds: list[float] = []
+        self.steps: list[int] = []
+        self.bytes: list[int] = []
+        self.skipped: list[str] = []
+        self.superseded: list[str] = []
+        self.n = 0
+        self.total_seconds: float | None = None
+
+    @property
+    def label(self) -> str:
+        size = f" T={self.size}" if self.setting == "sequential" else f" K={self.size}" if self.setting == "batch" else ""
+        return f"{self.dataset}/{self.method}/{self.setting}{size}"
+
+    def progress(self, i: int, total: int, fid: str, text: str) -> None:
+        print(f"[{self.label}] {i}/{total} {fid}: {text}", file=sys.stderr, flush=True)
+
+    def row(self, common: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+        def means(rows: list[dict[str, float]]) -> dict[str, float]:
+            m = mean_metrics(rows) if rows else {}
+            if self.dataset != "counterfact":
+                m = {k: v for k, v in m.items() if k not in CF_ONLY}
+            return {k: round(v, 4) for k, v in m.items() if k in METRICS}
+        out: dict[str, Any] = {"dataset": self.dataset, "method": self.method, "setting": self.setting}
+        if self.setting == "sequential":
+            out["T"] = self.size
+        elif self.setting == "batch":
+            out["K"] = self.size
+        m = means(self.metrics)
+        out.update({"n": self.n, "n_edited": len(self.metrics), "skipped": self.skipped})
+        out.update({k: m.get(k) for k in METRICS if k in m or self.dataset == "counterfact" or k not in CF_ONLY})
+        if self.superseded:
+            out["superseded"] = self.superseded
+        if self.setting == "batch":
+            per_fact = self.total_seconds / len(self.metrics) if self.metrics and self.total_seconds else None
+            out["seconds_per_fact"] = round(per_fact, 3) if per_fact is not None else None
+            out["seconds_total"] = round(self.total_seconds, 2) if self.total_seconds is not None else None
+        out["median_seconds_per_edit"] = round(statistics.median(self.seconds), 3) if self.seconds else None
+        out["mean_seconds_per_edit"] = round(statistics.mean(self.seconds), 3) if self.seconds else None
+        out["mean_steps"] = round(statistics.mean(self.steps), 2) if self.steps else None
+        out["stored_bytes_per_edit"] = round(statistics.mean(self.bytes)) if self.bytes else None
+        out["unedited"] = means(self.base_metrics)   # the base model on the same facts, same run
+        out["config"] = config
+        out.update(common)
+        return out
+
+
+def evaluate_all(model, tok, run: Run, facts: list[tuple[str, Fact]], base_meas: dict[str, Measurement],
+                 edited: list[str]) -> None:
+    """Metrics of every edited fact on the model as it is now, locality against the base."""
+    by_id = dict(facts)
+    for fid in edited:
+        run.metrics.append(score(measure(model, tok, by_id[fid]), base_meas[fid]))
+        run.base_metrics.append(score(base_meas[fid], base_meas[fid]))
+
+
+def brief(m: dict[str, float]) -> str:
+    short = {"reliability": "rel", "generalization": "gen", "locality": "loc"}
+    return " ".join(f"{short[k]} {m[k]:.2f}" for k in short if k in m)
+
+
+def ledger_single(ledgers: Ledgers, run: Run, cfg: BaftConfig, facts, base_meas, known) -> None:
+    base = ledgers.base
+    with ledgers.fresh() as lg:
+        for i, (fid, fact) in enumerate(facts, 1):
+            run.n += 1
+            if fid in known:
+                run.skipped.append(fid)
+                run.progress(i, len(facts), fid, "skipped: the base model already answers target_new")
+                continue
+            lg.checkout("rev-1")
+            t = time.perf_counter()
+            try:
+                [res] = lg.add([fact], cfg)
+            except InputError as e:
+                run.skipped.append(fid)
+                run.progress(i, len(facts), fid, f"skipped: {e}")
+                continue
+            run.seconds.append(time.perf_counter() - t)
+            run.steps.append(res.stats["steps"])
+            run.bytes.append(blob_bytes(lg, res.edit))
+            composed = lg.model_at(res.revision)
+            m = score(measure(composed.model, base.tokenizer, fact), base_meas[fid])
+            run.metrics.append(m)
+            run.base_metrics.append(score(base_meas[fid], base_meas[fid]))
+            run.progress(i, len(facts), fid, f"{run.seconds[-1]:.1f} s, {res.stats['steps']} steps, {brief(m)}")
+
+
+def ledger_sequential(ledgers: Ledgers, run: Run, cfg: BaftConfig, facts, base_meas, known) -> None:
+    base = ledgers.base
+    edited = []
+    with ledgers.fresh() as lg:
+        for i, (fid, fact) in enumerate(facts, 1):
+            run.n += 1
+            if fid in known:
+                run.skipped.append(fid)
+                run.progress(i, len(facts), fid, "skipped: the base model already answers target_new")
+                continue
+            t = time.perf_counter()
+            try:
+                [res] = lg.add([fact], cfg)
+            except InputError as e:   # e.g. the edited model already answers it
+                run.skipped.append(fid)
+                run.progress(i, len(facts), fid, f"skipped: {e}")
+                continue
+            run.seconds.append(time.perf_counter() - t)
+            run.steps.append(res.stats["steps"])
+            run.bytes.append(blob_bytes(lg, res.edit))
+            edited.append(fid)
+            if res.superseded:
+                run.superseded.append(fid)
+            run.progress(i, len(facts), fid, f"{res.revision}, {run.seconds[-1]:.1f} s, {res.stats['steps']} steps, "
+                                             f"at creation {brief(res.metrics)}")
+        composed = lg.model_at()
+        evaluate_all(composed.model, base.tokenizer, run, facts, base_meas, edited)
+
+
+def ledger_batch(ledgers: Ledgers, run: Run, cfg: BaftConfig, facts, base_meas, known) -> None:
+    base = ledgers.base
+    todo = [(fid, f) for fid, f in facts if fid not in known]
+    run.n = len(facts)
+    run.skipped = [fid for fid, _ in facts if fid in known]
+    with ledgers.fresh() as lg:
+        t = time.perf_counter()
+        results = lg.add([f for _, f in todo], cfg, batch=run.size)
+        run.total_seconds = time.perf_counter() - t
+        edits = {r.edit for r in results}
+        run.steps = [r.stats["steps"] for r in results if "steps" in r.stats]
+        run.bytes = [sum(blob_bytes(lg, e) for e in edits) // max(1, len(todo))] if edits else []
+        run.progress(len(facts), len(facts), "all", f"{len(todo)} facts in {run.total_seconds:.1f} s, "
+                                                    f"{len(edits)} edit(s), {lg.head()['revision']}")
+        composed = lg.model_at()
+        evaluate_all(composed.model, base.tokenizer, run, facts, base_meas, [fid for fid, _ in todo])
+
+
+def ftm_run(editor: FTMEditor, run: Run, facts, base_meas, known, *, restore_each: bool) -> None:
+    model, tok = editor.model, editor.tok
+    edited = []
+    try:
+        for i, (fid, fact) in enumerate(facts, 1):
+            run.n += 1
+            if fid in known or (not restore_each and already_answers(model, tok, fact)):
+                run.skipped.append(fid)
+                run.progress(i, len(facts), fid, "skipped: the model already answers target_new")
+                continue
+            t = time.perf_counter()
+            stats = editor.edit(fact)
+            run.seconds.append(time.perf_counter() - t)
+            run.steps.append(stats["steps"])
+            run.bytes.append(editor.delta_bytes)
+            if restore_each:
+                m = score(measure(model, tok, fact), base_meas[fid])
+                run.metrics.append(m)
+                run.base_metrics.append(score(base_meas[fid], base_meas[fid]))
+                editor.restore()
+                run.progress(i, len(facts), fid, f"{run.seconds[-1]:.1f} s, {stats['steps']} steps, {brief(m)}")
+            else:
+                edited.append(fid)
+                run.progress(i, len(facts), fid, f"{run.seconds[-1]:.1f} s, {stats['steps']} steps, "
+                                                 f"loss {stats['final_loss']:.3f}")
+        if not restore_each:
+            evaluate_all(model, tok, run, facts, base_meas, edited)
+    finally:
+        editor.restore()
+
+
+def ftm_batch(editor: FTMEditor, run: Run, facts, base_meas, known) -> None:
+    todo = [(fid, f) for fid, f in facts if fid not in known]
+    run.n = len(facts)
+    run.skipped = [fid for fid, _ in facts if fid in known]
+    try:
+        t = time.perf_counter()
+        stats = editor.edit([f for _, f in todo]) if todo else {"steps": 0}
+        run.total_seconds = time.perf_counter() - t
+        run.steps.append(stats["steps"])
+        run.bytes = [editor.delta_bytes // max(1, len(todo))]
+        run.progress(len(facts), len(facts), "all", f"{len(todo)} facts in {run.total_seconds:.1f} s, {stats['steps']} steps")
+        evaluate_all(editor.model, editor.tok, run, facts, base_meas, [fid for fid, _ in todo])
+    finally:
+        editor.restore()
+
+
+# --- main --------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data",
+                    help="holds counterfact/ and zsre/ (default: ../shared/data beside the repo)")
+    ap.add_argument("--n", type=int, default=200, help="facts per dataset for single editing (default 200)")
+    ap.add_argument("--offset", type=int, default=0, help="first record of each file (default 0)")
+    ap.add_argument("--seq-T", type=int_list, default=[10, 100], metavar="T,...",
+                    help="sequential run lengths (default 10,100): the first T facts of each dataset")
+    ap.add_argument("--batch-K", type=int_list, default=None, metavar="K,...",
+                    help="batch sizes: the first K facts as one Ledger.add(..., batch=K) revision, compared "
+                         "with one-by-one adds of the same facts (needs Ledger.add's batch keyword)")
+    ap.add_argument("--methods", type=name_list(METHODS), default=list(METHODS), metavar="M,...",
+                    help="of baft,reft,ftm (default all)")
+    ap.add_argument("--datasets", type=name_list(tuple(DATASETS)), default=list(DATASETS), metavar="D,...",
+                    help="of counterfact,zsre (default both)")
+    ap.add_argument("--settings", type=name_list(SETTINGS), default=["single", "sequential"], metavar="S,...",
+                    help="of single,sequential,batch (default single,sequential; batch is added by --batch-K)")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("LEDGER_THREADS") or 2),
+                    help="torch CPU threads (default $LEDGER_THREADS or 2)")
+    ap.add_argument("--model", default=None, help="base model directory (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--baft-config", type=json.loads, default={}, metavar="JSON",
+                    help="BaftConfig fields over the defaults, for baft and reft (e.g. '{\"rank\": 8}')")
+    ap.add_argument("--ftm-config", type=json.loads, default={}, metavar="JSON",
+                    help="FTMConfig fields over EasyEdit's defaults (e.g. '{\"steps\": 50}')")
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON lines to this file")
+    args = ap.parse_args(argv)
+
+    settings = list(dict.fromkeys(args.settings + (["batch"] if args.batch_K else [])))
+    if "batch" in settings:
+        if not args.batch_K:
+            ap.error("--settings batch needs --batch-K K,...")
+        if "batch" not in inspect.signature(Ledger.add).parameters:
+            ap.error("--batch-K needs Ledger.add(facts, cfg, batch=K) (batched editing), which this version "
+                     "of the ledger does not have yet")
+    if args.n < 0 or args.offset < 0:
+        ap.error("--n and --offset must not be negative")
+    for name in args.datasets:
+        if not (args.data_dir / DATASETS[name][0]).is_file():
+            ap.error(f"no {name} file at {args.data_dir / DATASETS[name][0]}")
+    try:
+        held_out = {"train_on_rephrases": False, "train_on_locality": False}
+        cfgs = {m: BaftConfig.from_dict({**held_out, **args.baft_config, "method": m}) for m in ("baft", "reft")}
+        ftm_cfg = FTMConfig(**args.ftm_config)
+    except (InputError, TypeError) as e:
+        ap.error(f"bad config: {e}")
+    seq_T = sorted(set(args.seq_T if "sequential" in settings else [])
+                   | set(args.batch_K if "batch" in settings else []))   # batch compares with one-by-one
+    batch_K = sorted(set(args.batch_K or [])) if "batch" in settings else []
+    torch.set_num_threads(args.threads)
+    out_file = args.out.open("w") if args.out else None
+
+    def emit(row: dict[str, Any]) -> None:
+        line = json.dumps(row)
+        print(line, flush=True)
+        if out_file:
+            out_file.write(line + "\n")
+            out_file.flush()
+
+    with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
+        ledgers = Ledgers(Path(tmp), args.model)
+        base = ledgers.base
+        n_layers = len(base.layers)
+        common = {"model": "SmolLM2-135M-Instruct" if base.spec == "smollm2-135m-instruct" else base.spec,
+                  "model_fingerprint": base.fingerprint[:16], "offset": args.offset, "threads": args.threads,
+                  "held_out_eval_prompts": True, "torch": torch.__version__,
+                  "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **git_state()}
+        for dataset in args.datasets:
+            count = max([args.n if "single" in settings else 0, *seq_T, *batch_K])
+            facts = load_dataset(args.data_dir, dataset, args.offset, count)
+            common_ds = {**common, "data": DATASETS[dataset][0]}
+            # The bare base model: its measurement is every fact's locality reference.
+            base_meas = {fid: measure(base.model, base.tokenizer, f) for fid, f in facts}
+            known = {fid for fid, f in facts if base_meas[fid].accuracy["rel"][0] == 1.0}
+            for method in args.methods:
+                if method == "ftm":
+                    editor = FTMEditor(base.model, base.tokenizer, ftm_cfg)
+                    config = {"method": "ftm", **editor.cfg.to_dict()}
+                else:
+                    cfg = cfgs[method]
+                    config = {**cfg.to_dict(), "layer": cfg.layer if cfg.layer is not None else default_layer(n_layers)}
+                runs: dict[int, dict[str, Any]] = {}
+                if "single" in settings:
+                    run = Run(dataset, method, "single", None)
+                    if method == "ftm":
+                        ftm_run(editor, run, facts[: args.n], base_meas, known, restore_each=True)
+                    else:
+                        ledger_single(ledgers, run, cfg, facts[: args.n], base_meas, known)
+                    emit(run.row(common_ds, config))
+                for T in seq_T:
+                    run = Run(dataset, method, "sequential", T)
+                    if method == "ftm":
+                        ftm_run(editor, run, facts[:T], base_meas, known, restore_each=False)
+                    else:
+                        ledger_sequential(ledgers, run, cfg, facts[:T], base_meas, known)
+                    runs[T] = run.row(common_ds, config)
+                    emit(runs[T])
+                for K in batch_K:
+                    run = Run(dataset, method, "batch", K)
+                    if method == "ftm":
+                        ftm_batch(editor, run, facts[:K], base_meas, known)
+                    else:
+                        ledger_batch(ledgers, run, cfg, facts[:K], base_meas, known)
+                    row = run.row(common_ds, config)
+                    one = runs[K]
+                    row["one_by_one"] = {k: one.get(k) for k in (*METRICS, "n_edited", "mean_seconds_per_edit")
+                                         if k in one}
+                    if row.get("seconds_per_fact") and one.get("mean_seconds_per_edit"):
+                        row["speedup_vs_one_by_one"] = round(one["mean_seconds_per_edit"] / row["seconds_per_fact"], 2)
+                    emit(row)
+    if out_file:
+        out_file.close()
+
+
+if __name__ == "__main__":
+    main()
