@@ -175,6 +175,7 @@ class Run:
         self.superseded: list[str] = []
         self.n = 0
         self.total_seconds: float | None = None
+        self.error: str | None = None
 
     @property
     def label(self) -> str:
@@ -200,6 +201,8 @@ class Run:
         out.update({k: m.get(k) for k in METRICS if k in m or self.dataset == "counterfact" or k not in CF_ONLY})
         if self.superseded:
             out["superseded"] = self.superseded
+        if self.error:
+            out["error"] = self.error
         if self.setting == "batch":
             per_fact = self.total_seconds / len(self.metrics) if self.metrics and self.total_seconds else None
             out["seconds_per_fact"] = round(per_fact, 3) if per_fact is not None else None
@@ -291,7 +294,12 @@ def ledger_batch(ledgers: Ledgers, run: Run, cfg: BaftConfig, facts, base_meas, 
     run.skipped = [fid for fid, _ in facts if fid in known]
     with ledgers.fresh() as lg:
         t = time.perf_counter()
-        results = lg.add([f for _, f in todo], cfg, batch=run.size)
+        try:
+            results = lg.add([f for _, f in todo], cfg, batch=run.size)
+        except InputError as e:   # e.g. two facts stating the same thing in one batch
+            run.error = str(e)
+            run.progress(len(facts), len(facts), "all", f"refused: {e}")
+            return
         run.total_seconds = time.perf_counter() - t
         edits = {r.edit for r in results}
         run.steps = [r.stats["steps"] for r in results if "steps" in r.stats]

@@ -42,6 +42,10 @@ def _headline(metrics: dict[str, float]) -> str:
     return "  ".join(f"{k}={metrics[k]:.2f}" for k in ("reliability", "generalization", "locality") if k in metrics)
 
 
+def _means(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{k}={v:.3f}" for k, v in metrics.items())
+
+
 def _open(ctx: click.Context) -> Ledger:
     o = ctx.obj
     return Ledger.open(o["db"], author=o["author"], device=o["device"])
@@ -163,6 +167,61 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
                        f"{shown}  {r.stats['steps']} steps {r.stats['seconds']:.1f}s{extra}")
 
 
+class _PhaseBar:
+    """One progress bar on stderr over every phase of an evaluation."""
+
+    def __init__(self):
+        self.bar = None   # drawn at the first report, so a refused command prints only its error
+        self.pos = 0
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
+        self.bar.label = label
+        if done > self.pos:
+            self.bar.update(done - self.pos)
+            self.pos = done
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.render_finish()
+
+
+@cli.command("eval")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=False))
+@click.option("--rev", default="HEAD", show_default=True, help="Revision to evaluate.")
+@click.option("--format", "fmt", type=click.Choice(["auto", "native", "counterfact", "rome", "zsre", "knowedit"]),
+              default="auto", show_default=True, help="Record form of FILE (auto detects per record).")
+@click.option("--offset", type=click.IntRange(0), default=0, show_default=True, help="Skip the first N records.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Evaluate at most N records.")
+@click.option("--fluency", is_flag=True, help="Also n-gram entropy of greedy generations (slower).")
+@click.option("--label", default=None, help="A note stored with the evaluation.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole evaluation, per fact too.")
+@click.pass_context
+def eval_(ctx: click.Context, file: str, rev: str, fmt: str, offset: int, limit: int | None, fluency: bool,
+          label: str | None, as_json: bool) -> None:
+    """Measure the facts in FILE at a revision and store the result with it.
+
+    Metrics as EasyEdit: reliability, generalization, locality (against the unedited base
+    model), portability, and CounterFact's efficacy, paraphrase and neighborhood scores.
+    FILE takes the forms of `ledger add`.
+    """
+    facts = load_facts(file, fmt=fmt, offset=offset, limit=limit)
+    with _open(ctx) as lg:
+        bar = _PhaseBar()
+        try:
+            report = lg.evaluate(facts, rev, fluency=fluency, label=label, progress=bar)
+        finally:
+            bar.finish()
+    if as_json:
+        _dump(report.to_dict())
+        return
+    click.echo(f"{report.id}  {report.revision}  {report.n} facts  dataset {report.dataset_sha256[:12]}"
+               f"  {report.seconds:.1f}s" + (f"  {report.label}" if report.label else ""))
+    for k, v in report.means.items():
+        click.echo(f"  {k:<20}{v:.3f}")
+
+
 @cli.command()
 @click.option("--rev", default="HEAD", show_default=True, help="Start from this revision.")
 @click.option("-n", "--limit", type=int, default=20, show_default=True)
@@ -204,6 +263,10 @@ def show(ctx: click.Context, rev: str, as_json: bool) -> None:
                    f"    {e.method} layer {e.layer} rank {e.rank}  {metrics}\n"
                    f"    {e.stats.get('steps')} steps  loss {e.stats.get('final_loss')}  "
                    f"{e.stats.get('seconds')}s  blob {e.blob[:12]}")
+    for ev in info.evaluations or []:
+        label = f"  {ev.label}" if ev.label else ""
+        click.echo(f"= {ev.id}  {ev.n} facts  dataset {ev.dataset_sha256[:12]}  {ev.author}  {ev.created_at}{label}\n"
+                   f"    {_means(ev.means)}")
 
 
 @cli.command()
@@ -340,6 +403,9 @@ def diff(ctx: click.Context, a: str, b: str, as_json: bool) -> None:
                    f"-{st['norm_removed']:.3f}")
     for e, m in d.metric_deltas.items():
         click.echo(f"~ {e}  " + "  ".join(f"{k} {v:+.2f}" for k, v in m.items()))
+    for ev in d.eval_deltas:
+        click.echo(f"= dataset {ev['dataset_sha256'][:12]} ({ev['n']} facts) {ev['a']} -> {ev['b']}  "
+                   + "  ".join(f"{k} {v:+.3f}" for k, v in ev["deltas"].items()))
 
 
 @cli.command()

@@ -8,11 +8,12 @@
 """
 __version__ = "0.1.0"
 
-from .api import AddResult, EditInfo, Ledger, RevisionInfo  # noqa: E402
+from .api import AddResult, EditInfo, EvalReport, Ledger, RevisionInfo  # noqa: E402
 from .baft.config import BaftConfig  # noqa: E402
 from .errors import InputError, LedgerError, StateError  # noqa: E402
 from .export import load_snapshot, verify_snapshot  # noqa: E402
-from .facts import Fact, LocalityPrompt, load_facts, parse_facts_text  # noqa: E402
+from .facts import Fact, LocalityPrompt, PortabilityPrompt, load_facts, parse_facts_text  # noqa: E402
 
-__all__ = ["Ledger", "AddResult", "EditInfo", "RevisionInfo", "BaftConfig", "Fact", "LocalityPrompt",
+__all__ = ["Ledger", "AddResult", "EditInfo", "EvalReport", "RevisionInfo", "BaftConfig", "Fact", "LocalityPrompt",
+           "PortabilityPrompt",
            "load_facts", "parse_facts_text", "load_snapshot", "verify_snapshot", "LedgerError", "InputError", "StateError", "__version__"]

@@ -8,6 +8,7 @@ revision is never committed on a parent it was not trained against.
 from __future__ import annotations
 
 import getpass
+import hashlib
 import json
 import math
 import os
@@ -27,13 +28,14 @@ from .baft import BaftConfig, default_layer
 from .baft.trainer import train_edit
 from .compose import UNCOMMITTED, Block, ComposedModel
 from .errors import BranchMoved, InputError, StateError
-from .evaluate import measure, score
+from .evaluate import FLUENCY_MAX_LENGTH, fluency_prompts, mean_metrics, measure, measure_many, n_sequences, score
+from .evaluate import fluency as fluency_scores
 from .facts import Fact
 from .models import BaseModel, load_base, resolve_spec
 from .store import blobs
 from .store.engine import (check_reachable, check_schema, database_url, has_ledger_tables,
                            make_engine, upgrade, write_transaction, writer_lock)
-from .store.schema import AuditEvent, Edit, Measurement, Ref, RefLog, Revision, Setting
+from .store.schema import AuditEvent, Edit, Evaluation, Measurement, Ref, RefLog, Revision, Setting
 
 Progress = Callable[[str, int, int], None]   # (label, done, total)
 
@@ -79,11 +81,16 @@ class RevisionInfo:
     removed: list[str] = field(default_factory=list)
     refs: list[str] = field(default_factory=list)
     edits: list[EditInfo] = field(default_factory=list)   # filled by show()
+    evaluations: list["EvalReport"] | None = None         # filled by show(), without per-fact rows
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if not self.edits:
             d.pop("edits")
+        if self.evaluations is None:
+            d.pop("evaluations")
+        else:
+            d["evaluations"] = [e.to_dict(per_fact=False) for e in self.evaluations]
         return d
 
 
@@ -127,6 +134,8 @@ class DiffResult:
     removed: list[dict[str, Any]]      # edits active in a and not in b
     layers: dict[str, dict[str, Any]]  # layer -> {"a": LayerStats, "b": LayerStats, "norm_added", "norm_removed"}
     metric_deltas: dict[str, dict[str, float]]  # edit in both -> metric -> (at b) - (at a)
+    # per dataset evaluated at both: the latest evaluation at a and at b, and mean deltas (b - a)
+    eval_deltas: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,6 +152,47 @@ class AddResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def eval_name(eval_id: int) -> str:
+    return f"eval-{eval_id}"
+
+
+def dataset_sha256(facts: list[Fact]) -> str:
+    """sha256 of the canonical JSON of a fact list (order matters): the same facts evaluated
+    at two revisions compare by this."""
+    canon = json.dumps([f.to_dict() for f in facts], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class EvalReport:
+    """Metrics of a fact set at one revision (DESIGN.md section 7); locality against the
+    unedited base model. `per_fact` follows the order of the facts given."""
+    revision: str
+    n: int
+    means: dict[str, float]
+    per_fact: list[dict[str, float]]
+    dataset_sha256: str
+    label: str | None
+    options: dict[str, Any]
+    author: str
+    created_at: str
+    id: str | None = None          # eval-N, once stored
+    seconds: float | None = None   # wall time of the run; not stored
+
+    @classmethod
+    def from_row(cls, e: Evaluation, *, per_fact: bool = True) -> "EvalReport":
+        return cls(revision=revs.rev_name(e.revision_id), n=e.n, means=json.loads(e.means_json),
+                   per_fact=json.loads(e.results_json) if per_fact else [], dataset_sha256=e.dataset_sha256,
+                   label=e.label, options=json.loads(e.options_json), author=e.author,
+                   created_at=e.created_at, id=eval_name(e.id))
+
+    def to_dict(self, per_fact: bool = True) -> dict[str, Any]:
+        d = asdict(self)
+        if not per_fact:
+            d.pop("per_fact")
+        return d
 
 
 def tensor_norm(tensors: dict[str, torch.Tensor]) -> float:
@@ -296,6 +346,7 @@ class Ledger:
             if ids:
                 rows = conn.execute(select(Edit).where(revs.among(Edit.id, ids, conn)).order_by(Edit.id)).all()
                 info.edits = [EditInfo.from_row(e) for e in rows]
+            info.evaluations = self._evaluations(conn, rid, per_fact=False)
             return info
 
     def active_edits(self, rev: str = "HEAD") -> list[EditInfo]:
@@ -403,19 +454,24 @@ class Ledger:
     def _precheck(self, facts: list[Fact]) -> None:
         """Refuse a file before anything is trained: a prompt longer than the model's context,
         or a target the model at HEAD already gives (nothing to edit)."""
-        tok = self.base.tokenizer
-        limit = getattr(self.base.model.config, "max_position_embeddings", None) or \
-            getattr(self.base.model.config, "n_positions", None) or 2048
-        for i, f in enumerate(facts):
-            longest = max([f.prompt, *f.rephrase_prompts, *(lp.prompt for lp in f.locality_prompts)], key=len)
-            n = len(tok(longest + " " + f.target_new)["input_ids"])
-            if n + 8 > limit:
-                raise InputError(f"record {i}: a prompt is {n} tokens, longer than the model's context ({limit})")
+        self._check_lengths(facts)
         head = self.model_at()
         for i, f in enumerate(facts):
             if measure(head.model, head.tokenizer, Fact(prompt=f.prompt, target_new=f.target_new)).accuracy["rel"][0] == 1.0:
                 raise InputError(f"record {i}: the model at {revs.rev_name(head.revision)} already answers "
                                  f"{f.target_new!r} to {f.prompt!r}: nothing to edit")
+
+    def _check_lengths(self, facts: list[Fact]) -> None:
+        """Refuse a prompt (with its target) longer than the model's context."""
+        tok = self.base.tokenizer
+        limit = getattr(self.base.model.config, "max_position_embeddings", None) or \
+            getattr(self.base.model.config, "n_positions", None) or 2048
+        for i, f in enumerate(facts):
+            longest = max([f.prompt, *f.rephrase_prompts, *(lp.prompt for lp in f.locality_prompts),
+                           *(pp.prompt + " " + pp.answer for pp in f.portability_prompts)], key=len)
+            n = len(tok(longest + " " + f.target_new)["input_ids"])
+            if n + 8 > limit:
+                raise InputError(f"record {i}: a prompt is {n} tokens, longer than the model's context ({limit})")
 
     def _add_one(self, fact: Fact, cfg: BaftConfig, layer: int, message: str | None,
                  progress: Progress | None, index: int, total: int) -> AddResult:
@@ -659,13 +715,14 @@ class Ledger:
             for (layer, key), norms in sums.items():
                 layers[layer][key] = round(math.fsum(norms), 6)   # fsum: independent of order
             deltas = self._metric_deltas(conn, ra, rb, sa & sb)
+            eval_deltas = self._eval_deltas(conn, ra, rb)
         def brief(e: int) -> dict[str, Any]:
             layer, rank, fact = info[e][0], info[e][1], info[e][2]
             return {"edit": revs.edit_name(e), "prompt": fact["prompt"], "target_new": fact["target_new"],
                     "layer": layer, "rank": rank}
         return DiffResult(a=revs.rev_name(ra), b=revs.rev_name(rb), added=[brief(e) for e in added],
                           removed=[brief(e) for e in removed], layers=dict(sorted(layers.items())),
-                          metric_deltas=deltas)
+                          metric_deltas=deltas, eval_deltas=eval_deltas)
 
     def _metric_deltas(self, conn: Connection, ra: int, rb: int, common: set[int]) -> dict[str, dict[str, float]]:
         """Edits present in both whose latest measurement differs between the two revisions."""
@@ -703,6 +760,95 @@ class Ledger:
                 conn.execute(Blob.__table__.delete().where(Blob.sha256.in_([a for a, _ in orphans])))
                 self._audit(conn, "gc", None, None, {"blobs": [a for a, _ in orphans]})
         return {"blobs_removed": len(orphans), "bytes_removed": int(sum(n for _, n in orphans))}
+
+    # --- evaluation -------------------------------------------------------------------------
+
+    def evaluate(self, facts: Iterable[Fact], rev: str = "HEAD", *, fluency: bool = False,
+                 label: str | None = None, progress: Progress | None = None) -> EvalReport:
+        """Measure every fact at `rev` (DESIGN.md section 7) and store the result as an
+        evaluation of that revision. Locality compares with the unedited base model (the empty
+        composition), measured once per fact. With fluency, also the n-gram entropy of greedy
+        generations of each fact's prompt and rephrases. progress(phase, done, total) counts
+        sequences over all phases."""
+        facts = list(facts)
+        if not facts:
+            raise InputError("no facts to evaluate")
+        if any(not isinstance(f, Fact) for f in facts):
+            raise InputError("evaluate takes Fact objects (see load_facts)")
+        if label is not None and (not isinstance(label, str) or len(label) > 200 or "\x00" in label):
+            raise InputError("--label must be text of at most 200 characters")
+        with self.engine.connect() as conn:
+            rid = revs.resolve(conn, rev)
+            active = revs.active_set(conn, rid)
+        self._check_lengths(facts)
+        t0 = time.perf_counter()
+        name = revs.rev_name(rid)
+        n_ref = n_sequences(facts, {"loc"}) if active else 0
+        n_all = n_sequences(facts)
+        n_gen = sum(len(fluency_prompts(f)) for f in facts) if fluency else 0
+        total = n_ref + n_all + n_gen
+
+        def phase(label_: str, offset: int):
+            return (lambda d, t: progress(label_, offset + d, total)) if progress else None
+        reference = None
+        if n_ref:   # the base model's argmax on the locality answers; at a revision with no edits, itself
+            base = self._compose_ids(set(), None)
+            reference = measure_many(base.model, base.tokenizer, facts, kinds={"loc"},
+                                     progress=phase("base model", 0))
+        composed = self._compose_ids(active, rid)
+        after = measure_many(composed.model, composed.tokenizer, facts, progress=phase(name, n_ref))
+        per_fact = [score(a, b if reference is not None else a)
+                    for a, b in zip(after, reference or after)]
+        options: dict[str, Any] = {"fluency": fluency, "locality_reference": "base"}
+        if fluency:
+            options["fluency_max_length"] = FLUENCY_MAX_LENGTH
+            for row, f in zip(per_fact, fluency_scores(composed.model, composed.tokenizer, facts,
+                                                       progress=phase("fluency", n_ref + n_all))):
+                row["fluency"] = f
+        means = mean_metrics(per_fact)
+        sha = dataset_sha256(facts)
+        created = blobs.now()
+        with write_transaction(self.engine) as conn:
+            eid = conn.execute(Evaluation.__table__.insert().values(
+                revision_id=rid, created_at=created, author=self.author, label=label, dataset_sha256=sha,
+                n=len(facts), means_json=json.dumps(means, sort_keys=True),
+                results_json=json.dumps(per_fact, sort_keys=True), options_json=json.dumps(options, sort_keys=True))
+            ).inserted_primary_key[0]
+            self._audit(conn, "eval", rid, None, {"evaluation": eval_name(eid), "dataset_sha256": sha,
+                                                  "n": len(facts), "label": label, "means": means,
+                                                  "fluency": fluency})
+        return EvalReport(revision=name, n=len(facts), means=means, per_fact=per_fact, dataset_sha256=sha,
+                          label=label, options=options, author=self.author, created_at=created,
+                          id=eval_name(eid), seconds=round(time.perf_counter() - t0, 3))
+
+    def evaluations(self, rev: str = "HEAD", *, per_fact: bool = True) -> list[EvalReport]:
+        """The stored evaluations of a revision, oldest first."""
+        with self.engine.connect() as conn:
+            return self._evaluations(conn, revs.resolve(conn, rev), per_fact=per_fact)
+
+    def _evaluations(self, conn: Connection, rid: int, *, per_fact: bool) -> list[EvalReport]:
+        cols = [c for c in Evaluation.__table__.columns if per_fact or c.name != "results_json"]
+        rows = conn.execute(select(*cols).where(Evaluation.revision_id == rid).order_by(Evaluation.id)).all()
+        return [EvalReport.from_row(r, per_fact=per_fact) for r in rows]
+
+    def _eval_deltas(self, conn: Connection, ra: int, rb: int) -> list[dict[str, Any]]:
+        """Per dataset evaluated at both revisions: the latest evaluation on each side and the
+        deltas (b - a) of the means they share."""
+        latest: dict[tuple[int, str], Any] = {}
+        for r in conn.execute(select(Evaluation.id, Evaluation.revision_id, Evaluation.dataset_sha256,
+                                     Evaluation.n, Evaluation.label, Evaluation.means_json)
+                              .where(Evaluation.revision_id.in_({ra, rb})).order_by(Evaluation.id)):
+            latest[(r.revision_id, r.dataset_sha256)] = r
+        out = []
+        for sha in sorted({s for _, s in latest}):
+            ea, eb = latest.get((ra, sha)), latest.get((rb, sha))
+            if ea is None or eb is None:
+                continue
+            ma, mb = json.loads(ea.means_json), json.loads(eb.means_json)
+            out.append({"dataset_sha256": sha, "n": eb.n, "a": eval_name(ea.id), "b": eval_name(eb.id),
+                        "label_a": ea.label, "label_b": eb.label,
+                        "deltas": {k: round(mb[k] - ma[k], 6) for k in sorted(mb) if k in ma}})
+        return out
 
     # --- export -----------------------------------------------------------------------------
 

@@ -28,6 +28,14 @@ class LocalityPrompt:
 
 
 @dataclass(frozen=True)
+class PortabilityPrompt:
+    """A prompt whose answer follows from the edited fact (KnowEdit's portability, zsRE's
+    new question): scored like reliability, never trained on."""
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
 class Fact:
     prompt: str
     target_new: str
@@ -36,11 +44,13 @@ class Fact:
     rephrase_prompts: tuple[str, ...] = ()
     locality_prompts: tuple[LocalityPrompt, ...] = ()
     case_id: str | None = None
+    portability_prompts: tuple[PortabilityPrompt, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["rephrase_prompts"] = list(self.rephrase_prompts)
         d["locality_prompts"] = [asdict(lp) for lp in self.locality_prompts]
+        d["portability_prompts"] = [asdict(pp) for pp in self.portability_prompts]
         return {k: v for k, v in d.items() if v not in (None, [], ())}
 
     @property
@@ -117,6 +127,15 @@ def fact_from_record(rec: Any, index: int = 0) -> Fact:
             prompt=_text(rec, "locality_prompt", required=True, limit=MAX_PROMPT_CHARS, where=where),
             answer=_text(rec, "locality_ground_truth", required=False, limit=MAX_TARGET_CHARS, where=w)))
 
+    portability: list[PortabilityPrompt] = []
+    for j, item in enumerate(_prompt_list(rec.get("portability_prompts"), "portability_prompts", where)):
+        w = f"{where} portability_prompts[{j}]"
+        if not isinstance(item, dict):
+            raise InputError(f"{w}: expected an object with 'prompt' and 'answer'")
+        portability.append(PortabilityPrompt(
+            prompt=_text(item, "prompt", required=True, limit=MAX_PROMPT_CHARS, where=w),
+            answer=_text(item, "answer", required=True, limit=MAX_TARGET_CHARS, where=w)))
+
     case_id = rec.get("case_id")
     if case_id is not None and not isinstance(case_id, (str, int)):
         raise InputError(f"{where}: field 'case_id' must be a string or an integer")
@@ -124,7 +143,7 @@ def fact_from_record(rec: Any, index: int = 0) -> Fact:
         raise InputError(f"{where}: subject '{subject}' does not occur in the prompt")
     return Fact(prompt=prompt, target_new=target_new, subject=subject, target_true=target_true,
                 rephrase_prompts=tuple(rephrases), locality_prompts=tuple(locality),
-                case_id=None if case_id is None else str(case_id))
+                case_id=None if case_id is None else str(case_id), portability_prompts=tuple(portability))
 
 
 FORMATS = ("auto", "native", "counterfact", "rome", "zsre", "knowedit")
@@ -171,18 +190,31 @@ def to_native(rec: Any, fmt: str, index: int) -> Any:
                 "locality_prompts": [{"prompt": p, "answer": true} for p in rec.get("neighborhood_prompts") or []]}
     if fmt == "zsre":
         loc = rec.get("loc")
-        return {"subject": rec.get("subject"), "prompt": rec.get("src"), "target_new": rec.get("alt"),
-                "target_true": _first_str(rec.get("answers")),
-                "rephrase_prompts": [rec["rephrase"]] if rec.get("rephrase") is not None else [],
-                "locality_prompts": [{"prompt": loc, "answer": rec.get("loc_ans")}] if loc is not None else []}
+        out = {"subject": rec.get("subject"), "prompt": rec.get("src"), "target_new": rec.get("alt"),
+               "target_true": _first_str(rec.get("answers")),
+               "rephrase_prompts": [rec["rephrase"]] if rec.get("rephrase") is not None else [],
+               "locality_prompts": [{"prompt": loc, "answer": rec.get("loc_ans")}] if loc is not None else []}
+        port = rec.get("portability")
+        if isinstance(port, dict) and port.get("New Question") is not None:   # EasyEdit's portability file
+            out["portability_prompts"] = [{"prompt": port["New Question"], "answer": _first_str(port.get("New Answer"))}]
+        return out
     if fmt == "knowedit":
+        for key in ("locality", "portability"):
+            if rec.get(key) is not None and not isinstance(rec[key], dict):
+                raise InputError(f"{where}: KnowEdit field '{key}' must be an object of named groups")
         locality = []
         for group in (rec.get("locality") or {}).values():
             for item in group if isinstance(group, list) else [group]:
                 if isinstance(item, dict):
                     locality.append({"prompt": item.get("prompt"), "answer": _first_str(item.get("ground_truth"))})
+        portability = []   # groups such as Reasoning, Subject_Aliasing, Logical_Generalization
+        for group in (rec.get("portability") or {}).values():
+            for item in group if isinstance(group, list) else [group]:
+                portability.append({"prompt": item.get("prompt"), "answer": _first_str(item.get("ground_truth"))}
+                                   if isinstance(item, dict) else item)
         out = {"subject": rec.get("subject"), "prompt": rec.get("prompt"), "target_new": rec.get("target_new"),
-               "target_true": _first_str(rec.get("ground_truth")), "locality_prompts": locality}
+               "target_true": _first_str(rec.get("ground_truth")), "locality_prompts": locality,
+               "portability_prompts": portability}
         if rec.get("rephrase_prompt") is not None:
             out["rephrase_prompts"] = rec["rephrase_prompt"]
         return out

@@ -38,36 +38,43 @@ class Batch:
                      self.target_mask.to(device), self.next_ids.to(device), self.lengths)
 
 
-def make_batch(tok, pairs: list[tuple[str, str | None]], device="cpu") -> Batch:
-    """Right-padded batch of prompt + target sequences. A pair with target None is the prompt
-    alone, scored at its last position only (the next token after the prompt)."""
-    seqs, masks = [], []
-    for prompt, target in pairs:
-        p = prompt_ids(tok, prompt)
-        t = target_ids(tok, prompt, target) if target is not None else []
-        ids = p + t
-        # position i predicts ids[i+1]; targets start at index len(p), predicted from len(p)-1
-        m = [False] * len(ids)
-        if t:
-            for i in range(len(p) - 1, len(ids) - 1):
-                m[i] = True
-        else:
-            m[len(p) - 1] = True
-        seqs.append(ids)
-        masks.append(m)
-    T = max(len(s) for s in seqs)
+def encode_pair(tok, prompt: str, target: str | None) -> tuple[list[int], list[bool]]:
+    """Token ids of prompt + target and the mask of positions whose next token is scored.
+    A pair with target None is the prompt alone, scored at its last position only (the next
+    token after the prompt)."""
+    p = prompt_ids(tok, prompt)
+    t = target_ids(tok, prompt, target) if target is not None else []
+    ids = p + t
+    # position i predicts ids[i+1]; targets start at index len(p), predicted from len(p)-1
+    m = [False] * len(ids)
+    if t:
+        for i in range(len(p) - 1, len(ids) - 1):
+            m[i] = True
+    else:
+        m[len(p) - 1] = True
+    return ids, m
+
+
+def batch_of(tok, encoded: list[tuple[list[int], list[bool]]], device="cpu") -> Batch:
+    """Right-padded batch of encoded sequences (see encode_pair)."""
+    T = max(len(s) for s, _ in encoded)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    B = len(seqs)
+    B = len(encoded)
     input_ids = torch.full((B, T), pad, dtype=torch.long)
     attn = torch.zeros((B, T), dtype=torch.long)
     tmask = torch.zeros((B, T), dtype=torch.bool)
     next_ids = torch.zeros((B, T), dtype=torch.long)
-    for i, (s, m) in enumerate(zip(seqs, masks)):
+    for i, (s, m) in enumerate(encoded):
         input_ids[i, : len(s)] = torch.tensor(s)
         attn[i, : len(s)] = 1
         tmask[i, : len(m)] = torch.tensor(m)
         next_ids[i, : len(s) - 1] = torch.tensor(s[1:]) if len(s) > 1 else next_ids[i, :0]
-    return Batch(input_ids, attn, tmask, next_ids, [len(s) for s in seqs]).to(device)
+    return Batch(input_ids, attn, tmask, next_ids, [len(s) for s, _ in encoded]).to(device)
+
+
+def make_batch(tok, pairs: list[tuple[str, str | None]], device="cpu") -> Batch:
+    """Right-padded batch of prompt + target sequences (see encode_pair)."""
+    return batch_of(tok, [encode_pair(tok, p, t) for p, t in pairs], device)
 
 
 def logits(model, batch: Batch) -> torch.Tensor:

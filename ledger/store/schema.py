@@ -146,3 +146,21 @@ class Measurement(Base):
     kind: Mapped[str] = mapped_column(String(16))          # "remeasure"
     metrics_json: Mapped[str] = mapped_column(Text)
     created_at: Mapped[str] = mapped_column(String(32))
+
+
+class Evaluation(Base):
+    """One `ledger eval` run: metrics of a fact set at a revision (locality against the
+    unedited base model). An observation, not history: outside the chain hash."""
+
+    __tablename__ = "evaluations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    revision_id: Mapped[int] = mapped_column(ForeignKey("revisions.id"), index=True)
+    created_at: Mapped[str] = mapped_column(String(32))
+    author: Mapped[str] = mapped_column(String(200))
+    label: Mapped[str | None] = mapped_column(Text)
+    # sha256 of the canonical JSON of the evaluated fact list: equal sets compare across revisions
+    dataset_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    n: Mapped[int] = mapped_column(Integer)
+    means_json: Mapped[str] = mapped_column(Text)
+    results_json: Mapped[str] = mapped_column(Text)      # per fact, in file order: metric -> value
+    options_json: Mapped[str] = mapped_column(Text)      # fluency, its generation length, ...
