@@ -99,8 +99,10 @@ class _Bar:
     def __call__(self, label: str, done: int, total: int) -> None:
         if self.bar is None:
             self.bar = click.progressbar(length=self.length, label=label, file=sys.stderr, show_pos=True)
-        idx = int(label.split()[1].split("/")[0]) - 1
-        target = idx * self.steps + done
+        # "edit 3/10", or "edits 11-20/100" for a batch trained together
+        first, _, last = label.split()[1].split("/")[0].partition("-")
+        idx, size = int(first) - 1, (int(last) - int(first) + 1) if last else 1
+        target = idx * self.steps + done * size
         self.bar.label = label
         if target > self.pos:
             self.bar.update(target - self.pos)
@@ -129,14 +131,17 @@ class _Bar:
 @click.option("--offset", type=click.IntRange(0), default=0, show_default=True, help="Skip the first N records.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Add at most N records.")
 @click.option("--skip-bad", is_flag=True, help="Add the good records and report the bad ones (default: refuse the file).")
+@click.option("--batch", type=click.IntRange(1), default=1, show_default=True,
+              help="Train K facts together (one block each) and commit them as one revision.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-m", "--message", default=None, help="Revision message [default: the fact].")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per new revision.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per new edit.")
 @click.pass_context
 def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int, steps: int, lr: float,
         locality_weight: float, gate_weight: float, fmt: str, offset: int, limit: int | None, skip_bad: bool,
-        seed: int, message: str | None, as_json: bool) -> None:
-    """Train one BaFT edit per fact in FILE and commit each as a new revision.
+        batch: int, seed: int, message: str | None, as_json: bool) -> None:
+    """Train one BaFT edit per fact in FILE and commit each as a new revision (with --batch K,
+    K facts per revision, trained together).
 
     FILE holds one fact object, a JSON list, or JSON Lines, in the native form
     (prompt, target_new, subject, target_true, rephrase_prompts, locality_prompts), the
@@ -154,7 +159,7 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
     with _open(ctx) as lg:
         bar = _Bar(len(facts), cfg.steps)
         try:
-            results = lg.add(facts, cfg, message=message, progress=bar)
+            results = lg.add(facts, cfg, message=message, batch=batch, progress=bar)
         finally:
             bar.finish()
     for r in results:

@@ -25,7 +25,7 @@ from sqlalchemy import Connection, Engine, func, select
 from . import __version__
 from . import revisions as revs
 from .baft import BaftConfig, default_layer
-from .baft.trainer import train_edit
+from .baft.trainer import train_edits
 from .compose import UNCOMMITTED, Block, ComposedModel
 from .errors import BranchMoved, InputError, StateError
 from .evaluate import FLUENCY_MAX_LENGTH, fluency_prompts, mean_metrics, measure, measure_many, n_sequences, score
@@ -375,9 +375,12 @@ class Ledger:
     def _load_blocks(self, conn: Connection, ids: Iterable[int]) -> list[Block]:
         missing = [i for i in ids if i not in self._blocks]
         if missing:
-            rows = conn.execute(select(Edit.id, Edit.layer, Edit.blob_sha256).where(Edit.id.in_(missing))).all()
+            # Two or three queries whatever the number of edits, not one per blob.
+            rows = conn.execute(select(Edit.id, Edit.layer, Edit.blob_sha256)
+                                .where(revs.among(Edit.id, missing, conn))).all()
+            tensors = blobs.get_many(conn, [address for _, _, address in rows])
             for eid, layer, address in rows:
-                self._blocks[eid] = Block(eid, layer, blobs.get(conn, address))
+                self._blocks[eid] = Block(eid, layer, tensors[address])
         return [self._blocks[i] for i in sorted(ids)]
 
     def _compose_ids(self, ids: set[int], revision: int | None) -> ComposedModel:
@@ -434,21 +437,34 @@ class Ledger:
                 conn.execute(select(Edit.id, Edit.fact_json).where(revs.among(Edit.id, ids, conn)))}
 
     def add(self, facts: list[Fact], config: BaftConfig | None = None, *, message: str | None = None,
-            progress: Progress | None = None) -> list[AddResult]:
-        """Train, measure and commit each fact as its own revision on top of HEAD."""
+            batch: int = 1, progress: Progress | None = None) -> list[AddResult]:
+        """Train, measure and commit the facts on top of HEAD: each fact as its own revision, or,
+        with batch=K, K facts at a time trained together (one block per fact, one optimisation)
+        and committed as one revision."""
         if not facts:
             raise InputError("no facts to add")
+        if batch < 1:
+            raise InputError(f"--batch must be at least 1, got {batch}")
         cfg = config or BaftConfig()
         base = self.base
         n_layers = len(base.layers)
         layer = cfg.layer if cfg.layer is not None else default_layer(n_layers)
         if layer >= n_layers:
             raise InputError(f"--layer {layer} is out of range: the model has {n_layers} blocks (0..{n_layers - 1})")
+        if batch > 1:
+            seen: dict[tuple, int] = {}
+            for i, f in enumerate(facts):
+                key = (f.subject, f.relation) if f.relation else (None, f.prompt)
+                if key in seen and seen[key] // batch == i // batch:
+                    raise InputError(f"records {seen[key]} and {i} state the same thing and would land in "
+                                     "one batch: add them in separate commands")
+                seen[key] = i
         self._precheck(facts)
         results = []
-        for i, fact in enumerate(facts):
-            with writer_lock(self.engine):   # one edit at a time per ledger; readers go on
-                results.append(self._add_one(fact, cfg, layer, message, progress, i, len(facts)))
+        for start in range(0, len(facts), batch):
+            group = facts[start: start + batch]
+            with writer_lock(self.engine):   # one commit at a time per ledger; readers go on
+                results += self._add_group(group, cfg, layer, message, progress, start, len(facts))
         return results
 
     def _precheck(self, facts: list[Fact]) -> None:
@@ -473,20 +489,23 @@ class Ledger:
             if n + 8 > limit:
                 raise InputError(f"record {i}: a prompt is {n} tokens, longer than the model's context ({limit})")
 
-    def _add_one(self, fact: Fact, cfg: BaftConfig, layer: int, message: str | None,
-                 progress: Progress | None, index: int, total: int) -> AddResult:
-        label = f"edit {index + 1}/{total}"
+    def _add_group(self, facts: list[Fact], cfg: BaftConfig, layer: int, message: str | None,
+                   progress: Progress | None, index: int, total: int) -> list[AddResult]:
+        label = f"edit {index + 1}/{total}" if len(facts) == 1 else \
+            f"edits {index + 1}-{index + len(facts)}/{total}"
+        if message is None:
+            message = (f"add: {facts[0].prompt} -> {facts[0].target_new}" if len(facts) == 1
+                       else f"add: {len(facts)} facts in one batch ({facts[0].prompt} -> {facts[0].target_new}, ...)")
         rng = random.Random()
         for attempt in range(self.max_attempts):
             with self.engine.connect() as conn:
                 state = revs.head(conn)
                 parent_active = revs.active_set(conn, state.revision)
-                superseded = self._superseded(conn, fact, parent_active)
+                superseded = sorted({e for f in facts for e in self._superseded(conn, f, parent_active)})
             try:
                 return self._train_and_commit(
-                    fact, cfg, layer, state.revision, parent_active - set(superseded), superseded, "add",
-                    message or f"add: {fact.prompt} -> {fact.target_new}",
-                    (lambda d, t: progress(label, d, t)) if progress else None)
+                    facts, cfg, layer, state.revision, parent_active - set(superseded), superseded, "add",
+                    message, (lambda d, t: progress(label, d, t)) if progress else None)
             except BranchMoved:
                 # Another writer committed first. An edit must be trained in the composition
                 # it is committed on, so retrain on the new head (after a short random wait
@@ -496,22 +515,24 @@ class Ledger:
                 time.sleep(rng.uniform(0, 0.05 * (attempt + 1)))
         raise AssertionError("unreachable")
 
-    def _train_and_commit(self, fact: Fact, cfg: BaftConfig, layer: int, parent: int, train_on: set[int],
+    def _train_and_commit(self, facts: list[Fact], cfg: BaftConfig, layer: int, parent: int, train_on: set[int],
                           remove: list[int], operation: str, message: str,
-                          progress: Callable[[int, int], None] | None) -> AddResult:
-        """Train one edit with the blocks of `train_on` active and frozen, measure it, and
-        commit one revision on `parent` that removes `remove` and adds the new edit."""
+                          progress: Callable[[int, int], None] | None) -> list[AddResult]:
+        """Train one block per fact (together) with the blocks of `train_on` active and frozen,
+        measure each, and commit one revision on `parent` that removes `remove` and adds them."""
         with self.engine.connect() as conn:
             retention = [(f["prompt"], f["target_new"]) for f in self._facts_of(conn, train_on).values()]
         composed = self._compose_ids(train_on, parent if not remove else None)
         model, tok = composed.model, composed.tokenizer
-        before = measure(model, tok, fact)
-        trained = train_edit(model, tok, composed.sites, self.base.layers, fact, cfg, layer=layer,
-                             retention=retention, progress=progress)
-        # Measured as it will compose: the uncommitted block sorts last, as its id will.
-        composed.compose(self._blocks_of(train_on) + [Block(UNCOMMITTED, layer, trained.tensors)], None)
-        metrics = score(measure(model, tok, fact), before)
-        data = blobs.encode(trained.tensors)
+        before = [measure(model, tok, f) for f in facts]
+        trained = train_edits(model, tok, composed.sites, self.base.layers, facts, cfg, layer=layer,
+                              retention=retention, progress=progress)
+        # Measured as they will compose: the uncommitted blocks sort last, in order, as their
+        # ids will.
+        composed.compose(self._blocks_of(train_on) + [Block(UNCOMMITTED + k, layer, t.tensors)
+                                                      for k, t in enumerate(trained)], None)
+        metrics = [score(measure(model, tok, f), b) for f, b in zip(facts, before)]
+        data = [blobs.encode(t.tensors) for t in trained]
 
         with write_transaction(self.engine) as conn:
             now_state = revs.head(conn)
@@ -519,33 +540,40 @@ class Ledger:
                 raise BranchMoved(f"the branch moved from {revs.rev_name(parent)} to "
                                   f"{revs.rev_name(now_state.revision)} while training: nothing was written, "
                                   "run the command again")
-            address = blobs.put(conn, data)
-            edit = Edit(fact_json=json.dumps(fact.to_dict(), sort_keys=True, ensure_ascii=False),
-                        subject=fact.subject, relation=fact.relation, method=cfg.method, layer=layer,
-                        rank=cfg.rank, config_json=json.dumps({**cfg.to_dict(), "layer": layer}, sort_keys=True),
-                        blob_sha256=address, metrics_json=json.dumps(metrics, sort_keys=True),
-                        stats_json=json.dumps({**trained.stats, "tensor_norm": tensor_norm(trained.tensors)},
-                                              sort_keys=True),
-                        versions_json=json.dumps(library_versions(), sort_keys=True),
-                        trained_on=parent, author=self.author, created_at=blobs.now(), content_hash="")
-            edit_id = conn.execute(Edit.__table__.insert().values(
-                {c.name: getattr(edit, c.name) for c in Edit.__table__.columns if c.name != "id"})
-            ).inserted_primary_key[0]
-            edit.id = edit_id
-            conn.execute(Edit.__table__.update().where(Edit.id == edit_id)
-                         .values(content_hash=revs.edit_hash(edit)))
-            changes = [(e, "remove") for e in remove] + [(edit_id, "add")]
+            edit_ids = []
+            for fact, t, m, blob in zip(facts, trained, metrics, data):
+                address = blobs.put(conn, blob)
+                edit = Edit(fact_json=json.dumps(fact.to_dict(), sort_keys=True, ensure_ascii=False),
+                            subject=fact.subject, relation=fact.relation, method=cfg.method, layer=layer,
+                            rank=cfg.rank, config_json=json.dumps({**cfg.to_dict(), "layer": layer}, sort_keys=True),
+                            blob_sha256=address, metrics_json=json.dumps(m, sort_keys=True),
+                            stats_json=json.dumps({**t.stats, "tensor_norm": tensor_norm(t.tensors)},
+                                                  sort_keys=True),
+                            versions_json=json.dumps(library_versions(), sort_keys=True),
+                            trained_on=parent, author=self.author, created_at=blobs.now(), content_hash="")
+                edit_id = conn.execute(Edit.__table__.insert().values(
+                    {c.name: getattr(edit, c.name) for c in Edit.__table__.columns if c.name != "id"})
+                ).inserted_primary_key[0]
+                edit.id = edit_id
+                conn.execute(Edit.__table__.update().where(Edit.id == edit_id)
+                             .values(content_hash=revs.edit_hash(edit)))
+                edit_ids.append(edit_id)
+            changes = [(e, "remove") for e in remove] + [(e, "add") for e in edit_ids]
             rev = revs.append(conn, parent_id=parent, operation=operation, author=self.author,
                               message=message, changes=changes)
-            revs.advance_head(conn, rev.id, self.author, f"{operation} {revs.edit_name(edit_id)}")
-            self._audit(conn, operation, rev.id, edit_id, {
-                "fact": fact.prompt, "target_new": fact.target_new,
-                "removed": [revs.edit_name(e) for e in remove]})
-        self._blocks[edit_id] = Block(edit_id, layer, trained.tensors)   # what the blob holds
-        composed.compose(self._blocks_of(train_on | {edit_id}), rev.id)
-        return AddResult(revision=revs.rev_name(rev.id), edit=revs.edit_name(edit_id), metrics=metrics,
-                         stats=trained.stats, superseded=[revs.edit_name(e) for e in remove],
-                         fact=fact.to_dict())
+            what = revs.edit_name(edit_ids[0]) if len(edit_ids) == 1 else \
+                f"{revs.edit_name(edit_ids[0])}..{revs.edit_name(edit_ids[-1])}"
+            revs.advance_head(conn, rev.id, self.author, f"{operation} {what}")
+            for fact, edit_id in zip(facts, edit_ids):
+                self._audit(conn, operation, rev.id, edit_id, {
+                    "fact": fact.prompt, "target_new": fact.target_new,
+                    "removed": [revs.edit_name(e) for e in remove]})
+        for edit_id, t in zip(edit_ids, trained):
+            self._blocks[edit_id] = Block(edit_id, layer, t.tensors)   # what the blob holds
+        composed.compose(self._blocks_of(train_on | set(edit_ids)), rev.id)
+        return [AddResult(revision=revs.rev_name(rev.id), edit=revs.edit_name(e), metrics=m, stats=t.stats,
+                          superseded=[revs.edit_name(x) for x in remove], fact=f.to_dict())
+                for e, m, t, f in zip(edit_ids, metrics, trained, facts)]
 
     # --- history: revert, rebase, diff -----------------------------------------------------------
 
@@ -681,10 +709,11 @@ class Ledger:
         with self.engine.connect() as conn:
             state = revs.head(conn)
             now_active = revs.active_set(conn, state.revision)
-        return self._train_and_commit(
-            fact_from_record(fact_d), BaftConfig.from_dict(cfg_d), layer, state.revision,
+        [result] = self._train_and_commit(
+            [fact_from_record(fact_d)], BaftConfig.from_dict(cfg_d), layer, state.revision,
             now_active - {eid}, [eid], "rebase", f"rebase {revs.edit_name(eid)}",
             (lambda d, t: progress(label, d, t)) if progress else None)
+        return result
 
     def diff(self, a: str, b: str) -> DiffResult:
         """What changes from revision a to revision b: edits, per-layer blocks and rank, the

@@ -67,6 +67,12 @@ def test_add_jsonl_prints_one_object_per_revision(initialised, facts_file):
     assert [json.loads(l)["revision"] for l in out] == ["rev-2", "rev-3", "rev-4"]
 
 
+def test_add_batch_prints_one_object_per_edit(initialised, facts_file):
+    out = initialised("add", str(facts_file), *FAST_ARGS, "--batch", "2", "--json").stdout.strip().splitlines()
+    rows = [json.loads(l) for l in out]
+    assert [(r["revision"], r["edit"]) for r in rows] == [("rev-2", "edit-1"), ("rev-2", "edit-2"), ("rev-3", "edit-3")]
+
+
 @pytest.mark.parametrize("content, needle", [
     (b"{not json", "not JSON"),
     (b'{"prompt": "Alice lives in"}', "missing required field 'target_new'"),

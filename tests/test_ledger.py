@@ -96,6 +96,34 @@ def test_continual_edits_compose_as_sum_of_blocks(ledger, db_url):
     assert (composed.sites[layer].delta(h) - expected).abs().max() <= 1e-5
 
 
+def test_batch_add_commits_one_revision_of_separate_edits(ledger, db_url):
+    facts = parse_facts_text(json.dumps([FACT, FACT2, FACT3]))
+    results = ledger.add(facts, BaftConfig(**FAST), batch=2)
+    assert [r.revision for r in results] == ["rev-2", "rev-2", "rev-3"]
+    assert [r.edit for r in results] == ["edit-1", "edit-2", "edit-3"]
+    assert all(r.stats["batch_size"] == k for r, k in zip(results, (2, 2, 1)))
+    info = ledger.show("rev-2")
+    assert info.added == ["edit-1", "edit-2"] and info.parent == "rev-1"
+    edits = ledger.active_edits("rev-3")
+    assert [e.trained_on for e in edits] == ["rev-1", "rev-1", "rev-2"]
+    # one fact of a batch can still be reverted alone
+    ledger.revert("edit-1")
+    assert [e.id for e in ledger.active_edits()] == ["edit-2", "edit-3"]
+    assert ledger.verify() == []
+    with Ledger.open(db_url) as again:               # what was stored composes the same
+        assert torch.equal(logits_of(again), logits_of(ledger))
+
+
+def test_batch_with_two_records_of_one_fact_is_refused(ledger, db_url):
+    before = counts(db_url)
+    twice = parse_facts_text(json.dumps([FACT, dict(FACT, target_new="Lima")]))
+    with pytest.raises(InputError, match="records 0 and 1 state the same thing"):
+        ledger.add(twice, BaftConfig(**FAST), batch=2)
+    with pytest.raises(InputError, match="--batch"):
+        ledger.add(twice, BaftConfig(**FAST), batch=0)
+    assert counts(db_url) == before
+
+
 def test_checkout_detaches_and_adds_branch_from_there(ledger):
     ledger.add(parse_facts_text(json.dumps([FACT, FACT2])), BaftConfig(**FAST))
     head = ledger.checkout("rev-2")

@@ -37,6 +37,10 @@ class BaftConfig:
     edit_positions: str = "subject"
     # With "subject": the gate term also covers the edit rows' other positions.
     gate_close_edit_rest: bool = True
+    # How the gate term pools where the edit must not fire: "mean" over every position, or
+    # "max": each row's most open gate, averaged over rows (a gate open on one token of a
+    # neighbour's subject then costs as much as a row of open gates).
+    gate_close_pool: str = "mean"
     # Start the gate as a match on the subject's key: U along (key - mean of the unrelated
     # rows' states), c set so the gate is ~0.95 at the key and ~0.05 at the closest negative.
     gate_key_init: bool = False
@@ -80,6 +84,8 @@ class BaftConfig:
             raise InputError(f"--lr must be positive, got {self.lr}")
         if self.edit_positions not in ("subject", "all"):
             raise InputError(f"edit_positions must be 'subject' or 'all', got '{self.edit_positions}'")
+        if self.gate_close_pool not in ("mean", "max"):
+            raise InputError(f"gate_close_pool must be 'mean' or 'max', got '{self.gate_close_pool}'")
         for name in ("locality_weight", "gate_weight", "gate_open_weight"):
             if getattr(self, name) < 0:
                 raise InputError(f"--{name.replace('_', '-')} must not be negative")

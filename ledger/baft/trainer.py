@@ -375,7 +375,12 @@ class EditProblem:
             for block, cm, om in zip(self.blocks, self.close_masks, self.open_masks):
                 gate = block.last_gate
                 if cm.any():
-                    close = close + gate[cm].mean()
+                    if cfg.gate_close_pool == "max":
+                        rows = cm.any(1)
+                        masked = gate.masked_fill(~cm[..., None], 0.0)[rows]
+                        close = close + masked.amax(dim=(1, 2)).mean()
+                    else:
+                        close = close + gate[cm].mean()
                 if om.any():
                     opened = opened - torch.log(gate[om].clamp_min(1e-6)).mean()
             close, opened = close / len(self.blocks), opened / len(self.blocks)

@@ -1,0 +1,115 @@
+"""Edit speed: seconds per `ledger add` of one CounterFact fact inside an open ledger (the
+product path: precheck, training, measurement, database commit), with `ledger add`'s default
+settings, against the plain training path measured in the same run on the same facts
+(fast_path=False: the whole model forward and backward at every step, the output head at
+every position). Each fact is added alone on the base revision; the two paths alternate fact
+by fact so machine noise hits both alike.
+
+Then batch throughput: N facts added in one call, one revision per fact (--batch 1) and K
+facts trained together per revision (--batch K), as edits per minute.
+
+Prints JSON lines: {"op", "median_s", "baseline_median_s", "ratio", ...}.
+
+    .venv/bin/python bench/edit_speed.py [-n 10] [--batch-n 100] [--batch-k 10] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ledger import BaftConfig, InputError, Ledger  # noqa: E402
+from ledger.facts import facts_from_records  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "counterfact-edit-1k.json"
+
+
+def timed_add(lg: Ledger, facts, cfg: BaftConfig, batch: int = 1):
+    t = time.perf_counter()
+    results = lg.add(facts, cfg, batch=batch)
+    return time.perf_counter() - t, results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
+    ap.add_argument("-n", type=int, default=10, help="facts for the single-add timing")
+    ap.add_argument("--offset", type=int, default=0)
+    ap.add_argument("--batch-n", type=int, default=100, help="facts for the throughput run (0: skip)")
+    ap.add_argument("--batch-k", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    records = json.loads(Path(args.data).read_text())
+    facts = facts_from_records(records[args.offset: args.offset + args.n])
+    fast, plain = BaftConfig(), BaftConfig(fast_path=False)
+    common = {"model": "SmolLM2-135M-Instruct", "threads": args.threads, "data": Path(args.data).name,
+              "date": time.strftime("%Y-%m-%d")}
+    with tempfile.TemporaryDirectory() as d:
+        lg = Ledger.init(f"sqlite:///{d}/ledger.db")
+        lg.model_at()
+        # warm-up (allocator, kernels), not counted
+        timed_add(lg, facts_from_records(records[-1:]), fast)
+        lg.checkout("rev-1")
+        rows = {"fast": [], "plain": []}
+        steps = {"fast": [], "plain": []}
+        train_s = {"fast": [], "plain": []}
+        for fact in facts:
+            for name, cfg in (("fast", fast), ("plain", plain)):
+                lg.checkout("rev-1")
+                try:
+                    s, [r] = timed_add(lg, [fact], cfg)
+                except InputError:
+                    break      # the model already says target_new: nothing to edit
+                rows[name].append(s)
+                steps[name].append(r.stats["steps"])
+                train_s[name].append(r.stats["seconds"])
+                print(json.dumps({"case_id": fact.case_id, "path": name, "seconds": round(s, 3),
+                                  "train_seconds": r.stats["seconds"], "steps": r.stats["steps"]}),
+                      file=sys.stderr, flush=True)
+        med = {k: statistics.median(v) for k, v in rows.items()}
+        per_step = {k: statistics.median([t / max(1, n) for t, n in zip(train_s[k], steps[k])]) for k in rows}
+        print(json.dumps({"op": "add_one_fact", "n": len(rows["fast"]), "median_s": round(med["fast"], 3),
+                          "baseline": "plain training path, same facts, same run",
+                          "baseline_median_s": round(med["plain"], 3), "ratio": round(med["fast"] / med["plain"], 3),
+                          "median_s_per_step": round(per_step["fast"], 3),
+                          "baseline_median_s_per_step": round(per_step["plain"], 3),
+                          "mean_steps": round(statistics.mean(steps["fast"]), 1),
+                          "median_train_s": round(statistics.median(train_s["fast"]), 3),
+                          "goal_s": 1.5, **common}), flush=True)
+        lg.close()
+
+    if args.batch_n:
+        batch_facts = facts_from_records(records[args.offset: args.offset + args.batch_n])
+        out = {}
+        for k in (1, args.batch_k):
+            with tempfile.TemporaryDirectory() as d:
+                lg = Ledger.init(f"sqlite:///{d}/ledger.db")
+                lg.model_at()
+                # facts the base already answers are refused as a whole file: leave them out
+                keep = []
+                for f in batch_facts:
+                    try:
+                        lg._precheck([f])
+                        keep.append(f)
+                    except InputError:
+                        pass
+                s, results = timed_add(lg, keep, fast, batch=k)
+                out[k] = (len(results), s)
+                lg.close()
+        n1, s1 = out[1]
+        nk, sk = out[args.batch_k]
+        print(json.dumps({"op": "add_file", "n_facts": n1, "edits_per_minute_batch_1": round(60 * n1 / s1, 2),
+                          f"edits_per_minute_batch_{args.batch_k}": round(60 * nk / sk, 2),
+                          "ratio": round((nk / sk) / (n1 / s1), 3), **common}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
