@@ -22,9 +22,10 @@ class InterventionSite(nn.Module):
         self._handle = None
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:
-        out = self.fused(h)
+        # An empty stack (a layer that only has the block being trained) costs nothing.
+        out = self.fused(h) if self.fused.rank or not len(self.trainable) else None
         for block in self.trainable:
-            out = out + block(h)
+            out = block(h) if out is None else out + block(h)
         return out
 
     def _hook(self, module, args, output):

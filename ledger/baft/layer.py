@@ -79,30 +79,46 @@ class FusedIntervention(nn.Module):
 
     Per token it costs one (2n x d) matmul for gate and value together and one (d x n) matmul
     back, where n = sum(r_k); the number of edits does not change the number of calls.
+    The tensors are stacked straight into their final buffers (no intermediate copies), and R
+    is kept transposed (d x n, contiguous), the layout the projection back reads fastest.
     """
 
     def __init__(self, blocks: list[dict[str, torch.Tensor]], d: int):
         super().__init__()
         self.n_blocks = len(blocks)
-        if blocks:
-            R = torch.cat([t["R"] for t in blocks]).float()
-            W = torch.cat([t["W"] for t in blocks]).float()
-            b = torch.cat([t["b"] for t in blocks]).float()
-            U = torch.cat([t["U"] for t in blocks]).float()
-            c = torch.cat([t["c"] for t in blocks]).float()
-        else:
-            R = W = U = torch.zeros(0, d)
-            b = c = torch.zeros(0)
-        self.rank = R.shape[0]
+        n = sum(int(t["R"].shape[0]) for t in blocks)
+        self.rank = n
         # Gate and value read the same h: one matmul for both, split afterwards.
-        self.register_buffer("in_weight", torch.cat([U, W - R]), persistent=False)
-        self.register_buffer("in_bias", torch.cat([c, b]), persistent=False)
-        self.register_buffer("R", R, persistent=False)
+        # in_weight = [U; W - R], in_bias = [c; b].
+        in_weight = torch.empty(2 * n, d)
+        in_bias = torch.empty(2 * n)
+        R = torch.empty(n, d)
+        if blocks:
+            torch.cat([t["U"].float() for t in blocks], out=in_weight[:n])
+            torch.cat([t["W"].float() for t in blocks], out=in_weight[n:])
+            torch.cat([t["R"].float() for t in blocks], out=R)
+            torch.cat([t["c"].float() for t in blocks], out=in_bias[:n])
+            torch.cat([t["b"].float() for t in blocks], out=in_bias[n:])
+            in_weight[n:].sub_(R)
+        self.register_buffer("in_weight", in_weight, persistent=False)
+        self.register_buffer("in_bias", in_bias, persistent=False)
+        self.register_buffer("R_t", R.T.contiguous(), persistent=False)
+
+    @property
+    def R(self) -> torch.Tensor:
+        """The stacked rotations, n x d (a view of the transposed buffer)."""
+        return self.R_t.T
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """The additive change (sum over blocks), shaped like h."""
         if self.rank == 0:
             return torch.zeros_like(h)
-        gv = F.linear(h, self.in_weight.to(h.dtype), self.in_bias.to(h.dtype))
+        w, bias, r_t = self.in_weight, self.in_bias, self.R_t
+        if w.dtype != h.dtype:
+            w, bias, r_t = w.to(h.dtype), bias.to(h.dtype), r_t.to(h.dtype)
+        gv = F.linear(h, w, bias)
         gate, value = gv.split(self.rank, dim=-1)
-        return (torch.sigmoid(gate) * value) @ self.R.to(h.dtype)
+        if torch.is_grad_enabled() and h.requires_grad:
+            return F.linear(torch.sigmoid(gate) * value, r_t)
+        # Serving: no graph to keep, so gate and product reuse gv's memory.
+        return F.linear(gate.sigmoid_().mul_(value), r_t)
