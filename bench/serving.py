@@ -1,0 +1,209 @@
+"""Serving with many edits: greedy generation speed (batch 1, 32 new tokens after a short
+prompt) of SmolLM2-135M-Instruct with N composed edits, against the base model measured in
+the same run, interleaved with every measurement.
+
+Edits are synthetic (random tensors of the real shapes: rank 4, hidden size 576, spread over
+layers like `ledger add` spreads them, see synthetic.py) and go through the real composer
+path: `Block`s, `compose.fuse` (one FusedIntervention per edited layer) attached with
+`attach_sites`. Modes:
+  fused     the composer's stack: one hook per edited layer, whatever N
+  per_edit  one forward hook per edit (each reads the layer's own output, so the function is
+            the same as fused), the naive composition the ledger avoids
+
+Before timing, each N is checked for exactness: on real hidden states of SmolLM2 (each edited
+layer's output on the prompts), the fused delta equals the sum of the per-block deltas
+(`block_delta`, the reference formula) to float tolerance, and the per_edit model gives the
+same logits as the fused one.
+
+Prints JSON lines: n_edits, mode, tokens_per_s (median over repeats), baseline_tokens_per_s
+(the base model, N=0, measured next to each measurement of that row, median), ratio (the
+median over repeats of edited / base tokens/s of each adjacent pair: robust to a machine
+whose load drifts; ratio_of_medians is the plain quotient of the two medians), and the
+exactness figures. Goal: fused ratio >= 0.95 at N=1000. N=0 is the composer with an
+empty revision (no site attached), so its ratio is the run's noise floor.
+
+    .venv/bin/python bench/serving.py [--n 0,10,100,1000,10000] [--repeats 7] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ledger.baft.layer import FusedIntervention, block_delta  # noqa: E402
+from ledger.compose import ComposedModel, fuse  # noqa: E402
+from ledger.models import load_base  # noqa: E402
+from synthetic import blocks as synthetic_blocks  # noqa: E402
+
+PROMPT = "The capital of France is"
+CHECK_PROMPTS = ["The capital of France is", "Danielle Darrieux's mother tongue is French, and she"]
+NEW_TOKENS = 32
+
+
+class PerEditHooks:
+    """One forward hook per edit. A first hook per layer keeps the layer's own output, and
+    every edit's hook adds its block's change computed on that output, so the result is the
+    composition's (all blocks read the same h), only with N hooks instead of one."""
+
+    def __init__(self, blocks, d: int):
+        self.blocks = blocks
+        self.modules = [FusedIntervention([b.tensors], d) for b in blocks]
+        self.handles = []
+        self.h: dict[int, torch.Tensor] = {}
+
+    def attach(self, layers) -> None:
+        for layer in sorted({b.layer for b in self.blocks}):
+            self.handles.append(layers[layer].register_forward_hook(self._keeper(layer)))
+        for b, m in zip(self.blocks, self.modules):
+            self.handles.append(layers[b.layer].register_forward_hook(self._adder(b.layer, m)))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _keeper(self, layer):
+        def hook(module, args, output):
+            self.h[layer] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def _adder(self, layer, m):
+        def hook(module, args, output):
+            if isinstance(output, tuple):
+                return (output[0] + m(self.h[layer]),) + tuple(output[1:])
+            return output + m(self.h[layer])
+        return hook
+
+
+def tokens_per_s(model, enc, pad_id) -> float:
+    t = time.perf_counter()
+    out = model.generate(**enc, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                         pad_token_id=pad_id)
+    secs = time.perf_counter() - t
+    assert out.shape[1] - enc["input_ids"].shape[1] == NEW_TOKENS
+    return NEW_TOKENS / secs
+
+
+def layer_inputs(base, layers: set[int]) -> dict[int, torch.Tensor]:
+    """Each layer's own output on the check prompts, in the base model (real hidden states)."""
+    got: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    handles = [base.layers[l].register_forward_hook(
+        lambda m, a, o, l=l: got[l].append((o[0] if isinstance(o, tuple) else o).detach().clone()))
+        for l in layers]
+    try:
+        for p in CHECK_PROMPTS:
+            base.model(**base.tokenizer(p, return_tensors="pt"))
+    finally:
+        for h in handles:
+            h.remove()
+    return {l: torch.cat([t.reshape(-1, t.shape[-1]) for t in ts]) for l, ts in got.items()}
+
+
+def exactness(base, blocks, sites, per_edit: PerEditHooks) -> dict:
+    """max |fused - sum of block deltas| over real hidden states, relative to max |delta|; and
+    max |logits(fused) - logits(per_edit)|."""
+    hs = layer_inputs(base, set(sites))
+    worst_abs, scale = 0.0, 0.0
+    for layer, site in sites.items():
+        h = hs[layer]
+        fused = site.fused(h)
+        ref = torch.zeros_like(h, dtype=torch.float64)
+        for b in blocks:
+            if b.layer == layer:
+                ref += block_delta({k: v.double() for k, v in b.tensors.items()}, h.double())
+        worst_abs = max(worst_abs, float((fused.double() - ref).abs().max()))
+        scale = max(scale, float(ref.abs().max()))
+    enc = base.tokenizer(CHECK_PROMPTS[1], return_tensors="pt")
+    from ledger.baft.hooks import attach_sites, detach_sites
+    attach_sites(base.layers, sites)
+    lf = base.model(**enc).logits
+    detach_sites(sites)
+    per_edit.attach(base.layers)
+    lp = base.model(**enc).logits
+    per_edit.detach()
+    return {"fused_vs_sum_of_blocks_max_abs": worst_abs, "max_abs_delta": scale,
+            "fused_vs_sum_of_blocks_rel": worst_abs / scale if scale else 0.0,
+            "logits_fused_vs_per_edit_max_abs": float((lf - lp).abs().max())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", default="0,10,100,1000,10000")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--per-edit-repeats", type=int, default=3,
+                    help="repeats of the (slow) per_edit mode at N > 1000")
+    ap.add_argument("--modes", default="fused,per_edit")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rank", type=int, default=4)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    base = load_base()
+    d, n_layers = base.hidden_size, len(base.layers)
+    tok = base.tokenizer
+    enc = tok(PROMPT, return_tensors="pt")
+    composed = ComposedModel(base)
+    modes = args.modes.split(",")
+    for _ in range(2):   # warm-up
+        tokens_per_s(base.model, enc, tok.pad_token_id)
+    for n in [int(x) for x in args.n.split(",")]:
+        blocks = synthetic_blocks(n, d, n_layers, rank=args.rank)
+        sites = fuse(blocks, d)
+        per_edit = PerEditHooks(blocks, d)
+        check = exactness(base, blocks, sites, per_edit) if n else {}
+        layers_used = len(sites)
+        rows: dict[str, list[float]] = {m: [] for m in modes}
+        base_rows: dict[str, list[float]] = {m: [] for m in modes}
+
+        def edited(m: str) -> float:
+            if m == "fused":
+                composed.compose(blocks, revision=n)     # the composer's own path
+                try:
+                    return tokens_per_s(composed.model, enc, tok.pad_token_id)
+                finally:
+                    composed.clear()
+            per_edit.attach(base.layers)
+            try:
+                return tokens_per_s(base.model, enc, tok.pad_token_id)
+            finally:
+                per_edit.detach()
+
+        for r in range(args.repeats):
+            for m in modes:
+                if m == "per_edit" and n > 1000 and r >= args.per_edit_repeats:
+                    continue
+                # A pair of adjacent generations, base and edited, in alternating order so
+                # that a drifting machine load favours neither.
+                if r % 2 == 0:
+                    base_rows[m].append(tokens_per_s(base.model, enc, tok.pad_token_id))
+                    rows[m].append(edited(m))
+                else:
+                    rows[m].append(edited(m))
+                    base_rows[m].append(tokens_per_s(base.model, enc, tok.pad_token_id))
+        for m in modes:
+            tps, btps = statistics.median(rows[m]), statistics.median(base_rows[m])
+            paired = statistics.median(a / b for a, b in zip(rows[m], base_rows[m]))
+            row = {"n_edits": n, "mode": m, "tokens_per_s": round(tps, 2),
+                   "baseline_tokens_per_s": round(btps, 2), "ratio": round(paired, 3),
+                   "ratio_of_medians": round(tps / btps, 3),
+                   "repeats": len(rows[m]), "edited_layers": layers_used, "rank_per_edit": args.rank,
+                   "threads": args.threads}
+            if m == "fused":
+                row["goal_ratio_at_1000"] = 0.95
+            row.update({k: float(f"{v:.3g}") for k, v in check.items()})
+            print(json.dumps(row), flush=True)
+        del blocks, sites, per_edit
+        composed = ComposedModel(base)
+        gc.collect()
+
+
+if __name__ == "__main__":
+    main()
