@@ -153,9 +153,25 @@ def resolve_spec(model: str | os.PathLike | None) -> str:
     return str(p)
 
 
+def check_device(device: str) -> torch.device:
+    """The torch device named by --device, refused with one line if this machine lacks it."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device}: not a torch device (try cpu or cuda)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: this torch build or machine has no CUDA device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {device}: only cpu and cuda are supported")
+    return dev
+
+
 def load_base(spec: str | None = None, *, device: str = "cpu") -> BaseModel:
     """Load a base model and tokenizer in float32, in eval mode, with gradients off."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    check_device(device)
     _quiet_transformers()
     spec = resolve_spec(spec)
     path = default_model_dir() if spec == DEFAULT_MODEL else Path(spec)

@@ -173,3 +173,14 @@ def test_add_skip_bad_limit_offset(initialised, db_url, tmp_path):
     assert [json.loads(l)["revision"] for l in res.stdout.strip().splitlines()] == ["rev-2", "rev-3"]
     res = initialised("add", str(f), *FAST_ARGS, "--offset", "2", "--limit", "1", "--json")
     assert json.loads(res.stdout.strip())["fact"]["prompt"] == "Bea lives in"
+
+
+@pytest.mark.parametrize("device", ["cuda", "tpu9", "cuda:7"])
+def test_a_device_this_machine_lacks_is_a_one_line_error(db_url, tiny_llama, device):
+    import torch
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that CUDA device")
+    runner = CliRunner()
+    res = runner.invoke(cli, ["--db", db_url, "--device", device, "init", "--model", str(tiny_llama)])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.count("\n") == 1 and f"--device {device}" in res.stderr
