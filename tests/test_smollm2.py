@@ -37,6 +37,14 @@ def _greedy(lg, prompt, rev=None, n=6):
     return lg.generate(prompt, rev=rev, max_new_tokens=n)
 
 
+def _total_variation(lg, text, rev_a, rev_b):
+    """Largest total-variation distance between the next-token distributions of two revisions
+    over the positions of text."""
+    pa = torch.softmax(lg.model_at(rev_a).logits(text), -1)
+    pb = torch.softmax(lg.model_at(rev_b).logits(text), -1)
+    return (0.5 * (pa - pb).abs().sum(-1)).max().item()
+
+
 def test_real_edit_end_to_end(tmp_path, smol_threads):
     fact = json.loads(EXAMPLE.read_text())
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
@@ -55,7 +63,13 @@ def test_real_edit_end_to_end(tmp_path, smol_threads):
 
     with Ledger.open(db) as lg:
         assert _greedy(lg, fact["prompt"]).strip().startswith(fact["target_new"])
-        assert _greedy(lg, loc_prompt) == loc_before           # the neighbour is untouched
+        # The neighbour is untouched: its next-token distributions along the base's own
+        # continuation barely move (total variation). Greedy text is no test here: the base
+        # model is torn between " French" and " UK" after "...speaker of the" (0.058 each),
+        # so any change at all, however small, may flip that tie.
+        tv = _total_variation(lg, loc_prompt + loc_before, "rev-1", "rev-2")
+        assert tv <= 0.02, tv
+        assert out["metrics"]["locality"] == 1.0
         lg.checkout("rev-1")
         assert _greedy(lg, fact["prompt"]) == before             # checkout restores the base
         lg.checkout("rev-2")
