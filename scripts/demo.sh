@@ -7,7 +7,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 ledger="$root/.venv/bin/ledger"
 rm -rf "$root/.demo" && mkdir -p "$root/.demo" && cd "$root/.demo"
 prompt="The mother tongue of Danielle Darrieux is"
-neighbour="Michel Rocard is a native speaker of"
+neighbour="The mother tongue of Jacques Chirac is"
 step() { printf '\n$ ledger %s\n' "$*"; "$ledger" "$@"; }
 
 step init
