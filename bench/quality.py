@@ -231,26 +231,35 @@ def brief(m: dict[str, float]) -> str:
     return " ".join(f"{short[k]} {m[k]:.2f}" for k in short if k in m)
 
 
+def add_one(lg, run: "Run", cfg: BaftConfig, i: int, facts, fid, fact, known):
+    """Add one fact through `Ledger.add`, recording its time, steps and blob size in run;
+    None (and a skip recorded) where the fact is known already or refused."""
+    run.n += 1
+    if fid in known:
+        run.skipped.append(fid)
+        run.progress(i, len(facts), fid, "skipped: the base model already answers target_new")
+        return None
+    t = time.perf_counter()
+    try:
+        [res] = lg.add([fact], cfg)
+    except InputError as e:   # e.g. the edited model already answers it
+        run.skipped.append(fid)
+        run.progress(i, len(facts), fid, f"skipped: {e}")
+        return None
+    run.seconds.append(time.perf_counter() - t)
+    run.steps.append(res.stats["steps"])
+    run.bytes.append(blob_bytes(lg, res.edit))
+    return res
+
+
 def ledger_single(ledgers: Ledgers, run: Run, cfg: BaftConfig, facts, base_meas, known) -> None:
     base = ledgers.base
     with ledgers.fresh() as lg:
         for i, (fid, fact) in enumerate(facts, 1):
-            run.n += 1
-            if fid in known:
-                run.skipped.append(fid)
-                run.progress(i, len(facts), fid, "skipped: the base model already answers target_new")
-                continue
             lg.checkout("rev-1")
-            t = time.perf_counter()
-            try:
-                [res] = lg.add([fact], cfg)
-            except InputError as e:
-                run.skipped.append(fid)
-                run.progress(i, len(facts), fid, f"skipped: {e}")
+            res = add_one(lg, run, cfg, i, facts, fid, fact, known)
+            if res is None:
                 continue
-            run.seconds.append(time.perf_counter() - t)
-            run.steps.append(res.stats["steps"])
-            run.bytes.append(blob_bytes(lg, res.edit))
             composed = lg.model_at(res.revision)
             m = score(measure(composed.model, base.tokenizer, fact), base_meas[fid])
             run.metrics.append(m)
@@ -263,21 +272,9 @@ def ledger_sequential(ledgers: Ledgers, run: Run, cfg: BaftConfig, facts, base_m
     edited = []
     with ledgers.fresh() as lg:
         for i, (fid, fact) in enumerate(facts, 1):
-            run.n += 1
-            if fid in known:
-                run.skipped.append(fid)
-                run.progress(i, len(facts), fid, "skipped: the base model already answers target_new")
+            res = add_one(lg, run, cfg, i, facts, fid, fact, known)
+            if res is None:
                 continue
-            t = time.perf_counter()
-            try:
-                [res] = lg.add([fact], cfg)
-            except InputError as e:   # e.g. the edited model already answers it
-                run.skipped.append(fid)
-                run.progress(i, len(facts), fid, f"skipped: {e}")
-                continue
-            run.seconds.append(time.perf_counter() - t)
-            run.steps.append(res.stats["steps"])
-            run.bytes.append(blob_bytes(lg, res.edit))
             edited.append(fid)
             if res.superseded:
                 run.superseded.append(fid)

@@ -87,31 +87,44 @@ def init(ctx: click.Context, model: str | None, as_json: bool) -> None:
                    f"(fingerprint {info['fingerprint'][:12]})\nHEAD -> {info['branch']} at {info['revision']}")
 
 
-class _Bar:
-    """One progress bar on stderr over all training steps of all facts."""
+class _PhaseBar:
+    """One progress bar on stderr over every phase of an evaluation."""
 
-    def __init__(self, n_facts: int, steps: int):
-        self.steps = steps
-        self.length = n_facts * steps
-        self.bar = None   # drawn at the first step, so a refused file prints only its error
+    def __init__(self):
+        self.bar = None   # drawn at the first report, so a refused command prints only its error
         self.pos = 0
 
     def __call__(self, label: str, done: int, total: int) -> None:
         if self.bar is None:
-            self.bar = click.progressbar(length=self.length, label=label, file=sys.stderr, show_pos=True)
+            self.bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
+        self.bar.label = label
+        if done > self.pos:
+            self.bar.update(done - self.pos)
+            self.pos = done
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.render_finish()
+
+
+class _Bar(_PhaseBar):
+    """One progress bar on stderr over all training steps of all facts."""
+
+    def __init__(self, n_facts: int, steps: int):
+        super().__init__()
+        self.steps = steps
+        self.length = n_facts * steps
+
+    def __call__(self, label: str, done: int, total: int) -> None:
         # "edit 3/10", or "edits 11-20/100" for a batch trained together
         first, _, last = label.split()[1].split("/")[0].partition("-")
         idx, size = int(first) - 1, (int(last) - int(first) + 1) if last else 1
-        target = idx * self.steps + done * size
-        self.bar.label = label
-        if target > self.pos:
-            self.bar.update(target - self.pos)
-            self.pos = target
+        super().__call__(label, idx * self.steps + done * size, self.length)
 
     def finish(self) -> None:
         if self.bar is not None:
             self.bar.update(self.length - self.pos)
-            self.bar.render_finish()
+        super().finish()
 
 
 @cli.command()
@@ -170,26 +183,6 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
             extra = f"  (supersedes {', '.join(r.superseded)})" if r.superseded else ""
             click.echo(f"{r.revision}  {r.edit}  {r.fact['prompt']} -> {r.fact['target_new']}  "
                        f"{shown}  {r.stats['steps']} steps {r.stats['seconds']:.1f}s{extra}")
-
-
-class _PhaseBar:
-    """One progress bar on stderr over every phase of an evaluation."""
-
-    def __init__(self):
-        self.bar = None   # drawn at the first report, so a refused command prints only its error
-        self.pos = 0
-
-    def __call__(self, label: str, done: int, total: int) -> None:
-        if self.bar is None:
-            self.bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
-        self.bar.label = label
-        if done > self.pos:
-            self.bar.update(done - self.pos)
-            self.pos = done
-
-    def finish(self) -> None:
-        if self.bar is not None:
-            self.bar.render_finish()
 
 
 @cli.command("eval")

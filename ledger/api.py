@@ -472,8 +472,9 @@ class Ledger:
         or a target the model at HEAD already gives (nothing to edit)."""
         self._check_lengths(facts)
         head = self.model_at()
-        for i, f in enumerate(facts):
-            if measure(head.model, head.tokenizer, Fact(prompt=f.prompt, target_new=f.target_new)).accuracy["rel"][0] == 1.0:
+        known = measure_many(head.model, head.tokenizer, facts, kinds={"rel"})   # one batched pass
+        for i, (f, m) in enumerate(zip(facts, known)):
+            if m.accuracy["rel"][0] == 1.0:
                 raise InputError(f"record {i}: the model at {revs.rev_name(head.revision)} already answers "
                                  f"{f.target_new!r} to {f.prompt!r}: nothing to edit")
 
@@ -524,14 +525,14 @@ class Ledger:
             retention = [(f["prompt"], f["target_new"]) for f in self._facts_of(conn, train_on).values()]
         composed = self._compose_ids(train_on, parent if not remove else None)
         model, tok = composed.model, composed.tokenizer
-        before = [measure(model, tok, f) for f in facts]
+        before = measure_many(model, tok, facts)
         trained = train_edits(model, tok, composed.sites, self.base.layers, facts, cfg, layer=layer,
                               retention=retention, progress=progress)
         # Measured as they will compose: the uncommitted blocks sort last, in order, as their
         # ids will.
         composed.compose(self._blocks_of(train_on) + [Block(UNCOMMITTED + k, layer, t.tensors)
                                                       for k, t in enumerate(trained)], None)
-        metrics = [score(measure(model, tok, f), b) for f, b in zip(facts, before)]
+        metrics = [score(after, b) for after, b in zip(measure_many(model, tok, facts), before)]
         data = [blobs.encode(t.tensors) for t in trained]
 
         with write_transaction(self.engine) as conn:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import random
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -416,7 +416,7 @@ def train_edits(model, tok, sites: dict[int, InterventionSite], layers, facts: l
     steps_run, last = 0, {}
     try:
         model.train(False)
-        with (problem.fast() if cfg.fast_path else _nothing()):
+        with (problem.fast() if cfg.fast_path else nullcontext()):
             for step in range(cfg.steps):
                 loss, last, reached = problem.loss()
                 if reached and step >= cfg.min_steps:
@@ -441,17 +441,3 @@ def train_edits(model, tok, sites: dict[int, InterventionSite], layers, facts: l
              "n_edit_rows": problem.n_edit, "n_unrelated_rows": problem.n_unrelated,
              "subject_found": round(problem.subject_found, 3), "batch_size": len(facts)}
     return [TrainedEdit(layer=layer, tensors=ts, stats=dict(stats)) for ts in tensors]
-
-
-def train_edit(model, tok, sites: dict[int, InterventionSite], layers, fact: Fact,
-               cfg: BaftConfig, *, layer: int, retention: list[tuple[str, str]] = (),
-               progress: Callable[[int, int], None] | None = None) -> TrainedEdit:
-    """Train one block for one fact (see train_edits)."""
-    [trained] = train_edits(model, tok, sites, layers, [fact], cfg, layer=layer, retention=retention,
-                            progress=progress)
-    return trained
-
-
-@contextmanager
-def _nothing():
-    yield
