@@ -61,6 +61,9 @@ from sqlalchemy import select  # noqa: E402
 
 DATASETS = {"counterfact": ("counterfact/counterfact-edit-1k.json", "counterfact"),
             "zsre": ("zsre/zsre_mend_train-1k.json", "zsre")}
+# --cf-split: tune on val (or train), report on edit-1k (DESIGN.md section 6).
+CF_SPLITS = {"edit-1k": "counterfact/counterfact-edit-1k.json", "val": "counterfact/counterfact-val.json",
+             "train": "counterfact/counterfact-train.json"}
 METHODS = ("baft", "reft", "ftm")
 SETTINGS = ("single", "sequential", "batch")
 CF_ONLY = ("efficacy_score", "paraphrase_score", "neighborhood_score")
@@ -363,6 +366,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data",
                     help="holds counterfact/ and zsre/ (default: ../shared/data beside the repo)")
     ap.add_argument("--n", type=int, default=200, help="facts per dataset for single editing (default 200)")
+    ap.add_argument("--cf-split", choices=tuple(CF_SPLITS), default="edit-1k",
+                    help="CounterFact file: edit-1k (report, the default), val or train (tune)")
     ap.add_argument("--offset", type=int, default=0, help="first record of each file (default 0)")
     ap.add_argument("--seq-T", type=int_list, default=[10, 100], metavar="T,...",
                     help="sequential run lengths (default 10,100): the first T facts of each dataset")
@@ -385,6 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON lines to this file")
     args = ap.parse_args(argv)
 
+    DATASETS["counterfact"] = (CF_SPLITS[args.cf_split], "counterfact")
     settings = list(dict.fromkeys(args.settings + (["batch"] if args.batch_K else [])))
     if "batch" in settings:
         if not args.batch_K:

@@ -10,6 +10,14 @@ path: `Block`s, `compose.fuse` (one FusedIntervention per edited layer) attached
   per_edit  one forward hook per edit (each reads the layer's own output, so the function is
             the same as fused), the naive composition the ledger avoids
 
+Gate floors (`--gate-floor`, default BaftConfig's): with a floor, a shut gate is exactly 0 and
+the fused stack runs the value and the projection back over the open bases only. Synthetic
+gates are shut on the bench prompt except for every round(1/--open-share)-th edit, whose gate
+is open on every token (default 1 %: a pessimistic stand-in for edits that leak onto unrelated
+text; a trained edit's gate opens on its own subject). `open_bases_share` is the measured
+share of bases open per token on the check prompts. `--gate-floor 0` measures edits without a
+floor (the plain sigmoid gate: every basis always computed).
+
 Before timing, each N is checked for exactness: on real hidden states of SmolLM2 (each edited
 layer's output on the prompts), the fused delta equals the sum of the per-block deltas
 (`block_delta`, the reference formula) to float tolerance, and the per_edit model gives the
@@ -38,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ledger.baft import BaftConfig  # noqa: E402
 from ledger.baft.layer import FusedIntervention, block_delta  # noqa: E402
 from ledger.compose import ComposedModel, fuse  # noqa: E402
 from ledger.models import load_base  # noqa: E402
@@ -109,12 +118,17 @@ def layer_inputs(base, layers: set[int]) -> dict[int, torch.Tensor]:
 
 def exactness(base, blocks, sites, per_edit: PerEditHooks) -> dict:
     """max |fused - sum of block deltas| over real hidden states, relative to max |delta|; and
-    max |logits(fused) - logits(per_edit)|."""
+    max |logits(fused) - logits(per_edit)|; and the share of bases open per token."""
     hs = layer_inputs(base, set(sites))
     worst_abs, scale = 0.0, 0.0
+    n_open, n_all = 0, 0
     for layer, site in sites.items():
         h = hs[layer]
         fused = site.fused(h)
+        f = site.fused
+        gate = torch.sigmoid(h @ f.in_weight[: f.rank].T + f.in_bias[: f.rank])
+        n_open += int((gate > f.floor).sum()) if f.has_floor else gate.numel()
+        n_all += gate.numel()
         ref = torch.zeros_like(h, dtype=torch.float64)
         for b in blocks:
             if b.layer == layer:
@@ -131,7 +145,8 @@ def exactness(base, blocks, sites, per_edit: PerEditHooks) -> dict:
     per_edit.detach()
     return {"fused_vs_sum_of_blocks_max_abs": worst_abs, "max_abs_delta": scale,
             "fused_vs_sum_of_blocks_rel": worst_abs / scale if scale else 0.0,
-            "logits_fused_vs_per_edit_max_abs": float((lf - lp).abs().max())}
+            "logits_fused_vs_per_edit_max_abs": float((lf - lp).abs().max()),
+            "open_bases_share": n_open / n_all if n_all else 0.0}
 
 
 def main() -> None:
@@ -143,6 +158,10 @@ def main() -> None:
     ap.add_argument("--modes", default="fused,per_edit")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--gate-floor", type=float, default=BaftConfig().gate_floor,
+                    help="each synthetic edit's gate floor (default: BaftConfig's; 0: no floor)")
+    ap.add_argument("--open-share", type=float, default=0.01,
+                    help="share of edits whose gate is open on every token (default 0.01)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -155,7 +174,8 @@ def main() -> None:
     for _ in range(2):   # warm-up
         tokens_per_s(base.model, enc, tok.pad_token_id)
     for n in [int(x) for x in args.n.split(",")]:
-        blocks = synthetic_blocks(n, d, n_layers, rank=args.rank)
+        blocks = synthetic_blocks(n, d, n_layers, rank=args.rank, floor=args.gate_floor,
+                                  open_share=args.open_share)
         sites = fuse(blocks, d)
         per_edit = PerEditHooks(blocks, d)
         check = exactness(base, blocks, sites, per_edit) if n else {}
@@ -195,7 +215,7 @@ def main() -> None:
                    "baseline_tokens_per_s": round(btps, 2), "ratio": round(paired, 3),
                    "ratio_of_medians": round(tps / btps, 3),
                    "repeats": len(rows[m]), "edited_layers": layers_used, "rank_per_edit": args.rank,
-                   "threads": args.threads}
+                   "threads": args.threads, "gate_floor": args.gate_floor, "open_share": args.open_share}
             if m == "fused":
                 row["goal_ratio_at_1000"] = 0.95
             row.update({k: float(f"{v:.3g}") for k, v in check.items()})

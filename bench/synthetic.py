@@ -24,15 +24,22 @@ AT_DEFAULT = 0.7
 SPREAD = 4
 
 
-def block_tensors(d: int, rank: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+def block_tensors(d: int, rank: int, g: torch.Generator, *, floor: float = 0.0,
+                  always_open: bool = False) -> dict[str, torch.Tensor]:
+    """One block. `floor`: its gate floor (0: none, the blob of an edit made without one).
+    `always_open`: a gate bias that keeps the gate open on every token (c = +4), to stand for
+    an edit that leaks onto unrelated text."""
     q, _ = torch.linalg.qr(torch.randn(d, rank, generator=g))
     R = q.T.contiguous()                                              # orthonormal rows
     # Scaled like trained edits: a small change per edit, gates mostly shut on unrelated text
     # (SmolLM2's residual stream has a norm in the hundreds, so U and W - R are small).
-    return {"R": R, "W": R + torch.randn(rank, d, generator=g) / d,
-            "b": 0.1 * torch.randn(rank, generator=g),
-            "U": torch.randn(rank, d, generator=g) / d,
-            "c": -4.0 + torch.randn(rank, generator=g)}
+    t = {"R": R, "W": R + torch.randn(rank, d, generator=g) / d,
+         "b": 0.1 * torch.randn(rank, generator=g),
+         "U": torch.randn(rank, d, generator=g) / d,
+         "c": (4.0 if always_open else -4.0) + torch.randn(rank, generator=g)}
+    if floor > 0:
+        t["floor"] = torch.full((rank,), float(floor))
+    return t
 
 
 def layer_of(i: int, n_layers: int, seed: int = 0) -> int:
@@ -43,11 +50,16 @@ def layer_of(i: int, n_layers: int, seed: int = 0) -> int:
     return min(n_layers - 1, max(0, home + rng.randint(-SPREAD, SPREAD)))
 
 
-def blocks(n: int, d: int, n_layers: int, rank: int = 4, seed: int = 0):
-    """n (edit_id, layer, tensors) triples, ids 1..n."""
+def blocks(n: int, d: int, n_layers: int, rank: int = 4, seed: int = 0, *, floor: float = 0.0,
+           open_share: float = 0.0):
+    """n (edit_id, layer, tensors) triples, ids 1..n; every round(1 / open_share)-th edit has
+    a gate open on every token."""
     from ledger.compose import Block
     g = torch.Generator().manual_seed(seed)
-    return [Block(i + 1, layer_of(i, n_layers, seed), block_tensors(d, rank, g)) for i in range(n)]
+    every = round(1 / open_share) if open_share > 0 else 0
+    return [Block(i + 1, layer_of(i, n_layers, seed),
+                  block_tensors(d, rank, g, floor=floor, always_open=bool(every) and i % every == 0))
+            for i in range(n)]
 
 
 def write_edits(engine, n: int, d: int, n_layers: int, *, rank: int = 4, seed: int = 0,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any
 
 import click
@@ -139,6 +140,8 @@ class _Bar(_PhaseBar):
               help="Weight of the KL term on unrelated inputs.")
 @click.option("--gate-weight", type=float, default=BaftConfig.gate_weight, show_default=True,
               help="Weight of the gate-closing term on unrelated inputs.")
+@click.option("--gate-floor", type=click.FloatRange(0.0, 1.0, max_open=True), default=BaftConfig.gate_floor,
+              show_default=True, help="A gate below this is exactly 0 (0: the plain sigmoid gate).")
 @click.option("--format", "fmt", type=click.Choice(["auto", "native", "counterfact", "rome", "zsre", "knowedit"]),
               default="auto", show_default=True, help="Record form of FILE (auto detects per record).")
 @click.option("--offset", type=click.IntRange(0), default=0, show_default=True, help="Skip the first N records.")
@@ -151,8 +154,8 @@ class _Bar(_PhaseBar):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per new edit.")
 @click.pass_context
 def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int, steps: int, lr: float,
-        locality_weight: float, gate_weight: float, fmt: str, offset: int, limit: int | None, skip_bad: bool,
-        batch: int, seed: int, message: str | None, as_json: bool) -> None:
+        locality_weight: float, gate_weight: float, gate_floor: float, fmt: str, offset: int, limit: int | None,
+        skip_bad: bool, batch: int, seed: int, message: str | None, as_json: bool) -> None:
     """Train one BaFT edit per fact in FILE and commit each as a new revision (with --batch K,
     K facts per revision, trained together).
 
@@ -162,7 +165,7 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
     is checked before anything is trained.
     """
     cfg = BaftConfig(method=method, layer=layer, rank=rank, steps=steps, lr=lr,
-                     locality_weight=locality_weight, gate_weight=gate_weight, seed=seed)
+                     locality_weight=locality_weight, gate_weight=gate_weight, gate_floor=gate_floor, seed=seed)
     loaded = load_facts(file, fmt=fmt, offset=offset, limit=limit, skip_bad=skip_bad)
     facts, problems = loaded if skip_bad else (loaded, [])
     for p in problems:
@@ -171,10 +174,12 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
         raise InputError("no good records to add")
     with _open(ctx) as lg:
         bar = _Bar(len(facts), cfg.steps)
+        started = time.perf_counter()
         try:
             results = lg.add(facts, cfg, message=message, batch=batch, progress=bar)
         finally:
             bar.finish()
+        took = time.perf_counter() - started
     for r in results:
         if as_json:
             click.echo(json.dumps(r.to_dict(), ensure_ascii=False))
@@ -183,6 +188,10 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
             extra = f"  (supersedes {', '.join(r.superseded)})" if r.superseded else ""
             click.echo(f"{r.revision}  {r.edit}  {r.fact['prompt']} -> {r.fact['target_new']}  "
                        f"{shown}  {r.stats['steps']} steps {r.stats['seconds']:.1f}s{extra}")
+    if len(results) > 1:
+        import torch   # loaded by the add already; the CLI itself does not import it at start
+        click.echo(f"added {len(results)} edits in {took:.1f}s ({60 * len(results) / took:.1f} edits/min, "
+                   f"{torch.get_num_threads()} threads)", err=True)
 
 
 @cli.command("eval")

@@ -87,7 +87,8 @@ def test_hook_on_model_adds_the_delta_and_detaches_cleanly(tiny_llama):
 
 def test_config_rejects_bad_values():
     from ledger.errors import InputError
-    for bad in ({"method": "lora"}, {"rank": 0}, {"lr": 0}, {"steps": 0}, {"layer": -1}, {"gate_weight": -1}):
+    for bad in ({"method": "lora"}, {"rank": 0}, {"lr": 0}, {"steps": 0}, {"layer": -1}, {"gate_weight": -1},
+                {"gate_floor": 1.0}, {"gate_floor": -0.1}):
         with pytest.raises(InputError):
             BaftConfig(**bad)
 
@@ -113,13 +114,17 @@ def _facts():
 @pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
 @pytest.mark.parametrize("method", ["baft", "reft"])
 @pytest.mark.parametrize("n_facts", [1, 2])
-def test_fast_path_gives_the_same_gradients(family, method, n_facts, request):
+@pytest.mark.parametrize("floor", [0.0, 0.3])
+def test_fast_path_gives_the_same_gradients(family, method, n_facts, floor, request):
     """The optimised training path (lower blocks replayed from cache, output head only where the
-    loss reads) gives the same loss and gradients as the plain full forward, to 1e-5."""
+    loss reads, and with a gate floor only the rows where a new gate is open) gives the same
+    loss and gradients as the plain full forward, to 1e-5."""
     from ledger.baft.trainer import EditProblem
+    if method == "reft" and floor:
+        pytest.skip("a ReFT gate is constant: no floor")
     base = load_base(str(request.getfixturevalue(family)))
     sites = _parent_sites(base)
-    cfg = BaftConfig(method=method, rank=2, n_prefixes=1)
+    cfg = BaftConfig(method=method, rank=2, n_prefixes=1, gate_floor=floor)
     problem = EditProblem(base.model, base.tokenizer, sites, base.layers, _facts()[:n_facts], cfg, layer=2,
                           retention=[("Paris is in", "France")])
     try:
@@ -141,6 +146,9 @@ def test_fast_path_gives_the_same_gradients(family, method, n_facts, request):
                 loss.backward()
             losses[fast] = parts
             grads[fast] = [p.grad.clone() for p in problem.parameters()]
+        run = {fast: parts.pop("rows_run") for fast, parts in losses.items()}
+        if floor:   # the floored path really left rows out
+            assert run[True] < run[False] == problem.batch.input_ids.shape[0]
         for k in losses[True]:
             assert abs(losses[True][k] - losses[False][k]) <= 1e-5, k
         assert any(g.abs().max() > 1e-6 for g in grads[False])
@@ -152,14 +160,15 @@ def test_fast_path_gives_the_same_gradients(family, method, n_facts, request):
 
 
 @pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
-def test_fast_path_learns_exactly_the_same(family, request):
+@pytest.mark.parametrize("floor", [0.0, 0.3])
+def test_fast_path_learns_exactly_the_same(family, floor, request):
     """Whole training runs on both paths end with the same tensors."""
     from ledger.baft.trainer import train_edits
     base = load_base(str(request.getfixturevalue(family)))
     sites = _parent_sites(base)
     out = {}
     for fast in (False, True):
-        cfg = BaftConfig(steps=4, min_steps=4, rank=2, fast_path=fast, n_prefixes=1)
+        cfg = BaftConfig(steps=4, min_steps=4, rank=2, fast_path=fast, n_prefixes=1, gate_floor=floor)
         out[fast] = [t.tensors for t in train_edits(base.model, base.tokenizer, sites, base.layers, _facts(), cfg,
                                                     layer=2)]
     for a, b in zip(out[True], out[False]):

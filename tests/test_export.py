@@ -64,7 +64,7 @@ def composed_outputs(lg, prompts, n_new=6):
 @pytest.fixture
 def edited(db_url, tiny_llama):
     lg = Ledger.init(db_url, model=str(tiny_llama))
-    lg.add(parse_facts_text(json.dumps([FACT, FACT2, FACT3])), BaftConfig(**{**FAST, "layer": None}))
+    lg.add(parse_facts_text(json.dumps([FACT, FACT2, FACT3])), BaftConfig(**{**FAST, "layer": None, "gate_floor": 0.3}))
     lg.add(parse_facts_text(json.dumps(dict(FACT3, subject="Ivy", prompt="Ivy plays"))), BaftConfig(**{**FAST, "layer": 2}))
     yield lg
     lg.close()

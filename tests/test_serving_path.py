@@ -68,7 +68,36 @@ def test_site_with_only_a_trainable_block_skips_the_empty_stack():
     site.trainable.append(blk)
     h = torch.randn(4, d)
     assert torch.equal(site.delta(h), blk(h))
-    assert torch.equal(InterventionSite(0, FusedIntervention([], d)).delta(h), torch.zeros_like(h))
+    assert InterventionSite(0, FusedIntervention([], d)).delta(h) is None   # no change: nothing to add
+
+
+def test_gate_floors_compose_exactly_and_shut_bases_are_skipped():
+    d = 48
+    ts = _blocks(d, [2, 4, 3, 1], seed=3)
+    ts[0]["floor"] = torch.full((2,), 0.3)
+    ts[2]["floor"] = torch.tensor([0.5, 0.2, 0.0])
+    f = FusedIntervention(ts, d)                     # floored and unfloored blocks mixed
+    assert f.has_floor and "floor" not in ts[1]
+    h = torch.randn(3, 6, d) * 3
+    ref = sum(block_delta(t, h) for t in ts)
+    assert ref.abs().max() > 1e-3
+    with torch.no_grad():
+        f.SPARSE_SHARE = 0.0
+        dense = f(h)
+        f.SPARSE_SHARE = 1.0
+        sparse = f(h)
+    graph = f(h.clone().requires_grad_(True))
+    for out in (dense, sparse, graph):
+        assert (out - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
+    # the floored gate really is 0 somewhere and the unfloored blocks' never is
+    g = torch.sigmoid(h @ ts[0]["U"].T + ts[0]["c"])
+    assert (g < 0.3).any()
+    # every gate shut: the site adds nothing at all
+    shut = [dict(t, c=torch.full_like(t["c"], -1e4), floor=torch.full_like(t["c"], 0.1)) for t in ts]
+    site = InterventionSite(0, FusedIntervention(shut, d))
+    assert site.delta(h) is None
+    with pytest.raises(ValueError):
+        FusedIntervention([dict(ts[0], floor=torch.full((2,), 1.0))], d)
 
 
 def test_fuse_groups_by_layer_in_edit_order():

@@ -46,6 +46,11 @@ class BaftConfig:
     # negative. Without it the gate learns "a subject is here" and fires on neighbours'
     # subjects too (docs/quality.md: locality 0.70 -> 0.95 on val[0:20]).
     gate_key_init: bool = True
+    # Gate floor f: the weight used is max(0, (s - f) / (1 - f)), exactly 0 where the gate
+    # s < f (layer.py). Shut means shut: a thousand edits no longer each leak a little onto
+    # every token, the serving path skips shut bases, and training skips the rows where the
+    # new gate is shut (their KL and gradient are exactly 0). 0 gives the plain sigmoid gate.
+    gate_floor: float = 0.0
     # Near-miss negatives: the relation template filled with each word of a multi-word subject
     # alone ("BBC" and "One" for "BBC One"), so the gate learns the whole subject.
     near_miss_negatives: bool = False
@@ -88,6 +93,8 @@ class BaftConfig:
             raise InputError(f"edit_positions must be 'subject' or 'all', got '{self.edit_positions}'")
         if self.gate_close_pool not in ("mean", "max"):
             raise InputError(f"gate_close_pool must be 'mean' or 'max', got '{self.gate_close_pool}'")
+        if not 0.0 <= self.gate_floor < 1.0:
+            raise InputError(f"--gate-floor must lie in [0, 1), got {self.gate_floor}")
         for name in ("locality_weight", "gate_weight", "gate_open_weight"):
             if getattr(self, name) < 0:
                 raise InputError(f"--{name.replace('_', '-')} must not be negative")

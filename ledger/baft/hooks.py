@@ -21,9 +21,9 @@ class InterventionSite(nn.Module):
         self.trainable = nn.ModuleList()
         self._handle = None
 
-    def delta(self, h: torch.Tensor) -> torch.Tensor:
-        # An empty stack (a layer that only has the block being trained) costs nothing.
-        out = self.fused(h) if self.fused.rank or not len(self.trainable) else None
+    def delta(self, h: torch.Tensor) -> torch.Tensor | None:
+        """The change to h; None when it is exactly zero (an empty stack, or every gate shut)."""
+        out = self.fused.change(h)
         for block in self.trainable:
             out = block(h) if out is None else out + block(h)
         return out
@@ -31,8 +31,10 @@ class InterventionSite(nn.Module):
     def _hook(self, module, args, output):
         if isinstance(output, tuple):  # older or GPT-2 style blocks return (hidden, ...)
             h = output[0]
-            return (h + self.delta(h),) + tuple(output[1:])
-        return output + self.delta(output)
+            d = self.delta(h)
+            return None if d is None else (h + d,) + tuple(output[1:])
+        d = self.delta(output)
+        return None if d is None else output + d
 
     def attach(self, block_module: nn.Module) -> None:
         self.detach()

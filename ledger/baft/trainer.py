@@ -10,8 +10,8 @@ Loss of one step, on one padded batch of "edit" rows and "unrelated" rows:
 
     CE(target_new | edit rows)                                   make the edit
   + locality_weight * KL(parent || edited) over unrelated rows    leave the rest alone
-  + gate_weight * mean gate where the edit must not fire          keep the gate shut there
-  + gate_open_weight * -log gate at the subject's last token      ... and open on the subject
+  + gate_weight * mean gate s where the edit must not fire        keep the gate shut there
+  + gate_open_weight * -log s at the subject's last token         ... and open on the subject
 
 Edit rows: the prompt, the fact's rephrase prompts (when `train_on_rephrases`), and the prompt
 behind short fixed prefixes (generalisation, as ROME does). With `edit_positions="subject"`
@@ -24,9 +24,14 @@ prompts + targets of edits already active (a retention set, so old edits survive
 The parent's distributions on the unrelated rows are computed once, before the new blocks
 exist.
 
+The gate terms read the gate before its floor (see layer.py), from the edited block's cached
+input, on every row.
+
 Speed, without changing what is learned (tests/test_baft.py checks gradients and results
 against the plain path): the blocks below the edited one are replayed from one cached pass,
-and the output head runs only at the positions the loss reads.
+the output head runs only at the positions the loss reads, and with a gate floor a step runs
+the blocks above only on the edit rows and the unrelated rows where a new gate is open
+(elsewhere the new blocks change nothing, so those rows' KL and gradient are exactly 0).
 """
 from __future__ import annotations
 
@@ -295,7 +300,10 @@ class EditProblem:
                 with torch.no_grad():
                     self.head_ok = torch.allclose(head(hidden[self.read]).float(), full.float(), atol=1e-4, rtol=1e-4)
         self._head = head
-        self._replay = _ReplayBelow(layers, layer, self.site, captured["out"])
+        self._site_out = captured["out"]
+        self._site_h = (self._site_out[0] if isinstance(self._site_out, tuple) else self._site_out).detach()
+        self.read_row = self.read.nonzero()[:, 0]
+        self._replay = _ReplayBelow(layers, layer, self.site, self._site_out)
         self._fast = False
 
         # The orthogonal parametrisation draws from torch's global generator when it is set
@@ -304,7 +312,8 @@ class EditProblem:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.blocks = [BaftBlock(hidden_size(model), cfg.rank, method=cfg.method,
-                                     gate_bias_init=cfg.gate_bias_init, generator=gen).to(device)
+                                     gate_bias_init=cfg.gate_bias_init, gate_floor=cfg.gate_floor,
+                                     generator=gen).to(device)
                            for _ in facts]
         if cfg.gate_key_init and cfg.method == "baft":
             self._init_gates(captured["out"])
@@ -338,12 +347,51 @@ class EditProblem:
         out = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
         return out[self.read]
 
-    def _logits_fast(self) -> torch.Tensor:
+    def _logits_fast(self, rows: torch.Tensor | None) -> torch.Tensor:
+        """The logits at the read positions of `rows` (all rows when None)."""
         b = self.batch
         if not self.head_ok:
-            return self._logits_plain()
-        out = self.model.base_model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
-        return self._head(out.last_hidden_state[self.read])
+            return self._logits_plain() if rows is None else self._logits_plain()[self._keep_pos(rows)]
+        ids, mask, read = b.input_ids, b.attention_mask, self.read
+        if rows is not None:
+            ids, mask, read = ids[rows], mask[rows], read[rows]
+            self._replay.replay.output = self._rows_of(self._site_out, rows)
+            for block, apply in zip(self.blocks, self.apply_masks):
+                block.train_mask = apply[rows]
+        try:
+            out = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+        finally:
+            if rows is not None:
+                self._replay.replay.output = self._site_out
+                for block, apply in zip(self.blocks, self.apply_masks):
+                    block.train_mask = apply
+        return self._head(out.last_hidden_state[read])
+
+    @staticmethod
+    def _rows_of(out, rows):
+        if isinstance(out, tuple):
+            return (out[0][rows],) + tuple(out[1:])
+        return out[rows]
+
+    def _keep_pos(self, rows: torch.Tensor) -> torch.Tensor:
+        keep = torch.zeros(self.batch.input_ids.shape[0], dtype=torch.bool, device=self.device)
+        keep[rows] = True
+        return keep[self.read_row]
+
+    def _live_rows(self, gates: list[torch.Tensor]) -> torch.Tensor | None:
+        """The rows the step must run above the edited block: the edit rows, and the unrelated
+        rows where some new block's floored gate is open at a position it acts on. Elsewhere
+        every new block's change is exactly 0, so the row's output is the parent's: its KL is
+        0 and so is its gradient. None: every row (no floor, so no gate is ever exactly 0)."""
+        if not self._fast or self.cfg.gate_floor <= 0 or self.cfg.method != "baft":
+            return None
+        live = torch.zeros(self.batch.input_ids.shape[0], dtype=torch.bool, device=self.device)
+        live[: self.n_edit] = True
+        for g, apply in zip(gates, self.apply_masks):
+            live |= ((g.detach() > 0).any(-1) & (apply[..., 0] > 0)).any(1)
+        if bool(live.all()):
+            return None
+        return live.nonzero().squeeze(1)
 
     @contextmanager
     def fast(self):
@@ -358,35 +406,47 @@ class EditProblem:
 
     def loss(self) -> tuple[torch.Tensor, dict[str, float], bool]:
         cfg = self.cfg
-        out = (self._logits_fast() if self._fast else self._logits_plain()).float()
+        # The gates on every row, from the edited block's cached input (the same h the blocks
+        # see in the forward pass: nothing below them changes while training).
+        raw = [block.raw_gate(self._site_h) for block in self.blocks] if cfg.method == "baft" else []
+        gates = [block.gate(s) for block, s in zip(self.blocks, raw)]
+        rows = self._live_rows(gates)
+        out = (self._logits_fast(rows) if self._fast else self._logits_plain()).float()
         logp = torch.log_softmax(out, -1)
         tgt_logp = logp[: self.n_tgt]
         tok_logp = tgt_logp.gather(-1, self.target_ids[:, None]).squeeze(-1)
         ce = -tok_logp.mean()
         cur = logp[self.n_tgt:]
-        kl_pos = (self.ref_logp.exp() * (self.ref_logp - cur)).sum(-1)
-        kl = (kl_pos * self.pos_weight).sum()
+        ref_logp, pos_weight, row_of_pos = self.ref_logp, self.pos_weight, self.row_of_pos
+        if rows is not None:
+            keep = self._keep_pos(rows)[self.n_tgt:]
+            ref_logp, pos_weight, row_of_pos = ref_logp[keep], pos_weight[keep], row_of_pos[keep]
+        kl_pos = (ref_logp.exp() * (ref_logp - cur)).sum(-1)
+        kl = (kl_pos * pos_weight).sum()
         # the worst unrelated row: done only when every one of them is back to the parent
         worst_kl = torch.zeros(max(1, self.n_unrelated), device=self.device).index_add_(
-            0, self.row_of_pos, kl_pos.detach() * self.pos_weight * self.n_unrelated).max()
+            0, row_of_pos, kl_pos.detach() * pos_weight * self.n_unrelated).max()
         close = torch.zeros((), device=self.device)
         opened = torch.zeros((), device=self.device)
         if cfg.method == "baft":
-            for block, cm, om in zip(self.blocks, self.close_masks, self.open_masks):
-                gate = block.last_gate
+            # Both gate terms read s, before the floor: a gate already below the floor is
+            # still pushed further down (a margin for neighbours never seen in training), and
+            # one below it on the subject still gets a gradient back up.
+            for s, cm, om in zip(raw, self.close_masks, self.open_masks):
                 if cm.any():
                     if cfg.gate_close_pool == "max":
-                        rows = cm.any(1)
-                        masked = gate.masked_fill(~cm[..., None], 0.0)[rows]
+                        rows_c = cm.any(1)
+                        masked = s.masked_fill(~cm[..., None], 0.0)[rows_c]
                         close = close + masked.amax(dim=(1, 2)).mean()
                     else:
-                        close = close + gate[cm].mean()
+                        close = close + s[cm].mean()
                 if om.any():
-                    opened = opened - torch.log(gate[om].clamp_min(1e-6)).mean()
+                    opened = opened - torch.log(s[om].clamp_min(1e-6)).mean()
             close, opened = close / len(self.blocks), opened / len(self.blocks)
         loss = ce + cfg.locality_weight * kl + cfg.gate_weight * close + cfg.gate_open_weight * opened
         parts = {"loss": loss.item(), "ce": ce.item(), "kl": kl.item(), "gate": close.item(),
-                 "gate_open": opened.item(), "worst_kl": worst_kl.item()}
+                 "gate_open": opened.item(), "worst_kl": worst_kl.item(),
+                 "rows_run": int(self.batch.input_ids.shape[0] if rows is None else len(rows))}
         # Done when every target token is the argmax with margin AND the unrelated text is
         # back to the parent's distribution: stopping on the target alone leaves gates open.
         reached = bool((tgt_logp.argmax(-1) == self.target_ids).all()
