@@ -317,6 +317,10 @@ class EditProblem:
                            for _ in facts]
         if cfg.gate_key_init and cfg.method == "baft":
             self._init_gates(captured["out"])
+        if cfg.gate_lr_scale == 0:
+            for block in self.blocks:       # the gate stays as initialised: no gradient at all
+                block.U.requires_grad_(False)
+                block.c.requires_grad_(False)
         for block, mask in zip(self.blocks, self.apply_masks):
             block.train_mask = mask
             self.site.trainable.append(block)
@@ -472,7 +476,10 @@ def train_edits(model, tok, sites: dict[int, InterventionSite], layers, facts: l
     frozen."""
     started = time.perf_counter()
     problem = EditProblem(model, tok, sites, layers, facts, cfg, layer=layer, retention=retention)
-    opt = torch.optim.Adam(problem.parameters(), lr=cfg.lr)
+    gate = [p for b in problem.blocks for p in (b.U, b.c) if p.requires_grad]
+    rest = [p for p in problem.parameters() if all(p is not q for q in gate)]
+    groups = [{"params": rest}] + ([{"params": gate, "lr": cfg.lr * cfg.gate_lr_scale}] if gate else [])
+    opt = torch.optim.Adam(groups, lr=cfg.lr)
     steps_run, last = 0, {}
     try:
         model.train(False)
