@@ -88,7 +88,8 @@ def test_hook_on_model_adds_the_delta_and_detaches_cleanly(tiny_llama):
 def test_config_rejects_bad_values():
     from ledger.errors import InputError
     for bad in ({"method": "lora"}, {"rank": 0}, {"lr": 0}, {"steps": 0}, {"layer": -1}, {"gate_weight": -1},
-                {"gate_floor": 1.0}, {"gate_floor": -0.1}):
+                {"gate_floor": 1.0}, {"gate_floor": -0.1}, {"gate_lr_scale": -1},
+                {"gate_lr_scale": 0, "gate_key_init": False}):
         with pytest.raises(InputError):
             BaftConfig(**bad)
 
@@ -114,17 +115,17 @@ def _facts():
 @pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
 @pytest.mark.parametrize("method", ["baft", "reft"])
 @pytest.mark.parametrize("n_facts", [1, 2])
-@pytest.mark.parametrize("floor", [0.0, 0.3])
-def test_fast_path_gives_the_same_gradients(family, method, n_facts, floor, request):
+@pytest.mark.parametrize("floor,gate_lr", [(0.0, 1.0), (0.3, 1.0), (0.3, 0.0)])
+def test_fast_path_gives_the_same_gradients(family, method, n_facts, floor, gate_lr, request):
     """The optimised training path (lower blocks replayed from cache, output head only where the
     loss reads, and with a gate floor only the rows where a new gate is open) gives the same
     loss and gradients as the plain full forward, to 1e-5."""
     from ledger.baft.trainer import EditProblem
-    if method == "reft" and floor:
-        pytest.skip("a ReFT gate is constant: no floor")
+    if method == "reft" and (floor or not gate_lr):
+        pytest.skip("a ReFT gate is constant: no floor, nothing to freeze")
     base = load_base(str(request.getfixturevalue(family)))
     sites = _parent_sites(base)
-    cfg = BaftConfig(method=method, rank=2, n_prefixes=1, gate_floor=floor)
+    cfg = BaftConfig(method=method, rank=2, n_prefixes=1, gate_floor=floor, gate_lr_scale=gate_lr)
     problem = EditProblem(base.model, base.tokenizer, sites, base.layers, _facts()[:n_facts], cfg, layer=2,
                           retention=[("Paris is in", "France")])
     try:
@@ -152,6 +153,8 @@ def test_fast_path_gives_the_same_gradients(family, method, n_facts, floor, requ
         for k in losses[True]:
             assert abs(losses[True][k] - losses[False][k]) <= 1e-5, k
         assert any(g.abs().max() > 1e-6 for g in grads[False])
+        gate_params = sum(1 for b in problem.blocks for p in (b.U, b.c) if p.requires_grad)
+        assert gate_params == (2 * n_facts if method == "baft" and gate_lr else 0)
         for a, b in zip(grads[True], grads[False]):
             assert (a - b).abs().max() <= 1e-5
     finally:
