@@ -304,6 +304,7 @@ class EditProblem:
         self._site_h = (self._site_out[0] if isinstance(self._site_out, tuple) else self._site_out).detach()
         self.read_row = self.read.nonzero()[:, 0]
         self._replay = _ReplayBelow(layers, layer, self.site, self._site_out)
+        self._frozen_raw: list[torch.Tensor] | None = None
         self._fast = False
 
         # The orthogonal parametrisation draws from torch's global generator when it is set
@@ -351,11 +352,12 @@ class EditProblem:
         out = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
         return out[self.read]
 
-    def _logits_fast(self, rows: torch.Tensor | None) -> torch.Tensor:
-        """The logits at the read positions of `rows` (all rows when None)."""
+    def _logits_fast(self, rows: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor:
+        """The logits at the read positions of `rows` (all rows when None); `keep` marks those
+        positions among all read positions."""
         b = self.batch
         if not self.head_ok:
-            return self._logits_plain() if rows is None else self._logits_plain()[self._keep_pos(rows)]
+            return self._logits_plain() if rows is None else self._logits_plain()[keep]
         ids, mask, read = b.input_ids, b.attention_mask, self.read
         if rows is not None:
             ids, mask, read = ids[rows], mask[rows], read[rows]
@@ -412,10 +414,15 @@ class EditProblem:
         cfg = self.cfg
         # The gates on every row, from the edited block's cached input (the same h the blocks
         # see in the forward pass: nothing below them changes while training).
-        raw = [block.raw_gate(self._site_h) for block in self.blocks] if cfg.method == "baft" else []
+        # A kept gate (gate_lr_scale 0) never changes: computed once.
+        raw = self._frozen_raw if self._frozen_raw is not None else \
+            [block.raw_gate(self._site_h) for block in self.blocks] if cfg.method == "baft" else []
+        if self._frozen_raw is None and cfg.method == "baft" and cfg.gate_lr_scale == 0:
+            self._frozen_raw = raw
         gates = [block.gate(s) for block, s in zip(self.blocks, raw)]
         rows = self._live_rows(gates)
-        out = (self._logits_fast(rows) if self._fast else self._logits_plain()).float()
+        keep_all = None if rows is None else self._keep_pos(rows)
+        out = (self._logits_fast(rows, keep_all) if self._fast else self._logits_plain()).float()
         logp = torch.log_softmax(out, -1)
         tgt_logp = logp[: self.n_tgt]
         tok_logp = tgt_logp.gather(-1, self.target_ids[:, None]).squeeze(-1)
@@ -423,7 +430,7 @@ class EditProblem:
         cur = logp[self.n_tgt:]
         ref_logp, pos_weight, row_of_pos = self.ref_logp, self.pos_weight, self.row_of_pos
         if rows is not None:
-            keep = self._keep_pos(rows)[self.n_tgt:]
+            keep = keep_all[self.n_tgt:]
             ref_logp, pos_weight, row_of_pos = ref_logp[keep], pos_weight[keep], row_of_pos[keep]
         kl_pos = (ref_logp.exp() * (ref_logp - cur)).sum(-1)
         kl = (kl_pos * pos_weight).sum()
