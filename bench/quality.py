@@ -57,6 +57,7 @@ from ledger.evaluate import Measurement, mean_metrics, measure, score  # noqa: E
 from ledger.facts import Fact, fact_from_record, to_native  # noqa: E402
 from ledger.models import BaseModel  # noqa: E402
 from ledger.store.schema import Blob  # noqa: E402
+from ledger.wordings import pairs_of_fact  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 DATASETS = {"counterfact": ("counterfact/counterfact-edit-1k.json", "counterfact"),
@@ -123,11 +124,15 @@ class Ledgers:
     one model load); every further one is a copy of that rev-1 database, opened with the
     loaded base handed over instead of loaded again (same model, same fingerprint)."""
 
-    def __init__(self, workdir: Path, model: str | None):
+    def __init__(self, workdir: Path, model: str | None, wordings: Path | None = None,
+                 held_out: set[tuple[str, str]] = frozenset()):
         self.workdir = workdir
         self.template = workdir / "template.db"
         lg = Ledger.init(f"sqlite:///{self.template}", model=model)
         self.base: BaseModel = lg.base
+        # Every ledger starts with the same wordings table, without the evaluated facts' own
+        # rephrase wordings: generalisation is measured on wordings no edit was trained on.
+        self.wordings = lg.import_wordings(wordings, exclude=held_out).to_dict() if wordings else None
         lg.close()   # detaches its (empty) composition: the base model is bare between runs
         self.count = 0
 
@@ -387,6 +392,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="BaftConfig fields over the defaults, for baft and reft (e.g. '{\"rank\": 8}')")
     ap.add_argument("--ftm-config", type=json.loads, default={}, metavar="JSON",
                     help="FTMConfig fields over EasyEdit's defaults (e.g. '{\"steps\": 50}')")
+    ap.add_argument("--wordings", default="counterfact/counterfact-train.json", metavar="PATH|none",
+                    help="relation wordings imported into every ledger (`ledger wordings import`), relative to "
+                         "--data-dir; the evaluated facts' own rephrase wordings are left out (default: "
+                         "counterfact/counterfact-train.json; none: no wordings)")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON lines to this file")
     args = ap.parse_args(argv)
 
@@ -422,17 +431,25 @@ def main(argv: list[str] | None = None) -> None:
             out_file.write(line + "\n")
             out_file.flush()
 
+    wordings_path = None if args.wordings == "none" else args.data_dir / args.wordings
+    if wordings_path is not None and not wordings_path.is_file():
+        ap.error(f"no wordings file at {wordings_path}")
+    count = max([args.n if "single" in settings else 0, *seq_T, *batch_K])
+    data = {name: load_dataset(args.data_dir, name, args.offset, count) for name in args.datasets}
+    held_out = {p for facts in data.values() for _, f in facts for p in pairs_of_fact(f)}
+
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
-        ledgers = Ledgers(Path(tmp), args.model)
+        ledgers = Ledgers(Path(tmp), args.model, wordings_path, held_out)
         base = ledgers.base
         n_layers = len(base.layers)
         common = {"model": "SmolLM2-135M-Instruct" if base.spec == "smollm2-135m-instruct" else base.spec,
                   "model_fingerprint": base.fingerprint[:16], "offset": args.offset, "threads": args.threads,
                   "held_out_eval_prompts": True, "torch": torch.__version__,
+                  "wordings": ledgers.wordings and {k: ledgers.wordings[k] for k in
+                                                     ("source", "pairs", "added", "excluded")},
                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **git_state()}
         for dataset in args.datasets:
-            count = max([args.n if "single" in settings else 0, *seq_T, *batch_K])
-            facts = load_dataset(args.data_dir, dataset, args.offset, count)
+            facts = data[dataset]
             common_ds = {**common, "data": DATASETS[dataset][0]}
             # The bare base model: its measurement is every fact's locality reference.
             base_meas = {fid: measure(base.model, base.tokenizer, f) for fid, f in facts}

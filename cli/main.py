@@ -142,6 +142,8 @@ class _Bar(_PhaseBar):
               help="Weight of the gate-closing term on unrelated inputs.")
 @click.option("--gate-floor", type=click.FloatRange(0.0, 1.0, max_open=True), default=BaftConfig.gate_floor,
               show_default=True, help="A gate below this is exactly 0 (0: the plain sigmoid gate).")
+@click.option("--wordings", "n_wordings", type=click.IntRange(0, 32), default=BaftConfig.wordings, show_default=True,
+              help="Also train on up to N other wordings of the fact's relation (`ledger wordings`).")
 @click.option("--format", "fmt", type=click.Choice(["auto", "native", "counterfact", "rome", "zsre", "knowedit"]),
               default="auto", show_default=True, help="Record form of FILE (auto detects per record).")
 @click.option("--offset", type=click.IntRange(0), default=0, show_default=True, help="Skip the first N records.")
@@ -154,8 +156,8 @@ class _Bar(_PhaseBar):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per new edit.")
 @click.pass_context
 def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int, steps: int, lr: float,
-        locality_weight: float, gate_weight: float, gate_floor: float, fmt: str, offset: int, limit: int | None,
-        skip_bad: bool, batch: int, seed: int, message: str | None, as_json: bool) -> None:
+        locality_weight: float, gate_weight: float, gate_floor: float, n_wordings: int, fmt: str, offset: int,
+        limit: int | None, skip_bad: bool, batch: int, seed: int, message: str | None, as_json: bool) -> None:
     """Train one BaFT edit per fact in FILE and commit each as a new revision (with --batch K,
     K facts per revision, trained together).
 
@@ -165,7 +167,8 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
     is checked before anything is trained.
     """
     cfg = BaftConfig(method=method, layer=layer, rank=rank, steps=steps, lr=lr,
-                     locality_weight=locality_weight, gate_weight=gate_weight, gate_floor=gate_floor, seed=seed)
+                     locality_weight=locality_weight, gate_weight=gate_weight, gate_floor=gate_floor,
+                     wordings=n_wordings, seed=seed)
     loaded = load_facts(file, fmt=fmt, offset=offset, limit=limit, skip_bad=skip_bad)
     facts, problems = loaded if skip_bad else (loaded, [])
     for p in problems:
@@ -521,6 +524,49 @@ def gc(ctx: click.Context, as_json: bool) -> None:
     with _open(ctx) as lg:
         out = lg.gc()
     _dump(out) if as_json else click.echo(f"removed {out['blobs_removed']} blob(s), {out['bytes_removed']} bytes")
+
+
+@cli.group()
+def wordings() -> None:
+    """Other wordings of relations, which `ledger add` trains each fact on."""
+
+
+@wordings.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def wordings_import(ctx: click.Context, file: str, as_json: bool) -> None:
+    """Learn relation wordings from FILE: a fact file whose records have a subject and
+    rephrases (CounterFact, ROME, native), or records {"relation": "{} speaks", "wordings":
+    ["The mother tongue of {} is", ...]}. Each later `ledger add` trains a fact on up to
+    --wordings of its relation's wordings, filled with its subject."""
+    with _open(ctx) as lg:
+        r = lg.import_wordings(file)
+    if as_json:
+        _dump(r.to_dict())
+        return
+    click.echo(f"{r.added} new wordings ({r.pairs} in {r.records} records of {r.source}"
+               + (f", {r.skipped} records gave none" if r.skipped else "") + ")")
+
+
+@wordings.command("list")
+@click.argument("relation", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def wordings_list(ctx: click.Context, relation: str | None, as_json: bool) -> None:
+    """The relations with wordings and how many each has; with RELATION (a template such as
+    "{} speaks"), its wordings."""
+    with _open(ctx) as lg:
+        info = lg.wordings(relation)
+    if as_json:
+        _dump(info)
+    elif relation is not None:
+        for w in info["wordings"]:
+            click.echo(w)
+    else:
+        for row in info["by_relation"]:
+            click.echo(f"{row['wordings']:5d}  {row['relation']}")
+        click.echo(f"{info['wordings']} wordings of {info['relations']} relations", err=True)
 
 
 @cli.group()

@@ -24,6 +24,7 @@ from sqlalchemy import Connection, Engine, func, select
 
 from . import __version__
 from . import revisions as revs
+from . import wordings as wd
 from .baft import BaftConfig, default_layer
 from .baft.trainer import train_edits
 from .compose import UNCOMMITTED, Block, ComposedModel
@@ -523,11 +524,14 @@ class Ledger:
         measure each, and commit one revision on `parent` that removes `remove` and adds them."""
         with self.engine.connect() as conn:
             retention = [(f["prompt"], f["target_new"]) for f in self._facts_of(conn, train_on).values()]
+            extra = self._wording_prompts(conn, facts, cfg)
         composed = self._compose_ids(train_on, parent if not remove else None)
         model, tok = composed.model, composed.tokenizer
         before = measure_many(model, tok, facts)
         trained = train_edits(model, tok, composed.sites, self.base.layers, facts, cfg, layer=layer,
-                              retention=retention, progress=progress)
+                              retention=retention, extra_prompts=extra, progress=progress)
+        for t, prompts in zip(trained, extra):
+            t.stats["wording_prompts"] = prompts      # what this edit was trained on, for the audit
         # Measured as they will compose: the uncommitted blocks sort last, in order, as their
         # ids will.
         composed.compose(self._blocks_of(train_on) + [Block(UNCOMMITTED + k, layer, t.tensors)
@@ -575,6 +579,43 @@ class Ledger:
         return [AddResult(revision=revs.rev_name(rev.id), edit=revs.edit_name(e), metrics=m, stats=t.stats,
                           superseded=[revs.edit_name(x) for x in remove], fact=f.to_dict())
                 for e, m, t, f in zip(edit_ids, metrics, trained, facts)]
+
+    @staticmethod
+    def _wording_prompts(conn: Connection, facts: list[Fact], cfg: BaftConfig) -> list[list[str]]:
+        """Per fact, up to cfg.wordings other wordings of its relation, filled with its subject."""
+        if cfg.wordings <= 0:
+            return [[] for _ in facts]
+        relations = [wd.template_of(f.prompt, f.subject) for f in facts]
+        table = wd.of_relations(conn, [r for r in relations if r])
+        return [wd.training_prompts(f, table.get(r, []) if r else [], cfg.wordings, cfg.seed)
+                for f, r in zip(facts, relations)]
+
+    # --- relation wordings -----------------------------------------------------------------------
+
+    def import_wordings(self, path: str | Path, *, exclude: Iterable[tuple[str, str]] = ()) -> wd.ImportResult:
+        """Add the (relation, wording) pairs of a wordings or fact file to the ledger's table
+        (pairs it holds already are kept once). `exclude` leaves pairs out, e.g. the wordings a
+        benchmark holds out. The file is read whole before anything is written."""
+        pairs, n_records, skipped = wd.read_pairs(path)
+        drop = set(exclude)
+        kept = [p for p in pairs if p not in drop]
+        source = os.path.basename(str(path))
+        with write_transaction(self.engine) as conn:
+            added = wd.insert(conn, kept, source, blobs.now())
+            self._audit(conn, "wordings", None, None, {"source": source, "pairs": len(kept), "added": added})
+        return wd.ImportResult(source=source, records=n_records, pairs=len(pairs), added=added,
+                               excluded=len(pairs) - len(kept), skipped=len(skipped),
+                               skipped_examples=skipped[:5])
+
+    def wordings(self, relation: str | None = None) -> dict[str, Any]:
+        """With a relation (a template with "{}", or a prompt and subject's template): its
+        wordings. Without: every relation and how many wordings it has."""
+        with self.engine.connect() as conn:
+            if relation is not None:
+                return {"relation": relation, "wordings": wd.of_relations(conn, [relation])[relation]}
+            rows = wd.summary(conn)
+        return {"relations": len(rows), "wordings": sum(k for _, k in rows),
+                "by_relation": [{"relation": r, "wordings": k} for r, k in rows]}
 
     # --- history: revert, rebase, diff -----------------------------------------------------------
 
@@ -711,7 +752,7 @@ class Ledger:
             state = revs.head(conn)
             now_active = revs.active_set(conn, state.revision)
         [result] = self._train_and_commit(
-            [fact_from_record(fact_d)], BaftConfig.from_dict(cfg_d), layer, state.revision,
+            [fact_from_record(fact_d)], BaftConfig.from_dict(cfg_d, stored=True), layer, state.revision,
             now_active - {eid}, [eid], "rebase", f"rebase {revs.edit_name(eid)}",
             (lambda d, t: progress(label, d, t)) if progress else None)
         return result

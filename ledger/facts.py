@@ -221,16 +221,17 @@ def to_native(rec: Any, fmt: str, index: int) -> Any:
     raise InputError(f"unknown --format {fmt!r}: choose one of {', '.join(FORMATS)}")
 
 
-def _records(text: str) -> list[Any]:
-    """The records of a fact file: one object, a JSON list, or JSON Lines."""
+def records_of_text(text: str, what: str = "fact file") -> list[Any]:
+    """The records of a fact file (or of another file of records): one object, a JSON
+    list, or JSON Lines."""
     stripped = text.strip()
     if not stripped:
-        raise InputError("the fact file is empty")
+        raise InputError(f"the {what} is empty")
     try:
         data = json.loads(stripped)
         records = data if isinstance(data, list) else [data]
     except RecursionError:
-        raise InputError("the fact file is nested too deeply") from None
+        raise InputError(f"the {what} is nested too deeply") from None
     except json.JSONDecodeError as first_error:
         # Not one JSON document: try JSON Lines, and report the first bad line.
         records = []
@@ -247,7 +248,7 @@ def _records(text: str) -> list[Any]:
                                      f"at line {first_error.lineno} column {first_error.colno}") from None
                 raise InputError(f"line {lineno}: not valid JSON: {e.msg}") from None
     if not records:
-        raise InputError("the fact file holds no facts")
+        raise InputError(f"the {what} holds no {'facts' if what == 'fact file' else 'records'}")
     return records
 
 
@@ -261,7 +262,7 @@ def parse_facts_text(text: str, *, fmt: str = "auto", offset: int = 0, limit: in
         raise InputError(f"unknown --format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if offset < 0 or (limit is not None and limit < 1):
         raise InputError("--offset must be >= 0 and --limit >= 1")
-    records = _records(text)
+    records = records_of_text(text)
     end = None if limit is None else offset + limit
     facts, problems = [], []
     for i, rec in list(enumerate(records))[offset:end]:
@@ -278,23 +279,27 @@ def parse_facts_text(text: str, *, fmt: str = "auto", offset: int = 0, limit: in
     return facts
 
 
-def load_facts(path: str | Path, **options) -> list[Fact] | tuple[list[Fact], list[str]]:
-    """Read and validate a fact file; raise InputError naming the first problem.
-    Options are those of parse_facts_text (fmt, offset, limit, skip_bad)."""
+def read_text(path: str | Path, what: str = "fact file") -> str:
+    """A UTF-8 file's text, or an InputError that names the problem."""
     p = Path(path)
     try:
         raw = p.read_bytes()
     except FileNotFoundError:
-        raise InputError(f"no such fact file: {p}") from None
+        raise InputError(f"no such {what}: {p}") from None
     except IsADirectoryError:
-        raise InputError(f"{p} is a directory, not a fact file") from None
+        raise InputError(f"{p} is a directory, not a {what}") from None
     except OSError as e:
         raise InputError(f"cannot read {p}: {e.strerror}") from None
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"{p} is not valid UTF-8 (byte {e.start})") from None
-    return parse_facts_text(text, **options)
+
+
+def load_facts(path: str | Path, **options) -> list[Fact] | tuple[list[Fact], list[str]]:
+    """Read and validate a fact file; raise InputError naming the first problem.
+    Options are those of parse_facts_text (fmt, offset, limit, skip_bad)."""
+    return parse_facts_text(read_text(path), **options)
 
 
 def facts_from_records(records: Iterable[Any]) -> list[Fact]:

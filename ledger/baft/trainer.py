@@ -159,13 +159,14 @@ class _Rows:
 
 
 def _build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[tuple[str, str]],
-                rng: random.Random) -> _Rows:
+                rng: random.Random, extra: list[list[str]]) -> _Rows:
     pairs: list[tuple[str, str | None]] = []
     owner: list[int] = []
     for k, fact in enumerate(facts):
         prompts = [fact.prompt]
         if cfg.train_on_rephrases:
             prompts += list(fact.rephrase_prompts)
+        prompts += extra[k]          # other wordings of the relation (wordings.py)
         prompts += [pre + fact.prompt for pre in PREFIXES[: cfg.n_prefixes]]
         pairs += [(p, fact.target_new) for p in prompts]
         owner += [k] * len(prompts)
@@ -210,11 +211,16 @@ class EditProblem:
     """
 
     def __init__(self, model, tok, sites: dict[int, InterventionSite], layers, facts: list[Fact],
-                 cfg: BaftConfig, *, layer: int, retention: list[tuple[str, str]] = ()):
+                 cfg: BaftConfig, *, layer: int, retention: list[tuple[str, str]] = (),
+                 extra_prompts: list[list[str]] | None = None):
         self.model, self.cfg, self.layer, self.layers = model, cfg, layer, layers
         self.device = device = next(model.parameters()).device
         rng = random.Random(cfg.seed)
-        rows = _build_rows(model, tok, facts, cfg, list(retention), rng)
+        extra = [list(x) for x in extra_prompts] if extra_prompts is not None else [[] for _ in facts]
+        if len(extra) != len(facts):
+            raise ValueError("extra_prompts needs one list per fact")
+        self.n_extra = sum(len(x) for x in extra)
+        rows = _build_rows(model, tok, facts, cfg, list(retention), rng, extra)
         batch = make_batch(tok, rows.pairs, device=device)
         self.batch: Batch = batch
         self.n_facts = len(facts)
@@ -478,11 +484,14 @@ class EditProblem:
 
 def train_edits(model, tok, sites: dict[int, InterventionSite], layers, facts: list[Fact],
                 cfg: BaftConfig, *, layer: int, retention: list[tuple[str, str]] = (),
+                extra_prompts: list[list[str]] | None = None,
                 progress: Callable[[int, int], None] | None = None) -> list[TrainedEdit]:
     """Train one block per fact at `layer`, together, with every site in `sites` active and
-    frozen."""
+    frozen. extra_prompts: per fact, more prompts that must give its target (the relation's
+    other wordings, filled with the subject)."""
     started = time.perf_counter()
-    problem = EditProblem(model, tok, sites, layers, facts, cfg, layer=layer, retention=retention)
+    problem = EditProblem(model, tok, sites, layers, facts, cfg, layer=layer, retention=retention,
+                          extra_prompts=extra_prompts)
     gate = [p for b in problem.blocks for p in (b.U, b.c) if p.requires_grad]
     rest = [p for p in problem.parameters() if all(p is not q for q in gate)]
     groups = [{"params": rest}] + ([{"params": gate, "lr": cfg.lr * cfg.gate_lr_scale}] if gate else [])
@@ -513,5 +522,6 @@ def train_edits(model, tok, sites: dict[int, InterventionSite], layers, facts: l
              "reached_target": steps_run < cfg.steps,
              "seconds": round(time.perf_counter() - started, 3),
              "n_edit_rows": problem.n_edit, "n_unrelated_rows": problem.n_unrelated,
+             "n_wording_rows": problem.n_extra,
              "subject_found": round(problem.subject_found, 3), "batch_size": len(facts)}
     return [TrainedEdit(layer=layer, tensors=ts, stats=dict(stats)) for ts in tensors]

@@ -164,3 +164,19 @@ class Evaluation(Base):
     means_json: Mapped[str] = mapped_column(Text)
     results_json: Mapped[str] = mapped_column(Text)      # per fact, in file order: metric -> value
     options_json: Mapped[str] = mapped_column(Text)      # fluency, its generation length, ...
+
+
+class Wording(Base):
+    """One other wording of a relation, as a template with "{}" for the subject: "{} speaks"
+    for the relation "The mother tongue of {} is". `ledger add` trains each fact on a few
+    wordings of its relation, so the edit answers the question however it is put
+    (wordings.py). Imported data, not history: outside the chain hash."""
+
+    __tablename__ = "wordings"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    relation: Mapped[str] = mapped_column(Text)
+    wording: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(Text)           # the file it came from, for the audit
+    created_at: Mapped[str] = mapped_column(String(32))
+
+    __table_args__ = (Index("ix_wordings_relation_wording", "relation", "wording", unique=True),)

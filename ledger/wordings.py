@@ -1,0 +1,184 @@
+"""Relation wordings: the other ways a relation is put into words, learned from a file once
+and used by every later `ledger add`.
+
+A fact states its relation in one wording ("{} professionally plays the sport"). An edit
+trained on that wording alone rarely carries over to another ("{}'s greatest weakness is"):
+on counterfact-val, gating the edit fully open on the held-out rephrases left generalisation
+where it was (0.40 vs 0.425), so what was missing was the value, not the gate
+(docs/quality.md, session 4). Trained on a few other wordings of the same relation, the
+edit answers wordings it never saw. The ledger keeps a table of (relation, wording) pairs,
+both templates with "{}" for the subject, imported from any fact file whose records carry
+rephrases (CounterFact's train split, ROME's paraphrase_prompts, a user's own file) or from
+records of the form {"relation": "...", "wordings": ["...", ...]}.
+
+Pure parsing here, and the reads and writes of the `wordings` table on a Connection; the
+Ledger calls them, the trainer only ever sees prompts.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from sqlalchemy import Connection, func, select
+
+from .errors import InputError
+from .facts import Fact, fact_from_record, read_text, records_of_text, detect_format, to_native
+from .store.schema import Wording
+
+# Templates are short; the cap keeps the (relation, wording) unique index within PostgreSQL's
+# B-tree entry limit.
+MAX_TEMPLATE_CHARS = 500
+# The end of a sentence before the subject: CounterFact's rephrases put an unrelated sentence
+# in front ("One Minute Stories, ... Noise Unit, that originated in"), which is context, not
+# wording.
+_SENTENCE_END = re.compile(r"[.!?]\s+")
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    source: str
+    records: int            # records read
+    pairs: int              # distinct (relation, wording) pairs in the file
+    added: int              # new to the ledger
+    excluded: int           # left out on request
+    skipped: int            # records that gave nothing
+    skipped_examples: list[str]   # the first few, and why
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "records": self.records, "pairs": self.pairs, "added": self.added,
+                "excluded": self.excluded, "skipped": self.skipped, "skipped_examples": self.skipped_examples}
+
+
+def template_of(prompt: str, subject: str | None) -> str | None:
+    """The prompt with its one occurrence of the subject replaced by "{}", and any sentences
+    before the subject's own dropped; None when the subject does not occur exactly once."""
+    if not subject or prompt.count(subject) != 1 or "{}" in prompt:
+        return None
+    start = prompt.index(subject)
+    ends = list(_SENTENCE_END.finditer(prompt, 0, start))
+    head = prompt[ends[-1].end(): start] if ends else prompt[:start]
+    return (head + "{}" + prompt[start + len(subject):]).strip()
+
+
+def fill(template: str, subject: str) -> str:
+    """The template with the subject in place of "{}" (not str.format: a prompt may hold braces)."""
+    return template.replace("{}", subject, 1)
+
+
+def _check_template(t: Any, where: str) -> str:
+    if not isinstance(t, str) or not t.strip():
+        raise InputError(f"{where}: a wording must be a non-empty string")
+    t = t.strip()
+    if t.count("{}") != 1:
+        raise InputError(f"{where}: a wording needs exactly one '{{}}' for the subject: {t!r}")
+    if len(t) > MAX_TEMPLATE_CHARS:
+        raise InputError(f"{where}: a wording is {len(t)} characters (limit {MAX_TEMPLATE_CHARS})")
+    if "\x00" in t:
+        raise InputError(f"{where}: a wording contains a NUL character")
+    return t
+
+
+def pairs_of_fact(fact: Fact) -> list[tuple[str, str]]:
+    """(relation, wording) for each rephrase of the fact that has the subject once."""
+    relation = template_of(fact.prompt, fact.subject)
+    if relation is None or len(relation) > MAX_TEMPLATE_CHARS:
+        return []
+    out = []
+    for p in fact.rephrase_prompts:
+        w = template_of(p, fact.subject)
+        if w is not None and w != relation and len(w) <= MAX_TEMPLATE_CHARS:
+            out.append((relation, w))
+    return out
+
+
+def pairs_of_records(records: list[Any]) -> tuple[list[tuple[str, str]], list[str]]:
+    """The distinct (relation, wording) pairs of a file's records, in file order, and the
+    records that gave none. A malformed wordings record refuses the file; a fact record that
+    does not validate, or whose subject is missing from its prompts, only gives nothing."""
+    seen: dict[tuple[str, str], None] = {}
+    skipped: list[str] = []
+    for i, rec in enumerate(records):
+        where = f"record {i}"
+        if isinstance(rec, dict) and "wordings" in rec:
+            relation = _check_template(rec.get("relation"), f"{where} relation")
+            ws = rec["wordings"]
+            if not isinstance(ws, list) or not ws:
+                raise InputError(f"{where}: 'wordings' must be a non-empty list of templates")
+            for j, w in enumerate(ws):
+                w = _check_template(w, f"{where} wordings[{j}]")
+                if w != relation:
+                    seen.setdefault((relation, w), None)
+            continue
+        try:
+            fact = fact_from_record(to_native(rec, detect_format(rec), i), i)
+        except InputError as e:
+            skipped.append(str(e))
+            continue
+        got = pairs_of_fact(fact)
+        if not got:
+            skipped.append(f"{where}: no rephrase with the subject in it")
+        for p in got:
+            seen.setdefault(p, None)
+    return list(seen), skipped
+
+
+def read_pairs(path: str | Path) -> tuple[list[tuple[str, str]], int, list[str]]:
+    """(pairs, number of records, skipped records) of a wordings or fact file."""
+    records = records_of_text(read_text(path, "wordings file"), "wordings file")
+    pairs, skipped = pairs_of_records(records)
+    if not pairs:
+        raise InputError(f"{path}: no wordings found (records need a subject and rephrases that contain it, "
+                         "or the form {\"relation\": ..., \"wordings\": [...]})")
+    return pairs, len(records), skipped
+
+
+# --- the table ------------------------------------------------------------------------------
+
+def insert(conn: Connection, pairs: list[tuple[str, str]], source: str, now: str) -> int:
+    """Add the pairs the ledger does not hold yet; returns how many were new."""
+    relations = sorted({r for r, _ in pairs})
+    have: set[tuple[str, str]] = set()
+    for k in range(0, len(relations), 500):     # bounded IN lists on every engine
+        have |= {(r, w) for r, w in conn.execute(
+            select(Wording.relation, Wording.wording).where(Wording.relation.in_(relations[k: k + 500])))}
+    new = [{"relation": r, "wording": w, "source": source, "created_at": now} for r, w in pairs if (r, w) not in have]
+    if new:
+        conn.execute(Wording.__table__.insert(), new)
+    return len(new)
+
+
+def of_relations(conn: Connection, relations: Iterable[str]) -> dict[str, list[str]]:
+    """Each relation's wordings, in the order they were imported."""
+    wanted = sorted(set(relations))
+    out: dict[str, list[str]] = {r: [] for r in wanted}
+    if not wanted:
+        return out
+    rows = conn.execute(select(Wording.relation, Wording.wording)
+                        .where(Wording.relation.in_(wanted)).order_by(Wording.id))
+    for r, w in rows:
+        out[r].append(w)
+    return out
+
+
+def summary(conn: Connection) -> list[tuple[str, int]]:
+    """(relation, number of wordings), most wordings first."""
+    n = func.count(Wording.id)
+    rows = conn.execute(select(Wording.relation, n).group_by(Wording.relation).order_by(n.desc(), Wording.relation))
+    return [(r, int(k)) for r, k in rows]
+
+
+def training_prompts(fact: Fact, wordings: list[str], n: int, seed: int) -> list[str]:
+    """Up to n of the relation's wordings, filled with the fact's subject: a fixed sample per
+    (fact, seed), so an edit retrains the same way. The fact's own prompt and rephrases are
+    left out (they are trained on, or held out, already)."""
+    if n <= 0 or not fact.subject or not wordings:
+        return []
+    own = {fact.prompt, *fact.rephrase_prompts}
+    prompts = [p for p in (fill(w, fact.subject) for w in wordings) if p not in own]
+    prompts = list(dict.fromkeys(prompts))
+    if len(prompts) <= n:
+        return prompts
+    return random.Random(f"{seed}:{fact.subject}:{fact.prompt}").sample(prompts, n)

@@ -1,0 +1,150 @@
+"""Relation wordings: parsing, the table on both engines, the command line, and the add that
+trains on them."""
+import json
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import func, select
+
+from cli.main import cli
+from ledger import BaftConfig, Ledger, parse_facts_text
+from ledger.errors import InputError
+from ledger.facts import Fact
+from ledger.store.engine import make_engine
+from ledger.store.schema import AuditEvent, Wording
+from ledger.wordings import fill, pairs_of_records, template_of, training_prompts
+
+from conftest import FACT, FAST
+
+CF = [  # CounterFact's form: rephrases carry an unrelated sentence before the subject
+    {"prompt": "Alice lives in", "subject": "Alice", "target_new": "Rome", "ground_truth": "Oslo",
+     "rephrase_prompt": "The cat sat down. Alice has her home in", "locality_prompt": "Bob lives in",
+     "locality_ground_truth": "Oslo"},
+    {"prompt": "Bob lives in", "subject": "Bob", "target_new": "Lima", "ground_truth": "Oslo",
+     "rephrase_prompt": "Where Bob resides is"},
+    {"prompt": "Carol lives in", "subject": "Carol", "target_new": "Kyiv", "ground_truth": "Oslo",
+     "rephrase_prompt": "Nobody knows it"},          # no subject in the rephrase: gives nothing
+]
+
+
+def test_templates_drop_the_context_sentence_and_need_one_subject():
+    assert template_of("The cat sat down. Alice has her home in", "Alice") == "{} has her home in"
+    assert template_of("Is it true? The home of Alice is", "Alice") == "The home of {} is"
+    assert template_of("Alice met Alice", "Alice") is None
+    assert template_of("Bob lives in", "Alice") is None
+    assert fill("{} likes {x}", "Ann") == "Ann likes {x}"     # braces in a prompt are not format fields
+
+
+def test_pairs_from_fact_records_and_wording_records():
+    pairs, skipped = pairs_of_records(CF + [CF[0], {"relation": "{} lives in", "wordings": ["{} dwells in", "{} lives in"]}])
+    assert pairs == [("{} lives in", "{} has her home in"), ("{} lives in", "Where {} resides is"),
+                     ("{} lives in", "{} dwells in")]       # deduplicated, the relation itself left out
+    assert skipped == ["record 2: no rephrase with the subject in it"]
+
+
+@pytest.mark.parametrize("rec, needle", [
+    ({"relation": "lives in", "wordings": ["{} dwells in"]}, "exactly one '{}'"),
+    ({"relation": "{} lives in", "wordings": []}, "non-empty list"),
+    ({"relation": "{} lives in", "wordings": ["{} in {}"]}, "exactly one '{}'"),
+    ({"relation": "{} lives in", "wordings": [7]}, "non-empty string"),
+    ({"relation": "{} lives in", "wordings": ["{} " + "x" * 600]}, "limit 500"),
+])
+def test_malformed_wording_records_are_refused(rec, needle):
+    with pytest.raises(InputError, match=needle):
+        pairs_of_records([rec])
+
+
+def test_training_prompts_are_a_fixed_sample_without_the_facts_own_prompts():
+    fact = Fact(prompt="Alice lives in", target_new="Rome", subject="Alice", rephrase_prompts=("Alice dwells in",))
+    ws = ["{} dwells in", "{} has her home in", "Where {} resides is", "{} resides in", "{} is living in"]
+    got = training_prompts(fact, ws, 3, seed=0)
+    assert len(got) == 3 and "Alice dwells in" not in got and all("Alice" in p for p in got)
+    assert got == training_prompts(fact, ws, 3, seed=0)
+    assert training_prompts(fact, ws, 0, seed=0) == []
+    assert sorted(training_prompts(fact, ws, 10, seed=0)) == sorted(fill(w, "Alice") for w in ws[1:])
+
+
+@pytest.fixture
+def ledger(db_url, tiny_llama):
+    lg = Ledger.init(db_url, model=str(tiny_llama))
+    yield lg
+    lg.close()
+
+
+def n_wordings(url):
+    eng = make_engine(url)
+    with eng.connect() as c:
+        n = c.execute(select(func.count()).select_from(Wording)).scalar_one()
+    eng.dispose()
+    return n
+
+
+def test_import_is_idempotent_excludes_on_request_and_is_audited(ledger, db_url, tmp_path):
+    f = tmp_path / "cf.json"
+    f.write_text(json.dumps(CF))
+    r = ledger.import_wordings(f, exclude=[("{} lives in", "Where {} resides is")])
+    assert (r.records, r.pairs, r.added, r.excluded, r.skipped) == (3, 2, 1, 1, 1)
+    assert ledger.import_wordings(f).added == 1            # only the pair left out the first time
+    assert ledger.import_wordings(f).added == 0
+    assert ledger.wordings("{} lives in")["wordings"] == ["{} has her home in", "Where {} resides is"]
+    assert ledger.wordings()["by_relation"] == [{"relation": "{} lives in", "wordings": 2}]
+    with ledger.engine.connect() as c:
+        assert c.execute(select(func.count()).where(AuditEvent.command == "wordings")).scalar_one() == 3
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("", "the wordings file is empty"),
+    ("{nope", "not JSON or JSON Lines"),
+    (json.dumps([{"prompt": "x", "target_new": "y"}]), "no wordings found"),
+    (json.dumps(CF + [{"relation": "{} lives in", "wordings": ["no subject"]}]), "record 3 wordings"),
+])
+def test_a_bad_wordings_file_is_one_line_exit_2_and_writes_nothing(ledger, db_url, tmp_path, content, needle):
+    ok = tmp_path / "ok.json"
+    ok.write_text(json.dumps(CF))
+    ledger.import_wordings(ok)
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    res = CliRunner().invoke(cli, ["--db", db_url, "wordings", "import", str(bad)])
+    assert res.exit_code == 2 and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert n_wordings(db_url) == 2
+    res = CliRunner().invoke(cli, ["--db", db_url, "wordings", "import", str(tmp_path / "missing.json")])
+    assert res.exit_code == 2 and "no such wordings file" in res.stderr
+
+
+def test_cli_import_and_list(ledger, db_url, tmp_path):
+    f = tmp_path / "w.jsonl"
+    f.write_text(json.dumps({"relation": "{} lives in", "wordings": ["{} dwells in", "Home of {}:"]}))
+    res = CliRunner().invoke(cli, ["--db", db_url, "wordings", "import", str(f), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["added"] == 2
+    res = CliRunner().invoke(cli, ["--db", db_url, "wordings", "list", "--json"])
+    assert json.loads(res.stdout) == {"relations": 1, "wordings": 2,
+                                      "by_relation": [{"relation": "{} lives in", "wordings": 2}]}
+    res = CliRunner().invoke(cli, ["--db", db_url, "wordings", "list", "{} lives in"])
+    assert res.stdout.splitlines() == ["{} dwells in", "Home of {}:"]
+
+
+def test_add_trains_on_the_relations_wordings_and_records_them(ledger, tmp_path):
+    f = tmp_path / "w.json"
+    f.write_text(json.dumps({"relation": "{} lives in", "wordings": ["{} dwells in", "Home of {}:"]}))
+    ledger.import_wordings(f)
+    [with_w] = ledger.add(parse_facts_text(json.dumps(FACT)), BaftConfig(**FAST))
+    assert sorted(with_w.stats["wording_prompts"]) == ["Alice dwells in", "Home of Alice:"]
+    assert with_w.stats["n_wording_rows"] == 2
+    stored = ledger.edit(with_w.edit)
+    assert sorted(stored.stats["wording_prompts"]) == ["Alice dwells in", "Home of Alice:"]
+    assert stored.config["wordings"] == BaftConfig().wordings
+    [without] = ledger.add(parse_facts_text(json.dumps(dict(FACT, target_new="Bern"))),
+                           BaftConfig(**FAST, wordings=0))
+    assert without.stats["wording_prompts"] == [] and without.stats["n_wording_rows"] == 0
+    # One edit row per prompt: the wordings come on top of the prompt and its prefixes.
+    assert with_w.stats["n_edit_rows"] == without.stats["n_edit_rows"] + 2
+
+
+def test_stored_configs_without_newer_fields_retrain_as_they_were_trained():
+    old = {"method": "baft", "rank": 4, "lr": 0.01}
+    cfg = BaftConfig.from_dict(old, stored=True)
+    assert (cfg.wordings, cfg.gate_floor, cfg.gate_lr_scale) == (0, 0.0, 1.0)
+    assert BaftConfig.from_dict(old) == BaftConfig(rank=4, lr=0.01)
+    assert BaftConfig.from_dict({**old, "wordings": 3}, stored=True).wordings == 3
+    with pytest.raises(InputError, match="--wordings"):
+        BaftConfig(wordings=-1)
