@@ -16,7 +16,10 @@ counterfact/counterfact-edit-1k.json and zsre/zsre_mend_train-1k.json under --da
 Metrics are ledger.evaluate's (EasyEdit's definitions); locality is agreement with the
 UNEDITED base model (DESIGN.md section 7) in every setting. BaFT/ReFT train with
 train_on_rephrases=False, train_on_locality=False: the fact's own rephrase and locality
-prompts are held out for evaluation. A fact the model already answers with target_new is
+prompts are held out for evaluation. Every ledger holds the relation wordings of
+--wordings (default counterfact-train.json, as `ledger wordings import` reads it) minus the
+evaluated facts' own rephrase wordings, so generalisation is measured on wordings no edit was
+trained on. A fact the model already answers with target_new is
 refused by `Ledger.add`; it is skipped (and listed) for every method alike. On zsRE the
 CounterFact probability scores are not reported (its locality prompts are unrelated NQ
 questions, so "P(true) > P(new)" on them means nothing); its true answer is not used.

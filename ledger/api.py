@@ -608,8 +608,8 @@ class Ledger:
                                skipped_examples=skipped[:5])
 
     def wordings(self, relation: str | None = None) -> dict[str, Any]:
-        """With a relation (a template with "{}", or a prompt and subject's template): its
-        wordings. Without: every relation and how many wordings it has."""
+        """With a relation (a template with "{}" for the subject, as `import_wordings` stores
+        it): its wordings. Without: every relation and how many wordings it has."""
         with self.engine.connect() as conn:
             if relation is not None:
                 return {"relation": relation, "wordings": wd.of_relations(conn, [relation])[relation]}
