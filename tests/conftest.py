@@ -126,6 +126,15 @@ FAST = {"steps": 6, "min_steps": 0, "rank": 2, "layer": 1, "n_prefixes": 1}
 
 
 @pytest.fixture
+def ledger(db_url, tiny_llama):
+    """A new ledger on the tiny Llama, on each engine."""
+    from ledger import Ledger
+    lg = Ledger.init(db_url, model=str(tiny_llama))
+    yield lg
+    lg.close()
+
+
+@pytest.fixture
 def fact_file(tmp_path) -> Path:
     p = tmp_path / "fact.json"
     p.write_text(json.dumps(FACT))

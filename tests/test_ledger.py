@@ -36,13 +36,6 @@ def logits_of(lg, rev=None):
     return torch.stack([m.logits(p)[-1] for p in PROMPTS])
 
 
-@pytest.fixture
-def ledger(db_url, tiny_llama):
-    lg = Ledger.init(db_url, model=str(tiny_llama))
-    yield lg
-    lg.close()
-
-
 def test_init_writes_root_revision(ledger):
     assert ledger.head() == {"revision": "rev-1", "branch": "main", "detached": False}
     [root] = ledger.log()

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from sqlalchemy import func, select
 
 from cli.main import cli
-from ledger import BaftConfig, Ledger, parse_facts_text
+from ledger import BaftConfig, parse_facts_text
 from ledger.errors import InputError
 from ledger.facts import Fact
 from ledger.store.engine import make_engine
@@ -62,13 +62,6 @@ def test_training_prompts_are_a_fixed_sample_without_the_facts_own_prompts():
     assert got == training_prompts(fact, ws, 3, seed=0)
     assert training_prompts(fact, ws, 0, seed=0) == []
     assert sorted(training_prompts(fact, ws, 10, seed=0)) == sorted(fill(w, "Alice") for w in ws[1:])
-
-
-@pytest.fixture
-def ledger(db_url, tiny_llama):
-    lg = Ledger.init(db_url, model=str(tiny_llama))
-    yield lg
-    lg.close()
 
 
 def n_wordings(url):
