@@ -141,3 +141,20 @@ def test_stored_configs_without_newer_fields_retrain_as_they_were_trained():
     assert BaftConfig.from_dict({**old, "wordings": 3}, stored=True).wordings == 3
     with pytest.raises(InputError, match="--wordings"):
         BaftConfig(wordings=-1)
+
+
+def test_cli_add_takes_wordings_from_the_table_unless_told_not_to(ledger, db_url, tmp_path, fact_file):
+    f = tmp_path / "w.json"
+    f.write_text(json.dumps({"relation": "{} lives in", "wordings": ["{} dwells in"]}))
+    assert CliRunner().invoke(cli, ["--db", db_url, "wordings", "import", str(f)]).exit_code == 0
+    quick = ["--steps", "2", "--rank", "2", "--layer", "1", "--json"]
+    res = CliRunner().invoke(cli, ["--db", db_url, "add", str(fact_file), *quick, "--wordings", "0"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["stats"]["wording_prompts"] == []
+    other = tmp_path / "other.json"          # another target: HEAD cannot already answer it
+    other.write_text(json.dumps(dict(FACT, target_new="Bern")))
+    res = CliRunner().invoke(cli, ["--db", db_url, "add", str(other), *quick])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["stats"]["wording_prompts"] == ["Alice dwells in"]
+    res = CliRunner().invoke(cli, ["--db", db_url, "add", str(fact_file), "--wordings", "33"])
+    assert res.exit_code == 2 and "--wordings" in res.stderr
