@@ -66,7 +66,10 @@ class BaftBlock(nn.Module):
             self.register_buffer("c", torch.full((rank,), REFT_GATE_BIAS))
         floor = torch.full((rank,), float(gate_floor) if method == "baft" else 0.0)
         check_floor(floor)
+        # Fixed for the block's life: decided once, not on every forward.
+        self.has_floor = bool((floor > 0).any())
         self.register_buffer("floor", floor)
+        self.register_buffer("floor_scale", 1.0 / (1.0 - floor))
         self.last_gate: torch.Tensor | None = None  # the last forward's gate, for inspection
         # Set by the trainer only: where (batch, position) this block may act while training.
         self.train_mask: torch.Tensor | None = None
@@ -81,9 +84,7 @@ class BaftBlock(nn.Module):
 
     def gate(self, s: torch.Tensor) -> torch.Tensor:
         """The weight used, from s(h)."""
-        if not bool((self.floor > 0).any()):
-            return s
-        return floored_gate(s, self.floor, 1.0 / (1.0 - self.floor))
+        return floored_gate(s, self.floor, self.floor_scale) if self.has_floor else s
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """The additive change R^T [g * (W h + b - R h)] (not h plus it)."""
@@ -98,7 +99,7 @@ class BaftBlock(nn.Module):
         out = {"R": self.R.detach().clone().contiguous(), "W": self.W.detach().clone(),
                "b": self.b.detach().clone(), "U": self.U.detach().clone(),
                "c": self.c.detach().clone()}
-        if bool((self.floor > 0).any()):   # no floor: the blob stays as it always was
+        if self.has_floor:   # no floor: the blob stays as it always was
             out["floor"] = self.floor.detach().clone()
         return out
 

@@ -310,7 +310,9 @@ class EditProblem:
         self._site_h = (self._site_out[0] if isinstance(self._site_out, tuple) else self._site_out).detach()
         self.read_row = self.read.nonzero()[:, 0]
         self._replay = _ReplayBelow(layers, layer, self.site, self._site_out)
-        self._frozen_raw: list[torch.Tensor] | None = None
+        # With a kept gate (gate_lr_scale 0) the gates never change, and so neither do the rows
+        # a step must run: _step_gates computes them once.
+        self._kept: tuple | None = None
         self._fast = False
 
         # The orthogonal parametrisation draws from torch's global generator when it is set
@@ -416,18 +418,22 @@ class EditProblem:
             self._fast = False
             self._replay.exit()
 
+    def _step_gates(self):
+        """(raw gates s, the rows to run, their read positions) of this step, from the
+        edited block's cached input (the same h the blocks see in the forward pass: nothing
+        below them changes while training)."""
+        if self._kept is not None and self._fast:
+            return self._kept
+        raw = [block.raw_gate(self._site_h) for block in self.blocks] if self.cfg.method == "baft" else []
+        rows = self._live_rows([block.gate(s) for block, s in zip(self.blocks, raw)])
+        out = (raw, rows, None if rows is None else self._keep_pos(rows))
+        if self.cfg.method == "baft" and self.cfg.gate_lr_scale == 0 and self._fast:
+            self._kept = out
+        return out
+
     def loss(self) -> tuple[torch.Tensor, dict[str, float], bool]:
         cfg = self.cfg
-        # The gates on every row, from the edited block's cached input (the same h the blocks
-        # see in the forward pass: nothing below them changes while training).
-        # A kept gate (gate_lr_scale 0) never changes: computed once.
-        raw = self._frozen_raw if self._frozen_raw is not None else \
-            [block.raw_gate(self._site_h) for block in self.blocks] if cfg.method == "baft" else []
-        if self._frozen_raw is None and cfg.method == "baft" and cfg.gate_lr_scale == 0:
-            self._frozen_raw = raw
-        gates = [block.gate(s) for block, s in zip(self.blocks, raw)]
-        rows = self._live_rows(gates)
-        keep_all = None if rows is None else self._keep_pos(rows)
+        raw, rows, keep_all = self._step_gates()
         out = (self._logits_fast(rows, keep_all) if self._fast else self._logits_plain()).float()
         logp = torch.log_softmax(out, -1)
         tgt_logp = logp[: self.n_tgt]
@@ -493,7 +499,8 @@ def train_edits(model, tok, sites: dict[int, InterventionSite], layers, facts: l
     problem = EditProblem(model, tok, sites, layers, facts, cfg, layer=layer, retention=retention,
                           extra_prompts=extra_prompts)
     gate = [p for b in problem.blocks for p in (b.U, b.c) if p.requires_grad]
-    rest = [p for p in problem.parameters() if all(p is not q for q in gate)]
+    gate_ids = {id(p) for p in gate}
+    rest = [p for p in problem.parameters() if id(p) not in gate_ids]
     groups = [{"params": rest}] + ([{"params": gate, "lr": cfg.lr * cfg.gate_lr_scale}] if gate else [])
     opt = torch.optim.Adam(groups, lr=cfg.lr)
     steps_run, last = 0, {}
