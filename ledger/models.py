@@ -129,7 +129,13 @@ def _convert_default(target: Path) -> None:
     try:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a crash leaves no half-written cache
+        try:
+            os.replace(tmp, target)  # atomic: a crash leaves no half-written cache
+        except OSError:
+            # Two first loads at once (parallel benchmark runs): the other one renamed its
+            # copy into place first. Its copy is complete (renames are atomic): keep it.
+            if not (target / "config.json").exists():
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -167,3 +167,20 @@ def test_single_edit_quality_does_not_regress(tmp_path, smol_threads):
     assert len(rows) >= 8
     for key, reached in REACHED.items():
         assert got[key] >= reached - MARGIN[key], (key, got)
+
+
+def test_two_first_loads_at_once_both_succeed(tmp_path):
+    """Two processes converting the default model into an empty cache at the same moment
+    (parallel benchmark runs on a fresh machine): the one that finishes second must keep the
+    other's complete copy, not fail on the rename."""
+    env = {**os.environ, "LEDGER_CACHE": str(tmp_path / "cache")}
+    code = "from ledger.models import default_model_dir; print(default_model_dir())"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        assert Path(out.strip()) == tmp_path / "cache" / "smollm2-135m-instruct"
+    cache = tmp_path / "cache"
+    assert (cache / "smollm2-135m-instruct" / "config.json").exists()
+    assert not [p for p in cache.iterdir() if p.name.startswith(".convert-")]  # no leftovers
