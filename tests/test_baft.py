@@ -148,8 +148,13 @@ def test_fast_path_gives_the_same_gradients(family, method, n_facts, floor, gate
             losses[fast] = parts
             grads[fast] = [p.grad.clone() for p in problem.parameters()]
         run = {fast: parts.pop("rows_run") for fast, parts in losses.items()}
-        if floor:   # the floored path really left rows out
+        cols = {fast: parts.pop("cols_run") for fast, parts in losses.items()}
+        if floor:   # the floored path really left rows out, and the padding only they needed
             assert run[True] < run[False] == problem.batch.input_ids.shape[0]
+            with problem.fast():
+                _, rows, _ = problem._step_gates()
+            longest = int(problem.batch.attention_mask[rows].sum(1).max())
+            assert cols[True] == longest and cols[False] == problem.batch.input_ids.shape[1]
         for k in losses[True]:
             assert abs(losses[True][k] - losses[False][k]) <= 1e-5, k
         assert any(g.abs().max() > 1e-6 for g in grads[False])

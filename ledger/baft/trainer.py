@@ -314,6 +314,7 @@ class EditProblem:
         # a step must run: _step_gates computes them once.
         self._kept: tuple | None = None
         self._fast = False
+        self._cols_run = batch.input_ids.shape[1]    # positions per row the last step ran
 
         # The orthogonal parametrisation draws from torch's global generator when it is set
         # up: seed it too (in a fork, leaving the caller's state alone) so edits reproduce.
@@ -368,10 +369,14 @@ class EditProblem:
             return self._logits_plain() if rows is None else self._logits_plain()[keep]
         ids, mask, read = b.input_ids, b.attention_mask, self.read
         if rows is not None:
-            ids, mask, read = ids[rows], mask[rows], read[rows]
-            self._replay.replay.output = self._rows_of(self._site_out, rows)
+            # Right padding and causal attention: columns past the longest live row are pads
+            # for every row run, so dropping them changes no real position's output.
+            n = int(mask[rows].sum(1).max())
+            self._cols_run = n
+            ids, mask, read = ids[rows, :n], mask[rows, :n], read[rows, :n]
+            self._replay.replay.output = self._rows_of(self._site_out, rows, n)
             for block, apply in zip(self.blocks, self.apply_masks):
-                block.train_mask = apply[rows]
+                block.train_mask = apply[rows, :n]
         try:
             out = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
         finally:
@@ -382,10 +387,10 @@ class EditProblem:
         return self._head(out.last_hidden_state[read])
 
     @staticmethod
-    def _rows_of(out, rows):
+    def _rows_of(out, rows, n):
         if isinstance(out, tuple):
-            return (out[0][rows],) + tuple(out[1:])
-        return out[rows]
+            return (out[0][rows, :n],) + tuple(out[1:])
+        return out[rows, :n]
 
     def _keep_pos(self, rows: torch.Tensor) -> torch.Tensor:
         keep = torch.zeros(self.batch.input_ids.shape[0], dtype=torch.bool, device=self.device)
@@ -434,6 +439,7 @@ class EditProblem:
     def loss(self) -> tuple[torch.Tensor, dict[str, float], bool]:
         cfg = self.cfg
         raw, rows, keep_all = self._step_gates()
+        self._cols_run = self.batch.input_ids.shape[1]
         out = (self._logits_fast(rows, keep_all) if self._fast else self._logits_plain()).float()
         logp = torch.log_softmax(out, -1)
         tgt_logp = logp[: self.n_tgt]
@@ -469,7 +475,8 @@ class EditProblem:
         loss = ce + cfg.locality_weight * kl + cfg.gate_weight * close + cfg.gate_open_weight * opened
         parts = {"loss": loss.item(), "ce": ce.item(), "kl": kl.item(), "gate": close.item(),
                  "gate_open": opened.item(), "worst_kl": worst_kl.item(),
-                 "rows_run": int(self.batch.input_ids.shape[0] if rows is None else len(rows))}
+                 "rows_run": int(self.batch.input_ids.shape[0] if rows is None else len(rows)),
+                 "cols_run": self._cols_run}
         # Done when every target token is the argmax with margin AND the unrelated text is
         # back to the parent's distribution: stopping on the target alone leaves gates open.
         reached = bool((tgt_logp.argmax(-1) == self.target_ids).all()
