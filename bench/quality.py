@@ -17,10 +17,10 @@ Metrics are ledger.evaluate's (EasyEdit's definitions); locality is agreement wi
 UNEDITED base model (DESIGN.md section 7) in every setting. BaFT/ReFT train with
 train_on_rephrases=False, train_on_locality=False: the fact's own rephrase and locality
 prompts are held out for evaluation. Every ledger holds the relation wordings of
---wordings (default counterfact-train.json, as `ledger wordings import` reads it) minus the
-evaluated facts' own rephrase wordings, so generalisation is measured on wordings no edit was
-trained on. A fact the model already answers with target_new is
-refused by `Ledger.add`; it is skipped (and listed) for every method alike. On zsRE the
+--wordings (default counterfact-train.json, as `ledger wordings import` reads it) minus every
+evaluated fact's rephrase wording, under every relation (a related relation may lend its
+wordings), so generalisation is measured on wordings no edit was trained on. A fact the
+model already answers with target_new is refused by `Ledger.add`; it is skipped (and listed) for every method alike. On zsRE the
 CounterFact probability scores are not reported (its locality prompts are unrelated NQ
 questions, so "P(true) > P(new)" on them means nothing); its true answer is not used.
 
@@ -60,7 +60,7 @@ from ledger.evaluate import Measurement, mean_metrics, measure, score  # noqa: E
 from ledger.facts import Fact, fact_from_record, to_native  # noqa: E402
 from ledger.models import BaseModel  # noqa: E402
 from ledger.store.schema import Blob  # noqa: E402
-from ledger.wordings import pairs_of_fact  # noqa: E402
+from ledger.wordings import pairs_of_fact, read_pairs  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 DATASETS = {"counterfact": ("counterfact/counterfact-edit-1k.json", "counterfact"),
@@ -133,7 +133,7 @@ class Ledgers:
         self.template = workdir / "template.db"
         lg = Ledger.init(f"sqlite:///{self.template}", model=model)
         self.base: BaseModel = lg.base
-        # Every ledger starts with the same wordings table, without the evaluated facts' own
+        # Every ledger starts with the same wordings table, without the evaluated facts'
         # rephrase wordings: generalisation is measured on wordings no edit was trained on.
         self.wordings = lg.import_wordings(wordings, exclude=held_out).to_dict() if wordings else None
         lg.close()   # detaches its (empty) composition: the base model is bare between runs
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="FTMConfig fields over EasyEdit's defaults (e.g. '{\"steps\": 50}')")
     ap.add_argument("--wordings", default="counterfact/counterfact-train.json", metavar="PATH|none",
                     help="relation wordings imported into every ledger (`ledger wordings import`), relative to "
-                         "--data-dir; the evaluated facts' own rephrase wordings are left out (default: "
+                         "--data-dir; the evaluated facts' rephrase wordings are left out (default: "
                          "counterfact/counterfact-train.json; none: no wordings)")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON lines to this file")
     args = ap.parse_args(argv)
@@ -439,7 +439,11 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"no wordings file at {wordings_path}")
     count = max([args.n if "single" in settings else 0, *seq_T, *batch_K])
     data = {name: load_dataset(args.data_dir, name, args.offset, count) for name in args.datasets}
-    held_out = {p for facts in data.values() for _, f in facts for p in pairs_of_fact(f)}
+    # Every evaluated rephrase wording is left out under EVERY relation, not only its own:
+    # a related relation may lend its wordings to a fact (BaftConfig.wordings_related).
+    held_out_wordings = {w for facts in data.values() for _, f in facts for _, w in pairs_of_fact(f)}
+    held_out = ({p for p in read_pairs(wordings_path)[0] if p[1] in held_out_wordings}
+                if wordings_path is not None else set())
 
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         ledgers = Ledgers(Path(tmp), args.model, wordings_path, held_out)

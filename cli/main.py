@@ -144,6 +144,9 @@ class _Bar(_PhaseBar):
               show_default=True, help="A gate below this is exactly 0 (0: the plain sigmoid gate).")
 @click.option("--wordings", "n_wordings", type=click.IntRange(0, 32), default=BaftConfig.wordings, show_default=True,
               help="Also train on up to N other wordings of the fact's relation (`ledger wordings`).")
+@click.option("--wordings-related", type=click.IntRange(0), default=BaftConfig.wordings_related, show_default=True,
+              help="When the relation has fewer than N wordings, borrow from relations sharing at least this "
+                   "many wordings with it (0: never).")
 @click.option("--format", "fmt", type=click.Choice(["auto", "native", "counterfact", "rome", "zsre", "knowedit"]),
               default="auto", show_default=True, help="Record form of FILE (auto detects per record).")
 @click.option("--offset", type=click.IntRange(0), default=0, show_default=True, help="Skip the first N records.")
@@ -156,7 +159,8 @@ class _Bar(_PhaseBar):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per new edit.")
 @click.pass_context
 def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int, steps: int, lr: float,
-        locality_weight: float, gate_weight: float, gate_floor: float, n_wordings: int, fmt: str, offset: int,
+        locality_weight: float, gate_weight: float, gate_floor: float, n_wordings: int, wordings_related: int,
+        fmt: str, offset: int,
         limit: int | None, skip_bad: bool, batch: int, seed: int, message: str | None, as_json: bool) -> None:
     """Train one BaFT edit per fact in FILE and commit each as a new revision (with --batch K,
     K facts per revision, trained together).
@@ -168,7 +172,7 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
     """
     cfg = BaftConfig(method=method, layer=layer, rank=rank, steps=steps, lr=lr,
                      locality_weight=locality_weight, gate_weight=gate_weight, gate_floor=gate_floor,
-                     wordings=n_wordings, seed=seed)
+                     wordings=n_wordings, wordings_related=wordings_related, seed=seed)
     loaded = load_facts(file, fmt=fmt, offset=offset, limit=limit, skip_bad=skip_bad)
     facts, problems = loaded if skip_bad else (loaded, [])
     for p in problems:

@@ -587,8 +587,13 @@ class Ledger:
             return [[] for _ in facts]
         relations = [wd.template_of(f.prompt, f.subject) for f in facts]
         table = wd.of_relations(conn, [r for r in relations if r])
-        return [wd.training_prompts(f, table.get(r, []) if r else [], cfg.wordings, cfg.seed)
-                for f, r in zip(facts, relations)]
+        out = []
+        for f, r in zip(facts, relations):
+            own = table.get(r, []) if r else []
+            # Related relations lend wordings only where the fact's own are too few.
+            lent = wd.related(conn, r, own, cfg.wordings_related) if r and len(own) < cfg.wordings else []
+            out.append(wd.training_prompts(f, own, cfg.wordings, cfg.seed, borrowed=lent))
+        return out
 
     # --- relation wordings -----------------------------------------------------------------------
 

@@ -163,6 +163,35 @@ def of_relations(conn: Connection, relations: Iterable[str]) -> dict[str, list[s
     return out
 
 
+def related(conn: Connection, relation: str, wordings: list[str], min_shared: int) -> list[str]:
+    """The wordings of the relations that share at least `min_shared` wordings with this one
+    (its own left out), those sharing most first, each relation's in import order.
+
+    One relation often has several prompt templates ("{} is located in", "{}, in"), each with
+    its own rows here; their sets of wordings overlap because they word the same thing. On
+    counterfact-train, 3 shared wordings link templates of one relation and rarely two
+    relations (docs/quality.md, session 5)."""
+    if min_shared <= 0 or len(wordings) < min_shared:
+        return []
+    shared = func.count(Wording.id)
+    # Bounded IN list: the relation's own wordings (a few dozen at most in practice).
+    mine = sorted(set(wordings))[:1000]
+    rows = conn.execute(select(Wording.relation, shared).where(Wording.wording.in_(mine), Wording.relation != relation)
+                        .group_by(Wording.relation).having(shared >= min_shared)
+                        .order_by(shared.desc(), Wording.relation))
+    lenders = [r for r, _ in rows]
+    if not lenders:
+        return []
+    table = of_relations(conn, lenders)
+    own = set(wordings) | {relation}
+    out: dict[str, None] = {}
+    for r in lenders:
+        for w in table[r]:
+            if w not in own:
+                out.setdefault(w, None)
+    return list(out)
+
+
 def summary(conn: Connection) -> list[tuple[str, int]]:
     """(relation, number of wordings), most wordings first."""
     n = func.count(Wording.id)
@@ -170,15 +199,24 @@ def summary(conn: Connection) -> list[tuple[str, int]]:
     return [(r, int(k)) for r, k in rows]
 
 
-def training_prompts(fact: Fact, wordings: list[str], n: int, seed: int) -> list[str]:
+def training_prompts(fact: Fact, wordings: list[str], n: int, seed: int,
+                     borrowed: list[str] = ()) -> list[str]:
     """Up to n of the relation's wordings, filled with the fact's subject: a fixed sample per
-    (fact, seed), so an edit retrains the same way. The fact's own prompt and rephrases are
-    left out (they are trained on, or held out, already)."""
-    if n <= 0 or not fact.subject or not wordings:
+    (fact, seed), so an edit retrains the same way. When the relation has fewer than n, the
+    rest is drawn from `borrowed` (related relations' wordings, see `related`). The fact's own
+    prompt and rephrases are left out (they are trained on, or held out, already)."""
+    if n <= 0 or not fact.subject:
         return []
-    own = {fact.prompt, *fact.rephrase_prompts}
-    prompts = [p for p in (fill(w, fact.subject) for w in wordings) if p not in own]
-    prompts = list(dict.fromkeys(prompts))
-    if len(prompts) <= n:
+    skip = {fact.prompt, *fact.rephrase_prompts}
+
+    def filled(ws):
+        return [p for p in dict.fromkeys(fill(w, fact.subject) for w in ws) if p not in skip]
+
+    rng = random.Random(f"{seed}:{fact.subject}:{fact.prompt}")
+    prompts = filled(wordings)
+    if len(prompts) >= n:
+        return prompts if len(prompts) == n else rng.sample(prompts, n)
+    extra = [p for p in filled(borrowed) if p not in set(prompts)]
+    if not extra:
         return prompts
-    return random.Random(f"{seed}:{fact.subject}:{fact.prompt}").sample(prompts, n)
+    return prompts + (extra if len(extra) <= n - len(prompts) else rng.sample(extra, n - len(prompts)))

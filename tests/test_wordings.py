@@ -64,6 +64,17 @@ def test_training_prompts_are_a_fixed_sample_without_the_facts_own_prompts():
     assert sorted(training_prompts(fact, ws, 10, seed=0)) == sorted(fill(w, "Alice") for w in ws[1:])
 
 
+def test_borrowed_wordings_only_fill_up_to_n_after_the_relations_own():
+    fact = Fact(prompt="Alice lives in", target_new="Rome", subject="Alice")
+    own, lent = ["{} dwells in", "Home of {}:"], ["{} resides in", "{} dwells in", "{} stays in", "{} is based in"]
+    assert training_prompts(fact, own, 2, seed=0, borrowed=lent) == ["Alice dwells in", "Home of Alice:"]
+    got = training_prompts(fact, own, 4, seed=0, borrowed=lent)
+    assert got[:2] == ["Alice dwells in", "Home of Alice:"] and len(got) == 4 and len(set(got)) == 4
+    assert set(got[2:]) <= {"Alice resides in", "Alice stays in", "Alice is based in"}
+    assert got == training_prompts(fact, own, 4, seed=0, borrowed=lent)        # fixed per (fact, seed)
+    assert training_prompts(fact, [], 3, seed=0, borrowed=lent[:1]) == ["Alice resides in"]
+
+
 def n_wordings(url):
     eng = make_engine(url)
     with eng.connect() as c:
@@ -133,10 +144,34 @@ def test_add_trains_on_the_relations_wordings_and_records_them(ledger, tmp_path)
     assert with_w.stats["n_edit_rows"] == without.stats["n_edit_rows"] + 2
 
 
+def test_related_relations_lend_wordings_where_the_own_are_too_few(ledger, tmp_path):
+    f = tmp_path / "w.json"
+    shared = ["{} dwells in", "{} has a home in", "{} resides in"]
+    f.write_text(json.dumps([
+        {"relation": "{} lives in", "wordings": shared + ["Home of {}:"]},
+        # another template of the same relation: 3 wordings in common, so it lends its others
+        {"relation": "{}, living in", "wordings": shared + ["{} is settled in", "{} lives in"]},
+        # 2 in common: a different relation, it lends nothing
+        {"relation": "{} works in", "wordings": shared[:2] + ["{} is employed in"]},
+    ]))
+    ledger.import_wordings(f)
+    [e] = ledger.add(parse_facts_text(json.dumps(FACT)), BaftConfig(**FAST, wordings=6))
+    got = e.stats["wording_prompts"]
+    assert sorted(got[:4]) == sorted(["Alice dwells in", "Alice has a home in", "Alice resides in", "Home of Alice:"])
+    assert got[4:] == ["Alice is settled in"]    # not the fact's own prompt, nothing of "works in"
+    assert ledger.edit(e.edit).config["wordings_related"] == 3
+    [off] = ledger.add(parse_facts_text(json.dumps(dict(FACT, target_new="Bern"))),
+                       BaftConfig(**FAST, wordings=6, wordings_related=0))
+    assert sorted(off.stats["wording_prompts"]) == sorted(got[:4])
+    [enough] = ledger.add(parse_facts_text(json.dumps(dict(FACT, target_new="Kyiv"))),
+                          BaftConfig(**FAST, wordings=4))
+    assert sorted(enough.stats["wording_prompts"]) == sorted(got[:4])   # own wordings suffice: none borrowed
+
+
 def test_stored_configs_without_newer_fields_retrain_as_they_were_trained():
     old = {"method": "baft", "rank": 4, "lr": 0.01}
     cfg = BaftConfig.from_dict(old, stored=True)
-    assert (cfg.wordings, cfg.gate_floor, cfg.gate_lr_scale) == (0, 0.0, 1.0)
+    assert (cfg.wordings, cfg.wordings_related, cfg.gate_floor, cfg.gate_lr_scale) == (0, 0, 0.0, 1.0)
     assert BaftConfig.from_dict(old) == BaftConfig(rank=4, lr=0.01)
     assert BaftConfig.from_dict({**old, "wordings": 3}, stored=True).wordings == 3
     with pytest.raises(InputError, match="--wordings"):

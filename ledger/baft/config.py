@@ -74,6 +74,9 @@ class BaftConfig:
     # On counterfact-val[0:20] (each fact's held-out wording left out of the table), 6 took
     # generalisation from 0.425 to 0.875 at equal locality (docs/quality.md, session 4).
     wordings: int = 6
+    # When the relation has fewer than `wordings` of its own: relations that share at least
+    # this many wordings with it (other templates of the same relation) lend theirs. 0: off.
+    wordings_related: int = 3
     # Short fixed prefixes before the prompt, for generalisation (as ROME does).
     n_prefixes: int = 2
     # Locality prompts are continued by this many tokens of the parent's own greedy output
@@ -110,6 +113,8 @@ class BaftConfig:
             raise InputError("a frozen gate (gate_lr_scale 0) needs gate_key_init: it would stay half open everywhere")
         if not 0 <= self.wordings <= 32:
             raise InputError(f"--wordings must be between 0 and 32, got {self.wordings}")
+        if self.wordings_related < 0:
+            raise InputError(f"--wordings-related must not be negative, got {self.wordings_related}")
         for name in ("locality_weight", "gate_weight", "gate_open_weight", "gate_lr_scale"):
             if getattr(self, name) < 0:
                 raise InputError(f"--{name.replace('_', '-')} must not be negative")
@@ -131,7 +136,7 @@ class BaftConfig:
 
 # Fields added after edits were already being stored, with the value equal to the behaviour
 # before them: a rebase retrains an old edit as it was trained.
-STORED_BEFORE: dict[str, Any] = {"gate_floor": 0.0, "gate_lr_scale": 1.0, "wordings": 0}
+STORED_BEFORE: dict[str, Any] = {"gate_floor": 0.0, "gate_lr_scale": 1.0, "wordings": 0, "wordings_related": 0}
 
 
 def default_layer(n_layers: int) -> int:
