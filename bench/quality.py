@@ -17,9 +17,10 @@ Metrics are ledger.evaluate's (EasyEdit's definitions); locality is agreement wi
 UNEDITED base model (DESIGN.md section 7) in every setting. BaFT/ReFT train with
 train_on_rephrases=False, train_on_locality=False: the fact's own rephrase and locality
 prompts are held out for evaluation. Every ledger holds the relation wordings of
---wordings (default counterfact-train.json, as `ledger wordings import` reads it) minus every
-evaluated fact's rephrase wording, under every relation (a related relation may lend its
-wordings), so generalisation is measured on wordings no edit was trained on. A fact the
+--wordings (default counterfact-train.json, as `ledger wordings import` reads it) minus each
+evaluated fact's rephrase wording, under its relation and every relation that could lend it
+wordings (held_out_pairs), so generalisation is measured on wordings no edit of that relation
+was trained on. A fact the
 model already answers with target_new is refused by `Ledger.add`; it is skipped (and listed) for every method alike. On zsRE the
 CounterFact probability scores are not reported (its locality prompts are unrelated NQ
 questions, so "P(true) > P(new)" on them means nothing); its true answer is not used.
@@ -121,6 +122,24 @@ def git_state() -> dict[str, Any]:
 
 
 # --- ledgers sharing one loaded base model -----------------------------------------------------
+
+def held_out_pairs(path: Path, facts: list[Fact], min_shared: int) -> set[tuple[str, str]]:
+    """The (relation, wording) pairs to leave out of the table: each evaluated fact's rephrase
+    wordings under its own relation and under every relation that could lend to it
+    (BaftConfig.wordings_related, reckoned on the whole file: leaving pairs out only removes
+    lenders). No edit of that relation can then train on a held-out wording."""
+    table: dict[str, set[str]] = {}
+    for r, w in read_pairs(path)[0]:
+        table.setdefault(r, set()).add(w)
+    out = set()
+    for f in facts:
+        for relation, w in pairs_of_fact(f):
+            own = table.get(relation, set())
+            lenders = [r for r, ws in table.items() if r != relation and min_shared > 0 and len(own) >= min_shared
+                       and len(ws & own) >= min_shared]
+            out |= {(r, w) for r in [relation, *lenders]}
+    return out
+
 
 class Ledgers:
     """Fresh SQLite ledgers on one loaded base model: the first is made by `Ledger.init` (the
@@ -416,8 +435,8 @@ def main(argv: list[str] | None = None) -> None:
         if not (args.data_dir / DATASETS[name][0]).is_file():
             ap.error(f"no {name} file at {args.data_dir / DATASETS[name][0]}")
     try:
-        held_out = {"train_on_rephrases": False, "train_on_locality": False}
-        cfgs = {m: BaftConfig.from_dict({**held_out, **args.baft_config, "method": m}) for m in ("baft", "reft")}
+        eval_only = {"train_on_rephrases": False, "train_on_locality": False}
+        cfgs = {m: BaftConfig.from_dict({**eval_only, **args.baft_config, "method": m}) for m in ("baft", "reft")}
         ftm_cfg = FTMConfig(**args.ftm_config)
     except (InputError, TypeError) as e:
         ap.error(f"bad config: {e}")
@@ -439,11 +458,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"no wordings file at {wordings_path}")
     count = max([args.n if "single" in settings else 0, *seq_T, *batch_K])
     data = {name: load_dataset(args.data_dir, name, args.offset, count) for name in args.datasets}
-    # Every evaluated rephrase wording is left out under EVERY relation, not only its own:
-    # a related relation may lend its wordings to a fact (BaftConfig.wordings_related).
-    held_out_wordings = {w for facts in data.values() for _, f in facts for _, w in pairs_of_fact(f)}
-    held_out = ({p for p in read_pairs(wordings_path)[0] if p[1] in held_out_wordings}
-                if wordings_path is not None else set())
+    held_out = held_out_pairs(wordings_path, [f for facts in data.values() for _, f in facts],
+                              cfgs["baft"].wordings_related) if wordings_path is not None else set()
 
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         ledgers = Ledgers(Path(tmp), args.model, wordings_path, held_out)

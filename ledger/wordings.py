@@ -208,9 +208,12 @@ def training_prompts(fact: Fact, wordings: list[str], n: int, seed: int,
     if n <= 0 or not fact.subject:
         return []
     skip = {fact.prompt, *fact.rephrase_prompts}
+    # ... and their wordings: a rephrase behind a context sentence ("One day. {} plays") is
+    # the same wording as the bare template.
+    own = {w for _, w in pairs_of_fact(fact)} | {template_of(fact.prompt, fact.subject)}
 
     def filled(ws):
-        return [p for p in dict.fromkeys(fill(w, fact.subject) for w in ws) if p not in skip]
+        return [p for p in dict.fromkeys(fill(w, fact.subject) for w in ws if w not in own) if p not in skip]
 
     rng = random.Random(f"{seed}:{fact.subject}:{fact.prompt}")
     prompts = filled(wordings)

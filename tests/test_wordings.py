@@ -73,6 +73,11 @@ def test_borrowed_wordings_only_fill_up_to_n_after_the_relations_own():
     assert set(got[2:]) <= {"Alice resides in", "Alice stays in", "Alice is based in"}
     assert got == training_prompts(fact, own, 4, seed=0, borrowed=lent)        # fixed per (fact, seed)
     assert training_prompts(fact, [], 3, seed=0, borrowed=lent[:1]) == ["Alice resides in"]
+    # a rephrase behind a context sentence is held out as a wording too, own or borrowed
+    held = Fact(prompt="Alice lives in", target_new="Rome", subject="Alice",
+                rephrase_prompts=("It rained. Alice stays in",))
+    assert "Alice stays in" not in training_prompts(held, own, 6, seed=0, borrowed=lent)
+    assert len(training_prompts(held, own, 6, seed=0, borrowed=lent)) == 4
 
 
 def n_wordings(url):
