@@ -8,6 +8,7 @@ forcing lives here and only here).
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -80,3 +81,74 @@ def make_batch(tok, pairs: list[tuple[str, str | None]], device="cpu") -> Batch:
 def logits(model, batch: Batch) -> torch.Tensor:
     # No KV cache: these are one-shot teacher-forced passes.
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+
+
+# --- packed rows ----------------------------------------------------------------------------
+# A right-padded batch computes every pad position too; packing puts the real tokens of all
+# rows into one sequence, with each token's position inside its own row and an attention mask
+# that keeps the rows apart (causal within a row, nothing across rows). Same outputs at every
+# real position, up to float rounding, for far fewer positions when rows differ in length.
+
+# Per model, what it was found to support: {"packing": bool, "head": bool}.
+_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _probe(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two short rows of different lengths (ids, right-padded mask) to check a model on."""
+    device = next(model.parameters()).device
+    vocab = int(getattr(model.config, "vocab_size", 64))
+    ids = (torch.arange(10, device=device).reshape(2, 5) * 7 + 3) % vocab
+    return ids, torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], device=device)
+
+
+def _checked(model, name: str, check) -> bool:
+    found = _CHECKED.setdefault(model, {})
+    if name not in found:
+        try:
+            with torch.no_grad():
+                found[name] = bool(check())
+        except (TypeError, ValueError, RuntimeError, IndexError, AttributeError):
+            found[name] = False
+    return found[name]
+
+
+def head_matches_logits(model) -> bool:
+    """Whether the output head applied to the base model's last hidden states gives this
+    model's logits (not so where the model rescales or caps them), checked once per model: then
+    the head can run only at the positions a loss reads."""
+    def check():
+        ids, mask = _probe(model)
+        head = model.get_output_embeddings()
+        hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return torch.allclose(head(hidden).float(), logits.float(), atol=1e-4, rtol=1e-4)
+    return _checked(model, "head", check)
+
+
+def packed_mask(model, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """position_ids and the 4D attention mask (1, 1, L, L) of the packed form of a right-padded
+    batch with this 2D mask, in the form the model's attention takes (boolean for SDPA,
+    additive elsewhere)."""
+    real = mask.bool()
+    positions = (real.long().cumsum(1) - 1)[real]
+    row = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(real)[real]
+    allowed = (row[:, None] == row[None, :]) & (positions[:, None] >= positions[None, :])
+    if getattr(model.config, "_attn_implementation", "sdpa") == "sdpa":
+        attn = allowed
+    else:
+        attn = torch.zeros(allowed.shape, dtype=model.dtype, device=mask.device)
+        attn.masked_fill_(~allowed, torch.finfo(model.dtype).min)
+    return {"position_ids": positions[None], "attention_mask": attn[None, None]}
+
+
+def packing_works(model) -> bool:
+    """Whether this model gives the same hidden states packed as padded, checked once per model
+    (a model that ignores position_ids or a 4D mask fails it)."""
+    def check():
+        ids, mask = _probe(model)
+        base = model.base_model
+        padded = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        real = mask.bool()
+        packed = base(input_ids=ids[real][None], **packed_mask(model, mask), use_cache=False).last_hidden_state
+        return packed.shape[1] == int(real.sum()) and torch.allclose(packed[0], padded[real], atol=1e-4, rtol=1e-4)
+    return _checked(model, "packing", check)

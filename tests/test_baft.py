@@ -94,10 +94,17 @@ def test_config_rejects_bad_values():
             BaftConfig(**bad)
 
 
+# The edited layer of the trainer tests: with a block above it, so that a change at the
+# subject's tokens reaches the target's positions (through attention) and the edit's loss has
+# a real gradient, not rounding noise that Adam would magnify.
+EDITED = 1
+
+
 def _parent_sites(base):
     """A frozen parent edit at a lower layer and one at the edited layer, as in a real ledger."""
     sites = {0: InterventionSite(0, FusedIntervention([_random_block(base.hidden_size, 2, 5).tensors()], base.hidden_size)),
-             2: InterventionSite(2, FusedIntervention([_random_block(base.hidden_size, 3, 6).tensors()], base.hidden_size))}
+             EDITED: InterventionSite(EDITED, FusedIntervention([_random_block(base.hidden_size, 3, 6).tensors()],
+                                                                base.hidden_size))}
     for layer, site in sites.items():
         site.attach(base.layers[layer])
     return sites
@@ -118,15 +125,15 @@ def _facts():
 @pytest.mark.parametrize("floor,gate_lr", [(0.0, 1.0), (0.3, 1.0), (0.3, 0.0)])
 def test_fast_path_gives_the_same_gradients(family, method, n_facts, floor, gate_lr, request):
     """The optimised training path (lower blocks replayed from cache, output head only where the
-    loss reads, and with a gate floor only the rows where a new gate is open) gives the same
-    loss and gradients as the plain full forward, to 1e-5."""
+    loss reads, rows packed without pads, and with a gate floor only the rows where a new gate
+    is open) gives the same loss and gradients as the plain full forward, to 1e-5."""
     from ledger.baft.trainer import EditProblem
     if method == "reft" and (floor or not gate_lr):
         pytest.skip("a ReFT gate is constant: no floor, nothing to freeze")
     base = load_base(str(request.getfixturevalue(family)))
     sites = _parent_sites(base)
     cfg = BaftConfig(method=method, rank=2, n_prefixes=1, gate_floor=floor, gate_lr_scale=gate_lr)
-    problem = EditProblem(base.model, base.tokenizer, sites, base.layers, _facts()[:n_facts], cfg, layer=2,
+    problem = EditProblem(base.model, base.tokenizer, sites, base.layers, _facts()[:n_facts], cfg, layer=EDITED,
                           retention=[("Paris is in", "France")])
     try:
         assert problem.head_ok                       # both families take the head-only path
@@ -148,13 +155,16 @@ def test_fast_path_gives_the_same_gradients(family, method, n_facts, floor, gate
             losses[fast] = parts
             grads[fast] = [p.grad.clone() for p in problem.parameters()]
         run = {fast: parts.pop("rows_run") for fast, parts in losses.items()}
-        cols = {fast: parts.pop("cols_run") for fast, parts in losses.items()}
-        if floor:   # the floored path really left rows out, and the padding only they needed
+        tokens = {fast: parts.pop("tokens_run") for fast, parts in losses.items()}
+        assert problem.packed                        # both families run the rows packed
+        live = problem.batch.attention_mask
+        if floor:   # the floored path really left rows out
             assert run[True] < run[False] == problem.batch.input_ids.shape[0]
             with problem.fast():
                 _, rows, _ = problem._step_gates()
-            longest = int(problem.batch.attention_mask[rows].sum(1).max())
-            assert cols[True] == longest and cols[False] == problem.batch.input_ids.shape[1]
+            live = live[rows]
+        # packed: exactly the real tokens of the rows run, no pad position
+        assert tokens[True] == int(live.sum()) and tokens[False] == problem.batch.input_ids.numel()
         for k in losses[True]:
             assert abs(losses[True][k] - losses[False][k]) <= 1e-5, k
         assert any(g.abs().max() > 1e-6 for g in grads[False])
@@ -178,10 +188,56 @@ def test_fast_path_learns_exactly_the_same(family, floor, request):
     for fast in (False, True):
         cfg = BaftConfig(steps=4, min_steps=4, rank=2, fast_path=fast, n_prefixes=1, gate_floor=floor)
         out[fast] = [t.tensors for t in train_edits(base.model, base.tokenizer, sites, base.layers, _facts(), cfg,
-                                                    layer=2)]
+                                                    layer=EDITED)]
     for a, b in zip(out[True], out[False]):
         for name in a:
             assert (a[name] - b[name]).abs().max() <= 1e-5, name
     assert (out[True][0]["W"] - out[True][0]["R"]).abs().max() > 1e-4     # training moved the block
     # the model is whole again afterwards
     assert all(type(m).__name__ not in ("_Skip", "_Replay") for m in base.layers)
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
+def test_packed_reference_pass_equals_the_padded_model(family, request):
+    """The parent's distributions (taken packed, head only where read) and the replayed block
+    output equal the plain padded forward's."""
+    from ledger.baft.trainer import EditProblem
+    base = load_base(str(request.getfixturevalue(family)))
+    sites = _parent_sites(base)
+    captured = {}
+
+    def grab_out(module, args, out):
+        captured["out"] = out
+
+    grab = base.layers[EDITED].register_forward_hook(grab_out, prepend=True)
+    problem = EditProblem(base.model, base.tokenizer, sites, base.layers, _facts(), BaftConfig(rank=2), layer=EDITED,
+                          retention=[("Paris is in", "France")])
+    try:
+        assert problem.packed and problem.head_ok
+        captured.clear()
+        with torch.no_grad():
+            plain = torch.log_softmax(problem._logits_plain().float(), -1)[problem.n_tgt:]
+        assert (plain - problem.ref_logp).abs().max() <= 1e-5
+        out = captured["out"][0] if isinstance(captured["out"], tuple) else captured["out"]
+        real = problem.batch.attention_mask.bool()
+        assert (out[real] - problem._site_h[real]).abs().max() <= 1e-5
+    finally:
+        grab.remove()
+        problem.close()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packing_check_passes_for_both_attention_forms(tiny_llama, attn):
+    """Packed rows give the padded rows' hidden states with SDPA's boolean mask and with the
+    additive mask of eager attention; the check is cached per model."""
+    from transformers import AutoModelForCausalLM
+    from ledger.text import packed_mask, packing_works
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=attn).eval()
+    assert packing_works(model)
+    ids = torch.tensor([[5, 9, 13, 17, 21, 25], [7, 11, 15, 0, 0, 0], [3, 4, 0, 0, 0, 0]])
+    mask = (ids > 0).long()
+    with torch.no_grad():
+        padded = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        real = mask.bool()
+        packed = model.model(input_ids=ids[real][None], **packed_mask(model, mask)).last_hidden_state
+    assert (packed[0] - padded[real]).abs().max() <= 1e-5

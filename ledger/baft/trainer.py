@@ -46,7 +46,7 @@ import torch
 from ..errors import StateError
 from ..facts import Fact
 from ..models import hidden_size
-from ..text import Batch, make_batch, prompt_ids
+from ..text import Batch, head_matches_logits, make_batch, packed_mask, packing_works, prompt_ids
 from .config import BaftConfig
 from .hooks import InterventionSite
 from .layer import BaftBlock, FusedIntervention
@@ -111,6 +111,12 @@ def subject_positions(tok, prompt: str, subject: str | None) -> list[int]:
     if list(enc["input_ids"]) != prompt_ids(tok, prompt):
         return []
     return [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end and b > start]
+
+
+def _map_hidden(out, fn):
+    """fn applied to a decoder block's hidden-state output (a tensor, or the first item of the
+    tuple older and GPT-2 style blocks return)."""
+    return (fn(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else fn(out)
 
 
 class _Skip(torch.nn.Module):
@@ -280,33 +286,33 @@ class EditProblem:
             sites = {**sites, layer: site}
         self.own_site, self.site = own_site, sites[layer]
 
-        # One no-grad pass of the parent: its distributions on the unrelated rows, the raw
-        # output of the edited block (replayed later), and the final hidden states, to check
-        # that head-only-where-read reproduces this model's logits.
+        # One no-grad pass of the parent over every row: its distributions on the unrelated
+        # rows and the raw output of the edited block (replayed later). Like the fast steps,
+        # it runs packed and with the output head only where the loss reads, where this model
+        # gives the same results so (each checked once per model, text.py).
+        self._head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.head_ok = self._head is not None and head_matches_logits(model)
+        self.packed = self.head_ok and packing_works(model)
         captured: dict[str, object] = {}
         grab = layers[layer].register_forward_hook(lambda m, a, out: captured.setdefault("out", out), prepend=True)
-        base_model = getattr(model, "base_model", None)
-        grab_final = base_model.register_forward_hook(
-            lambda m, a, out: captured.setdefault("final", out)) if base_model is not model else None
         try:
             with torch.no_grad():
-                full = self._logits_plain()
+                if self.head_ok:
+                    inputs = self._layout(batch.input_ids, batch.attention_mask, self.read)
+                    read = inputs.pop("read")
+                    full = self._head(model.base_model(**inputs, use_cache=False).last_hidden_state[read])
+                else:
+                    full = self._logits_plain()
         finally:
             grab.remove()
-            if grab_final is not None:
-                grab_final.remove()
-        logp = torch.log_softmax(full.float(), -1)
-        self.ref_logp = logp[self.n_tgt:]
-        self.head_ok = False
-        final = captured.get("final")
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if final is not None and head is not None:
-            hidden = final[0] if isinstance(final, tuple) else getattr(final, "last_hidden_state", None)
-            if isinstance(hidden, torch.Tensor) and hidden.shape[:2] == real.shape:
-                with torch.no_grad():
-                    self.head_ok = torch.allclose(head(hidden[self.read]).float(), full.float(), atol=1e-4, rtol=1e-4)
-        self._head = head
+        self.ref_logp = torch.log_softmax(full.float(), -1)[self.n_tgt:]
         self._site_out = captured["out"]
+        if self.packed:     # back to the padded layout (pads: 0, never read: right padding)
+            def unpack(h):
+                padded = h.new_zeros(*real.shape, h.shape[-1])
+                padded[real] = h[0]
+                return padded
+            self._site_out = _map_hidden(self._site_out, unpack)
         self._site_h = (self._site_out[0] if isinstance(self._site_out, tuple) else self._site_out).detach()
         self.read_row = self.read.nonzero()[:, 0]
         self._replay = _ReplayBelow(layers, layer, self.site, self._site_out)
@@ -314,7 +320,8 @@ class EditProblem:
         # a step must run: _step_gates computes them once.
         self._kept: tuple | None = None
         self._fast = False
-        self._cols_run = batch.input_ids.shape[1]    # positions per row the last step ran
+        self._inputs_cache: tuple | None = None
+        self._tokens_run = batch.input_ids.numel()   # positions the last step computed
 
         # The orthogonal parametrisation draws from torch's global generator when it is set
         # up: seed it too (in a fork, leaving the caller's state alone) so edits reproduce.
@@ -326,7 +333,7 @@ class EditProblem:
                                      generator=gen).to(device)
                            for _ in facts]
         if cfg.gate_key_init and cfg.method == "baft":
-            self._init_gates(captured["out"])
+            self._init_gates(self._site_h)
         if cfg.gate_lr_scale == 0:
             for block in self.blocks:       # the gate stays as initialised: no gradient at all
                 block.U.requires_grad_(False)
@@ -336,8 +343,8 @@ class EditProblem:
             self.site.trainable.append(block)
 
     @torch.no_grad()
-    def _init_gates(self, out) -> None:
-        h = (out[0] if isinstance(out, tuple) else out).float()
+    def _init_gates(self, h: torch.Tensor) -> None:
+        h = h.float()
         neg = h[self.n_edit:][self.batch.attention_mask[self.n_edit:].bool()]
         mu = neg.mean(0)
         for block, om in zip(self.blocks, self.open_masks):
@@ -367,30 +374,56 @@ class EditProblem:
         b = self.batch
         if not self.head_ok:
             return self._logits_plain() if rows is None else self._logits_plain()[keep]
-        ids, mask, read = b.input_ids, b.attention_mask, self.read
-        if rows is not None:
-            # Right padding and causal attention: columns past the longest live row are pads
-            # for every row run, so dropping them changes no real position's output.
-            n = int(mask[rows].sum(1).max())
-            self._cols_run = n
-            ids, mask, read = ids[rows, :n], mask[rows, :n], read[rows, :n]
-            self._replay.replay.output = self._rows_of(self._site_out, rows, n)
-            for block, apply in zip(self.blocks, self.apply_masks):
-                block.train_mask = apply[rows, :n]
+        inputs, site_out, train = self._step_inputs(rows)
+        read = inputs.pop("read")
+        self._replay.replay.output = site_out
+        for block, mask in zip(self.blocks, train):
+            block.train_mask = mask
         try:
-            out = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+            out = self.model.base_model(**inputs, use_cache=False)
         finally:
-            if rows is not None:
-                self._replay.replay.output = self._site_out
-                for block, apply in zip(self.blocks, self.apply_masks):
-                    block.train_mask = apply
+            self._replay.replay.output = self._site_out
+            for block, apply in zip(self.blocks, self.apply_masks):
+                block.train_mask = apply
         return self._head(out.last_hidden_state[read])
 
-    @staticmethod
-    def _rows_of(out, rows, n):
-        if isinstance(out, tuple):
-            return (out[0][rows, :n],) + tuple(out[1:])
-        return out[rows, :n]
+    def _layout(self, ids, mask, read) -> dict[str, torch.Tensor]:
+        """Model inputs (and "read", the read positions in that layout) for right-padded rows:
+        packed where self.packed (every real token in one sequence, rows kept apart by the
+        attention mask: no pad is computed), else as they are. Sets the positions counted."""
+        if self.packed:
+            real = mask.bool()
+            self._tokens_run = int(real.sum())
+            return {"input_ids": ids[real][None], **packed_mask(self.model, mask), "read": read[real][None]}
+        self._tokens_run = int(ids.numel())
+        return {"input_ids": ids, "attention_mask": mask, "read": read}
+
+    def _step_inputs(self, rows: torch.Tensor | None):
+        """The model inputs of a fast step over `rows` (None: all), the replayed block output
+        for them and the blocks' train masks, laid out as the step runs them: packed (every
+        row's real tokens in one sequence, rows kept apart by the attention mask, so no pad is
+        computed) where this model supports it, else right-padded and cut to the longest row
+        (columns past it are pads for every row run). Fixed for a kept gate: built once."""
+        key = None if rows is None else tuple(rows.tolist())
+        if self._inputs_cache is not None and self._inputs_cache[0] == key:
+            _, inputs, site_out, train, self._tokens_run = self._inputs_cache
+            return dict(inputs), site_out, train
+        b = self.batch
+        ids, mask, read = b.input_ids, b.attention_mask, self.read
+        site_out, train = self._site_out, list(self.apply_masks)
+        if rows is not None:
+            n = int(mask[rows].sum(1).max())
+            ids, mask, read = ids[rows, :n], mask[rows, :n], read[rows, :n]
+            site_out = _map_hidden(site_out, lambda h: h[rows, :n])
+            train = [t[rows, :n] for t in train]
+        inputs = self._layout(ids, mask, read)
+        if self.packed:
+            real = mask.bool()
+            site_out = _map_hidden(site_out, lambda h: h[real][None])
+            train = [t[real][None] for t in train]
+        if self._kept is not None:
+            self._inputs_cache = (key, inputs, site_out, train, self._tokens_run)
+        return dict(inputs), site_out, train
 
     def _keep_pos(self, rows: torch.Tensor) -> torch.Tensor:
         keep = torch.zeros(self.batch.input_ids.shape[0], dtype=torch.bool, device=self.device)
@@ -439,7 +472,7 @@ class EditProblem:
     def loss(self) -> tuple[torch.Tensor, dict[str, float], bool]:
         cfg = self.cfg
         raw, rows, keep_all = self._step_gates()
-        self._cols_run = self.batch.input_ids.shape[1]
+        self._tokens_run = self.batch.input_ids.numel()
         out = (self._logits_fast(rows, keep_all) if self._fast else self._logits_plain()).float()
         logp = torch.log_softmax(out, -1)
         tgt_logp = logp[: self.n_tgt]
@@ -476,7 +509,7 @@ class EditProblem:
         parts = {"loss": loss.item(), "ce": ce.item(), "kl": kl.item(), "gate": close.item(),
                  "gate_open": opened.item(), "worst_kl": worst_kl.item(),
                  "rows_run": int(self.batch.input_ids.shape[0] if rows is None else len(rows)),
-                 "cols_run": self._cols_run}
+                 "tokens_run": self._tokens_run}
         # Done when every target token is the argmax with margin AND the unrelated text is
         # back to the parent's distribution: stopping on the target alone leaves gates open.
         reached = bool((tgt_logp.argmax(-1) == self.target_ids).all()
