@@ -2,8 +2,9 @@
 product path: precheck, training, measurement, database commit), with `ledger add`'s default
 settings, against the plain training path measured in the same run on the same facts
 (fast_path=False: the whole model forward and backward at every step, the output head at
-every position). Each fact is added alone on the base revision; the two paths alternate fact
-by fact so machine noise hits both alike.
+every position, float32). The fast path in the other training precision (--train-dtype) is
+measured alongside. Each fact is added alone on the base revision; the paths alternate fact
+by fact so machine noise hits them alike.
 
 Then batch throughput: N facts added in one call, one revision per fact (--batch 1) and K
 facts trained together per revision (--batch K), as edits per minute.
@@ -53,7 +54,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     records = json.loads(Path(args.data).read_text())
     facts = facts_from_records(records[args.offset: args.offset + args.n])
-    fast, plain = BaftConfig(), BaftConfig(fast_path=False)
+    fast, plain = BaftConfig(), BaftConfig(fast_path=False, train_dtype="float32")
+    # The other precision of the fast path, measured alongside (a --train-dtype choice).
+    other_dtype = "bfloat16" if fast.train_dtype == "float32" else "float32"
+    paths = {"fast": fast, f"fast_{other_dtype}": BaftConfig(train_dtype=other_dtype), "plain": plain}
     common = {"model": "SmolLM2-135M-Instruct", "threads": args.threads, "data": Path(args.data).name,
               "wordings": wordings.name if wordings else None,
               "date": time.strftime("%Y-%m-%d")}
@@ -65,12 +69,12 @@ def main() -> None:
         # warm-up (allocator, kernels), not counted
         timed_add(lg, facts_from_records(records[-1:]), fast)
         lg.checkout("rev-1")
-        rows = {"fast": [], "plain": []}
-        steps = {"fast": [], "plain": []}
-        train_s = {"fast": [], "plain": []}
+        rows = {k: [] for k in paths}
+        steps = {k: [] for k in paths}
+        train_s = {k: [] for k in paths}
         wrows: list[int] = []
         for fact in facts:
-            for name, cfg in (("fast", fast), ("plain", plain)):
+            for name, cfg in paths.items():
                 lg.checkout("rev-1")
                 try:
                     s, [r] = timed_add(lg, [fact], cfg)
@@ -94,6 +98,10 @@ def main() -> None:
                           "mean_steps": round(statistics.mean(steps["fast"]), 1),
                           "median_train_s": round(statistics.median(train_s["fast"]), 3),
                           "mean_wording_rows": round(statistics.mean(wrows), 1) if wrows else 0,
+                          "train_dtype": fast.train_dtype,
+                          f"{other_dtype}_median_s": round(med[f"fast_{other_dtype}"], 3),
+                          f"{other_dtype}_median_s_per_step": round(per_step[f"fast_{other_dtype}"], 3),
+                          f"{other_dtype}_mean_steps": round(statistics.mean(steps[f"fast_{other_dtype}"]), 1),
                           "goal_s": 1.5, **common}), flush=True)
         lg.close()
 

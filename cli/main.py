@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from ledger import BaftConfig, InputError, Ledger, LedgerError, load_facts
+from ledger.baft.config import TRAIN_DTYPES
 from ledger.store import engine as store_engine
 
 
@@ -147,6 +148,9 @@ class _Bar(_PhaseBar):
 @click.option("--wordings-related", type=click.IntRange(0), default=BaftConfig.wordings_related, show_default=True,
               help="When the relation has fewer than N wordings, borrow from relations sharing at least this "
                    "many wordings with it (0: never).")
+@click.option("--train-dtype", type=click.Choice(list(TRAIN_DTYPES)), default=BaftConfig.train_dtype,
+              show_default=True, help="Precision of the blocks above the edited one while training "
+                                      "(the edit itself is always float32).")
 @click.option("--format", "fmt", type=click.Choice(["auto", "native", "counterfact", "rome", "zsre", "knowedit"]),
               default="auto", show_default=True, help="Record form of FILE (auto detects per record).")
 @click.option("--offset", type=click.IntRange(0), default=0, show_default=True, help="Skip the first N records.")
@@ -160,7 +164,7 @@ class _Bar(_PhaseBar):
 @click.pass_context
 def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int, steps: int, lr: float,
         locality_weight: float, gate_weight: float, gate_floor: float, n_wordings: int, wordings_related: int,
-        fmt: str, offset: int,
+        train_dtype: str, fmt: str, offset: int,
         limit: int | None, skip_bad: bool, batch: int, seed: int, message: str | None, as_json: bool) -> None:
     """Train one BaFT edit per fact in FILE and commit each as a new revision (with --batch K,
     K facts per revision, trained together).
@@ -172,7 +176,7 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
     """
     cfg = BaftConfig(method=method, layer=layer, rank=rank, steps=steps, lr=lr,
                      locality_weight=locality_weight, gate_weight=gate_weight, gate_floor=gate_floor,
-                     wordings=n_wordings, wordings_related=wordings_related, seed=seed)
+                     wordings=n_wordings, wordings_related=wordings_related, train_dtype=train_dtype, seed=seed)
     loaded = load_facts(file, fmt=fmt, offset=offset, limit=limit, skip_bad=skip_bad)
     facts, problems = loaded if skip_bad else (loaded, [])
     for p in problems:

@@ -125,20 +125,76 @@ def head_matches_logits(model) -> bool:
     return _checked(model, "head", check)
 
 
-def packed_mask(model, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """position_ids and the 4D attention mask (1, 1, L, L) of the packed form of a right-padded
-    batch with this 2D mask, in the form the model's attention takes (boolean for SDPA,
-    additive elsewhere)."""
-    real = mask.bool()
-    positions = (real.long().cumsum(1) - 1)[real]
-    row = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(real)[real]
-    allowed = (row[:, None] == row[None, :]) & (positions[:, None] >= positions[None, :])
+# Rows go into packed sequences of at most this many tokens (a longer row gets one of its
+# own): attention costs the square of a sequence's length, so a batch of many facts must not
+# become one sequence of thousands of tokens.
+PACK_TOKENS = 512
+
+
+@dataclass
+class Packing:
+    """Where each real token of a right-padded batch goes in its packed form (S, L): rows in
+    their order, filled into sequences one after another, so the packed real tokens read
+    row-major are the padded batch's real tokens read row-major."""
+    index: torch.Tensor            # (S, L) index into the real tokens (0 at a pad)
+    valid: torch.Tensor            # (S, L) True at a real token
+    position_ids: torch.Tensor     # (S, L) each token's position inside its own row
+    attention_mask: torch.Tensor   # (S, 1, L, L) causal within a row, nothing across rows
+
+    def gather(self, real_values: torch.Tensor) -> torch.Tensor:
+        """(N, ...) values of the real tokens, row-major -> (S, L, ...), zero (False) at pads."""
+        out = real_values[self.index]
+        pad = ~self.valid
+        if pad.any():
+            out[pad] = 0
+        return out
+
+
+def pack(model, mask: torch.Tensor, max_tokens: int = PACK_TOKENS) -> Packing:
+    """The packed layout of a right-padded batch with this 2D mask, its attention mask in the
+    form the model's attention takes (boolean for SDPA, additive elsewhere)."""
+    lengths = mask.sum(1).tolist()
+    seqs: list[list[int]] = [[]]           # row indices per packed sequence
+    used = 0
+    for r, n in enumerate(lengths):
+        if seqs[-1] and used + n > max_tokens:
+            seqs.append([])
+            used = 0
+        seqs[-1].append(r)
+        used += n
+    L = max(sum(lengths[r] for r in rows) for rows in seqs)
+    S, device = len(seqs), mask.device
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    index = torch.zeros(S, L, dtype=torch.long)
+    position = torch.zeros(S, L, dtype=torch.long)
+    row = torch.full((S, L), -1, dtype=torch.long)
+    for s, rows in enumerate(seqs):
+        col = 0
+        for r in rows:
+            n = lengths[r]
+            index[s, col: col + n] = torch.arange(starts[r], starts[r] + n)
+            position[s, col: col + n] = torch.arange(n)
+            row[s, col: col + n] = r
+            col += n
+    valid = row >= 0
+    causal = position[:, :, None] >= position[:, None, :]
+    allowed = (row[:, :, None] == row[:, None, :]) & causal & valid[:, :, None]
+    allowed |= torch.eye(L, dtype=torch.bool)[None] & ~valid[:, :, None]     # a pad sees itself: no empty row
     if getattr(model.config, "_attn_implementation", "sdpa") == "sdpa":
         attn = allowed
     else:
-        attn = torch.zeros(allowed.shape, dtype=model.dtype, device=mask.device)
+        attn = torch.zeros(allowed.shape, dtype=model.dtype)
         attn.masked_fill_(~allowed, torch.finfo(model.dtype).min)
-    return {"position_ids": positions[None], "attention_mask": attn[None, None]}
+    return Packing(index.to(device), valid.to(device), position.to(device), attn[:, None].to(device))
+
+
+def packed_inputs(model, ids: torch.Tensor, mask: torch.Tensor, max_tokens: int = PACK_TOKENS):
+    """(model inputs of the packed form of this right-padded batch, its Packing)."""
+    pk = pack(model, mask, max_tokens)
+    return {"input_ids": pk.gather(ids[mask.bool()]), "position_ids": pk.position_ids,
+            "attention_mask": pk.attention_mask}, pk
 
 
 def packing_works(model) -> bool:
@@ -148,7 +204,7 @@ def packing_works(model) -> bool:
         ids, mask = _probe(model)
         base = model.base_model
         padded = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        real = mask.bool()
-        packed = base(input_ids=ids[real][None], **packed_mask(model, mask), use_cache=False).last_hidden_state
-        return packed.shape[1] == int(real.sum()) and torch.allclose(packed[0], padded[real], atol=1e-4, rtol=1e-4)
+        inputs, pk = packed_inputs(model, ids, mask, max_tokens=6)     # two packed sequences
+        packed = base(**inputs, use_cache=False).last_hidden_state
+        return torch.allclose(packed[pk.valid], padded[mask.bool()], atol=1e-4, rtol=1e-4)
     return _checked(model, "packing", check)

@@ -227,17 +227,56 @@ def test_packed_reference_pass_equals_the_padded_model(family, request):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packing_check_passes_for_both_attention_forms(tiny_llama, attn):
-    """Packed rows give the padded rows' hidden states with SDPA's boolean mask and with the
-    additive mask of eager attention; the check is cached per model."""
+@pytest.mark.parametrize("max_tokens", [512, 8])
+def test_packed_rows_give_the_padded_hidden_states(tiny_llama, attn, max_tokens):
+    """Packed rows give the padded rows' hidden states, with SDPA's boolean mask and with the
+    additive mask of eager attention, in one sequence or spread over several (max_tokens 8:
+    rows of 6, 3 and 2 tokens in two sequences, the second with pads)."""
     from transformers import AutoModelForCausalLM
-    from ledger.text import packed_mask, packing_works
+    from ledger.text import packed_inputs, packing_works
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=attn).eval()
     assert packing_works(model)
     ids = torch.tensor([[5, 9, 13, 17, 21, 25], [7, 11, 15, 0, 0, 0], [3, 4, 0, 0, 0, 0]])
     mask = (ids > 0).long()
+    inputs, pk = packed_inputs(model, ids, mask, max_tokens=max_tokens)
+    assert pk.valid.shape[0] == (1 if max_tokens == 512 else 2)
     with torch.no_grad():
         padded = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        real = mask.bool()
-        packed = model.model(input_ids=ids[real][None], **packed_mask(model, mask)).last_hidden_state
-    assert (packed[0] - padded[real]).abs().max() <= 1e-5
+        packed = model.model(**inputs).last_hidden_state
+    assert (packed[pk.valid] - padded[mask.bool()]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
+def test_bfloat16_steps_stay_close_and_leave_the_model_float32(family, request):
+    """train_dtype bfloat16: the fast steps' gradients point where the float32 plain path's do
+    (bfloat16 rounding only), the parent's reference is taken the same way (an untrained edit
+    changes no distribution), and the model's weights are float32 and unchanged afterwards."""
+    from ledger.baft.trainer import EditProblem, train_edits
+    base = load_base(str(request.getfixturevalue(family)))
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    sites = _parent_sites(base)
+    grads = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = BaftConfig(rank=2, n_prefixes=1, train_dtype=dtype)
+        problem = EditProblem(base.model, base.tokenizer, sites, base.layers, _facts(), cfg, layer=EDITED,
+                              retention=[("Paris is in", "France")])
+        try:
+            assert (problem._low is not None) == (dtype == "bfloat16")
+            with problem.fast():
+                _, parts, _ = problem.loss()
+                assert parts["worst_kl"] <= 1e-6        # the identity start changes nothing
+                with torch.no_grad():
+                    for p in problem.parameters():
+                        p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+                loss, _, _ = problem.loss()
+                loss.backward()
+            grads[dtype] = torch.cat([p.grad.flatten() for p in problem.parameters()])
+        finally:
+            problem.close()
+    a, b = grads["bfloat16"], grads["float32"]
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
+    assert (a - b).norm() <= 0.1 * b.norm()
+    train_edits(base.model, base.tokenizer, sites, base.layers, _facts(), BaftConfig(rank=2, steps=2, min_steps=2,
+                train_dtype="bfloat16"), layer=EDITED)
+    after = base.model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())

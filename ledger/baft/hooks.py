@@ -23,6 +23,14 @@ class InterventionSite(nn.Module):
 
     def delta(self, h: torch.Tensor) -> torch.Tensor | None:
         """The change to h; None when it is exactly zero (an empty stack, or every gate shut)."""
+        if torch.is_autocast_enabled(h.device.type):
+            # The blocks around run in lower precision (training with train_dtype bfloat16):
+            # the edits' own arithmetic, and so the trained block's gradient, stays float32.
+            with torch.autocast(h.device.type, enabled=False):
+                return self._delta(h.float())
+        return self._delta(h)
+
+    def _delta(self, h: torch.Tensor) -> torch.Tensor | None:
         out = self.fused.change(h)
         for block in self.trainable:
             out = block(h) if out is None else out + block(h)

@@ -46,7 +46,7 @@ import torch
 from ..errors import StateError
 from ..facts import Fact
 from ..models import hidden_size
-from ..text import Batch, head_matches_logits, make_batch, packed_mask, packing_works, prompt_ids
+from ..text import Batch, head_matches_logits, make_batch, packed_inputs, packing_works, prompt_ids
 from .config import BaftConfig
 from .hooks import InterventionSite
 from .layer import BaftBlock, FusedIntervention
@@ -79,10 +79,11 @@ class TrainedEdit:
 
 
 @torch.no_grad()
-def continue_greedily(model, tok, prompts: list[str], n_tokens: int) -> list[str]:
-    """Each prompt followed by the model's greedy continuation of n_tokens (as text), all
-    prompts in one left-padded generate call."""
-    if n_tokens <= 0 or not prompts:
+def continue_greedily(model, tok, prompts: list[str], n_tokens: int | list[int]) -> list[str]:
+    """Each prompt followed by the model's greedy continuation of n_tokens (one count for all,
+    or one per prompt), as text, all prompts in one left-padded generate call."""
+    counts = list(n_tokens) if isinstance(n_tokens, (list, tuple)) else [n_tokens] * len(prompts)
+    if not prompts or max(counts) <= 0:
         return list(prompts)
     device = next(model.parameters()).device
     side = tok.padding_side
@@ -91,9 +92,11 @@ def continue_greedily(model, tok, prompts: list[str], n_tokens: int) -> list[str
         enc = tok(list(prompts), return_tensors="pt", padding=True).to(device)
     finally:
         tok.padding_side = side
-    gen = model.generate(**enc, max_new_tokens=n_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    gen = model.generate(**enc, max_new_tokens=max(counts), do_sample=False, pad_token_id=tok.pad_token_id)
     new = gen[:, enc["input_ids"].shape[1]:]
-    return [p + tok.decode(row, skip_special_tokens=True) for p, row in zip(prompts, new)]
+    # Greedy: the first k tokens of a longer continuation are the continuation of k tokens.
+    return [p + tok.decode(row[:k], skip_special_tokens=True) if k > 0 else p
+            for p, row, k in zip(prompts, new, counts)]
 
 
 def subject_positions(tok, prompt: str, subject: str | None) -> list[int]:
@@ -157,6 +160,29 @@ class _ReplayBelow:
         self.site.attach(self.layers[self.layer])
 
 
+class _LowPrecisionAbove:
+    """While entered, the matrices of the blocks above the edited one are bfloat16 copies (the
+    float32 originals come back on exit), so that the steps' matmuls, run under autocast, need
+    no cast of the weights at every call. Norm weights, the edited site and the output head
+    stay float32."""
+
+    def __init__(self, layers, layer: int):
+        self.modules = [m for blk in list(layers)[layer + 1:] for m in blk.modules()]
+        self.saved: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+
+    def enter(self) -> None:
+        for m in self.modules:
+            for name, p in list(m.named_parameters(recurse=False)):
+                if p.dim() >= 2 and p.dtype == torch.float32:
+                    self.saved.append((m, name, p))
+                    m._parameters[name] = torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
+
+    def exit(self) -> None:
+        for m, name, p in reversed(self.saved):
+            m._parameters[name] = p
+        self.saved.clear()
+
+
 @dataclass
 class _Rows:
     pairs: list[tuple[str, str | None]]
@@ -197,8 +223,8 @@ def _build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[
                 neg_prompts += [relation.format(w) for w in dict.fromkeys(words) if len(w) > 2]
     # A locality prompt continued by the parent's OWN greedy continuation: the KL then
     # protects what the model actually goes on to say there, not just the next token.
-    texts += continue_greedily(model, tok, loc_prompts, cfg.continuation_tokens)
-    texts += continue_greedily(model, tok, neg_prompts, cfg.neg_continuation_tokens)
+    texts += continue_greedily(model, tok, loc_prompts + neg_prompts,
+                               [cfg.continuation_tokens] * len(loc_prompts) + [cfg.neg_continuation_tokens] * len(neg_prompts))
     texts += list(NEUTRAL)
     n = cfg.retention_samples * max(1, min(len(facts), 4))
     keep = retention if len(retention) <= n else rng.sample(retention, n)
@@ -294,11 +320,15 @@ class EditProblem:
         self.head_ok = self._head is not None and head_matches_logits(model)
         self.packed = self.head_ok and packing_works(model)
         captured: dict[str, object] = {}
-        grab = layers[layer].register_forward_hook(lambda m, a, out: captured.setdefault("out", out), prepend=True)
+
+        def grab_output(module, args, out):     # returns None: the output is left as it is
+            captured["out"] = out
+
+        grab = layers[layer].register_forward_hook(grab_output, prepend=True)
         try:
             with torch.no_grad():
                 if self.head_ok:
-                    inputs = self._layout(batch.input_ids, batch.attention_mask, self.read)
+                    inputs, pk = self._layout(batch.input_ids, batch.attention_mask, self.read)
                     read = inputs.pop("read")
                     full = self._head(model.base_model(**inputs, use_cache=False).last_hidden_state[read])
                 else:
@@ -310,12 +340,15 @@ class EditProblem:
         if self.packed:     # back to the padded layout (pads: 0, never read: right padding)
             def unpack(h):
                 padded = h.new_zeros(*real.shape, h.shape[-1])
-                padded[real] = h[0]
+                padded[real] = h[pk.valid]
                 return padded
             self._site_out = _map_hidden(self._site_out, unpack)
         self._site_h = (self._site_out[0] if isinstance(self._site_out, tuple) else self._site_out).detach()
         self.read_row = self.read.nonzero()[:, 0]
         self._replay = _ReplayBelow(layers, layer, self.site, self._site_out)
+        # train_dtype bfloat16: the fast steps run the blocks above the edited one in bfloat16.
+        self._low = _LowPrecisionAbove(layers, layer) \
+            if cfg.train_dtype == "bfloat16" and cfg.fast_path and self.head_ok else None
         # With a kept gate (gate_lr_scale 0) the gates never change, and so neither do the rows
         # a step must run: _step_gates computes them once.
         self._kept: tuple | None = None
@@ -332,6 +365,11 @@ class EditProblem:
                                      gate_bias_init=cfg.gate_bias_init, gate_floor=cfg.gate_floor,
                                      generator=gen).to(device)
                            for _ in facts]
+        if self._low is not None:
+            # The parent's distributions as the steps compute them, so that bfloat16 rounding
+            # is not taken for a change the edit made (the new blocks are not attached yet).
+            with self.fast(), torch.no_grad():
+                self.ref_logp = torch.log_softmax(self._logits_fast(None, None), -1)[self.n_tgt:]
         if cfg.gate_key_init and cfg.method == "baft":
             self._init_gates(self._site_h)
         if cfg.gate_lr_scale == 0:
@@ -380,23 +418,29 @@ class EditProblem:
         for block, mask in zip(self.blocks, train):
             block.train_mask = mask
         try:
-            out = self.model.base_model(**inputs, use_cache=False)
+            with self._autocast():
+                out = self.model.base_model(**inputs, use_cache=False)
         finally:
             self._replay.replay.output = self._site_out
             for block, apply in zip(self.blocks, self.apply_masks):
                 block.train_mask = apply
-        return self._head(out.last_hidden_state[read])
+        return self._head(out.last_hidden_state[read].float())
 
-    def _layout(self, ids, mask, read) -> dict[str, torch.Tensor]:
-        """Model inputs (and "read", the read positions in that layout) for right-padded rows:
-        packed where self.packed (every real token in one sequence, rows kept apart by the
-        attention mask: no pad is computed), else as they are. Sets the positions counted."""
+    def _autocast(self):
+        if self._low is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _layout(self, ids, mask, read):
+        """(model inputs, with "read": the read positions in that layout; the Packing or None)
+        of right-padded rows: packed where self.packed (the real tokens only, rows kept apart by
+        the attention mask: no pad is computed), else as they are. Counts the positions run."""
         if self.packed:
-            real = mask.bool()
-            self._tokens_run = int(real.sum())
-            return {"input_ids": ids[real][None], **packed_mask(self.model, mask), "read": read[real][None]}
+            inputs, pk = packed_inputs(self.model, ids, mask)
+            self._tokens_run = int(pk.valid.sum())
+            return {**inputs, "read": pk.gather(read[mask.bool()])}, pk
         self._tokens_run = int(ids.numel())
-        return {"input_ids": ids, "attention_mask": mask, "read": read}
+        return {"input_ids": ids, "attention_mask": mask, "read": read}, None
 
     def _step_inputs(self, rows: torch.Tensor | None):
         """The model inputs of a fast step over `rows` (None: all), the replayed block output
@@ -416,11 +460,11 @@ class EditProblem:
             ids, mask, read = ids[rows, :n], mask[rows, :n], read[rows, :n]
             site_out = _map_hidden(site_out, lambda h: h[rows, :n])
             train = [t[rows, :n] for t in train]
-        inputs = self._layout(ids, mask, read)
-        if self.packed:
+        inputs, pk = self._layout(ids, mask, read)
+        if pk is not None:
             real = mask.bool()
-            site_out = _map_hidden(site_out, lambda h: h[real][None])
-            train = [t[real][None] for t in train]
+            site_out = _map_hidden(site_out, lambda h: pk.gather(h[real]))
+            train = [pk.gather(t[real]) for t in train]
         if self._kept is not None:
             self._inputs_cache = (key, inputs, site_out, train, self._tokens_run)
         return dict(inputs), site_out, train
@@ -449,11 +493,15 @@ class EditProblem:
     def fast(self):
         """Optimised evaluation of the same loss (the blocks below are replayed)."""
         self._replay.enter()
+        if self._low is not None:
+            self._low.enter()
         self._fast = True
         try:
             yield self
         finally:
             self._fast = False
+            if self._low is not None:
+                self._low.exit()
             self._replay.exit()
 
     def _step_gates(self):
