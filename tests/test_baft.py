@@ -157,14 +157,15 @@ def test_fast_path_gives_the_same_gradients(family, method, n_facts, floor, gate
         run = {fast: parts.pop("rows_run") for fast, parts in losses.items()}
         tokens = {fast: parts.pop("tokens_run") for fast, parts in losses.items()}
         assert problem.packed                        # both families run the rows packed
-        live = problem.batch.attention_mask
+        live = problem.needed
         if floor:   # the floored path really left rows out
             assert run[True] < run[False] == problem.batch.input_ids.shape[0]
             with problem.fast():
                 _, rows, _ = problem._step_gates()
             live = live[rows]
-        # packed: exactly the real tokens of the rows run, no pad position
+        # packed: exactly the needed tokens of the rows run (no pad, no edit row's last token)
         assert tokens[True] == int(live.sum()) and tokens[False] == problem.batch.input_ids.numel()
+        assert int(problem.needed.sum()) == int(problem.batch.attention_mask.sum()) - problem.n_edit
         for k in losses[True]:
             assert abs(losses[True][k] - losses[False][k]) <= 1e-5, k
         assert any(g.abs().max() > 1e-6 for g in grads[False])

@@ -345,6 +345,12 @@ class EditProblem:
             self._site_out = _map_hidden(self._site_out, unpack)
         self._site_h = (self._site_out[0] if isinstance(self._site_out, tuple) else self._site_out).detach()
         self.read_row = self.read.nonzero()[:, 0]
+        # The positions a step needs: up to each row's last read position. An edit row's last
+        # token (its target's last) predicts nothing the loss reads, and with causal attention
+        # no position reads it: packed steps leave it out.
+        cols = torch.arange(real.shape[1], device=device)
+        last_read = torch.where(self.read, cols, torch.full_like(cols, -1)).amax(1, keepdim=True)
+        self.needed = real & (cols[None, :] <= last_read)
         self._replay = _ReplayBelow(layers, layer, self.site, self._site_out)
         # train_dtype bfloat16: the fast steps run the blocks above the edited one in bfloat16.
         self._low = _LowPrecisionAbove(layers, layer) \
@@ -444,16 +450,17 @@ class EditProblem:
 
     def _step_inputs(self, rows: torch.Tensor | None):
         """The model inputs of a fast step over `rows` (None: all), the replayed block output
-        for them and the blocks' train masks, laid out as the step runs them: packed (every
-        row's real tokens in one sequence, rows kept apart by the attention mask, so no pad is
-        computed) where this model supports it, else right-padded and cut to the longest row
-        (columns past it are pads for every row run). Fixed for a kept gate: built once."""
+        for them and the blocks' train masks, laid out as the step runs them: packed (see
+        _layout; the needed positions only) where this model supports it, else right-padded
+        and cut to the longest row (columns past it are pads for every row run). Fixed for a
+        kept gate: built once."""
         key = None if rows is None else tuple(rows.tolist())
         if self._inputs_cache is not None and self._inputs_cache[0] == key:
             _, inputs, site_out, train, self._tokens_run = self._inputs_cache
             return dict(inputs), site_out, train
         b = self.batch
-        ids, mask, read = b.input_ids, b.attention_mask, self.read
+        ids, read = b.input_ids, self.read
+        mask = self.needed.long() if self.packed else b.attention_mask
         site_out, train = self._site_out, list(self.apply_masks)
         if rows is not None:
             n = int(mask[rows].sum(1).max())
