@@ -31,7 +31,9 @@ Speed, without changing what is learned (tests/test_baft.py checks gradients and
 against the plain path): the blocks below the edited one are replayed from one cached pass,
 the output head runs only at the positions the loss reads, and with a gate floor a step runs
 the blocks above only on the edit rows and the unrelated rows where a new gate is open
-(elsewhere the new blocks change nothing, so those rows' KL and gradient are exactly 0).
+(elsewhere the new blocks change nothing, so those rows' KL and gradient are exactly 0), and
+the rows run are packed, without pads (text.py). `train_dtype="bfloat16"` is the one option
+that trades exactness for speed: the blocks above the edited one then run in bfloat16.
 """
 from __future__ import annotations
 
@@ -415,7 +417,6 @@ class EditProblem:
     def _logits_fast(self, rows: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor:
         """The logits at the read positions of `rows` (all rows when None); `keep` marks those
         positions among all read positions."""
-        b = self.batch
         if not self.head_ok:
             return self._logits_plain() if rows is None else self._logits_plain()[keep]
         inputs, site_out, train = self._step_inputs(rows)
@@ -458,9 +459,8 @@ class EditProblem:
         if self._inputs_cache is not None and self._inputs_cache[0] == key:
             _, inputs, site_out, train, self._tokens_run = self._inputs_cache
             return dict(inputs), site_out, train
-        b = self.batch
-        ids, read = b.input_ids, self.read
-        mask = self.needed.long() if self.packed else b.attention_mask
+        ids, read = self.batch.input_ids, self.read
+        mask = self.needed.long() if self.packed else self.batch.attention_mask
         site_out, train = self._site_out, list(self.apply_masks)
         if rows is not None:
             n = int(mask[rows].sum(1).max())
