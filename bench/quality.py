@@ -20,7 +20,11 @@ prompts are held out for evaluation. Every ledger holds the relation wordings of
 --wordings (default counterfact-train.json, as `ledger wordings import` reads it) minus each
 evaluated fact's rephrase wording, under its relation and every relation that could lend it
 wordings (held_out_pairs), so generalisation is measured on wordings no edit of that relation
-was trained on. A fact the
+was trained on (--held-out strict, the default). --held-out per-fact keeps the whole table, as
+a user's ledger holds it, and relies on the product's own rule (wordings.training_prompts):
+an edit never trains on its own fact's prompt and rephrase wordings, also when a related
+relation lends them; other facts' edits may train on a wording this fact is evaluated on,
+filled with their own subjects. A fact the
 model already answers with target_new is refused by `Ledger.add`; it is skipped (and listed) for every method alike. On zsRE the
 CounterFact probability scores are not reported (its locality prompts are unrelated NQ
 questions, so "P(true) > P(new)" on them means nothing); its true answer is not used.
@@ -418,6 +422,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="relation wordings imported into every ledger (`ledger wordings import`), relative to "
                          "--data-dir; the evaluated facts' rephrase wordings are left out (default: "
                          "counterfact/counterfact-train.json; none: no wordings)")
+    ap.add_argument("--held-out", choices=("strict", "per-fact"), default="strict",
+                    help="strict: every evaluated rephrase wording leaves the table for every edit of the run; "
+                         "per-fact: the whole table, and each edit skips its own fact's wordings (the product's "
+                         "rule) (default strict)")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON lines to this file")
     args = ap.parse_args(argv)
 
@@ -459,7 +467,8 @@ def main(argv: list[str] | None = None) -> None:
     count = max([args.n if "single" in settings else 0, *seq_T, *batch_K])
     data = {name: load_dataset(args.data_dir, name, args.offset, count) for name in args.datasets}
     held_out = held_out_pairs(wordings_path, [f for facts in data.values() for _, f in facts],
-                              cfgs["baft"].wordings_related) if wordings_path is not None else set()
+                              cfgs["baft"].wordings_related) \
+        if wordings_path is not None and args.held_out == "strict" else set()
 
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         ledgers = Ledgers(Path(tmp), args.model, wordings_path, held_out)
@@ -467,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
         n_layers = len(base.layers)
         common = {"model": "SmolLM2-135M-Instruct" if base.spec == "smollm2-135m-instruct" else base.spec,
                   "model_fingerprint": base.fingerprint[:16], "offset": args.offset, "threads": args.threads,
-                  "held_out_eval_prompts": True, "torch": torch.__version__,
+                  "held_out_eval_prompts": True, "held_out_wordings": args.held_out, "torch": torch.__version__,
                   "wordings": ledgers.wordings and {k: ledgers.wordings[k] for k in
                                                      ("source", "pairs", "added", "excluded")},
                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **git_state()}
