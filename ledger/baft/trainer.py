@@ -165,24 +165,25 @@ class _ReplayBelow:
 class _LowPrecisionAbove:
     """While entered, the matrices of the blocks above the edited one are bfloat16 copies (the
     float32 originals come back on exit), so that the steps' matmuls, run under autocast, need
-    no cast of the weights at every call. Norm weights, the edited site and the output head
-    stay float32."""
+    no cast of the weights at every call. The copies are made once and reused by every entry.
+    Norm weights, the edited site and the output head stay float32."""
 
     def __init__(self, layers, layer: int):
-        self.modules = [m for blk in list(layers)[layer + 1:] for m in blk.modules()]
-        self.saved: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+        modules = [m for blk in list(layers)[layer + 1:] for m in blk.modules()]
+        self.slots = [(m, name, p) for m in modules for name, p in m.named_parameters(recurse=False)
+                      if p.dim() >= 2 and p.dtype == torch.float32]
+        self.copies: list[torch.nn.Parameter] | None = None
 
     def enter(self) -> None:
-        for m in self.modules:
-            for name, p in list(m.named_parameters(recurse=False)):
-                if p.dim() >= 2 and p.dtype == torch.float32:
-                    self.saved.append((m, name, p))
-                    m._parameters[name] = torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
+        if self.copies is None:
+            self.copies = [torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
+                           for _, _, p in self.slots]
+        for (m, name, _), copy in zip(self.slots, self.copies):
+            m._parameters[name] = copy
 
     def exit(self) -> None:
-        for m, name, p in reversed(self.saved):
+        for m, name, p in self.slots:
             m._parameters[name] = p
-        self.saved.clear()
 
 
 @dataclass
@@ -362,7 +363,6 @@ class EditProblem:
         self._kept: tuple | None = None
         self._fast = False
         self._inputs_cache: tuple | None = None
-        self._tokens_run = batch.input_ids.numel()   # positions the last step computed
 
         # The orthogonal parametrisation draws from torch's global generator when it is set
         # up: seed it too (in a fork, leaving the caller's state alone) so edits reproduce.
