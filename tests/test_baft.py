@@ -1,5 +1,7 @@
 """The intervention's algebra: BaFT reduces to LoReFT with a constant gate, and the fused
 stack of k blocks equals the sum of the k blocks applied one by one."""
+from contextlib import nullcontext
+
 import torch
 
 from ledger.baft import BaftBlock, BaftConfig, FusedIntervention, InterventionSite
@@ -145,14 +147,10 @@ def test_fast_path_gives_the_same_gradients(family, method, n_facts, floor, gate
         for fast in (False, True):
             for p in problem.parameters():
                 p.grad = None
-            if fast:
-                with problem.fast():
-                    loss, parts, _ = problem.loss()
-                    loss.backward()
-            else:
-                loss, parts, _ = problem.loss()
-                loss.backward()
-            losses[fast] = parts
+            with (problem.fast() if fast else nullcontext()):
+                res = problem.step()
+                res.backward()
+            losses[fast] = res.parts
             grads[fast] = [p.grad.clone() for p in problem.parameters()]
         run = {fast: parts.pop("rows_run") for fast, parts in losses.items()}
         tokens = {fast: parts.pop("tokens_run") for fast, parts in losses.items()}
@@ -161,7 +159,7 @@ def test_fast_path_gives_the_same_gradients(family, method, n_facts, floor, gate
         if floor:   # the floored path really left rows out
             assert run[True] < run[False] == problem.batch.input_ids.shape[0]
             with problem.fast():
-                _, rows, _ = problem._step_gates()
+                rows = problem._rows_to_run(problem._step_gates()[1])
             live = live[rows]
         # packed: exactly the needed tokens of the rows run (no pad, no edit row's last token)
         assert tokens[True] == int(live.sum()) and tokens[False] == problem.batch.input_ids.numel()
@@ -176,6 +174,77 @@ def test_fast_path_gives_the_same_gradients(family, method, n_facts, floor, gate
     finally:
         problem.close()
     assert all(type(m).__name__ not in ("_Skip", "_Replay") for m in base.layers)
+
+
+def _grads_of(problem):
+    res = problem.step()
+    res.backward()
+    problem.drop_done_gradients()
+    return res.parts, [None if p.grad is None else p.grad.clone() for p in problem.parameters()]
+
+
+def _moved_problem(base, cfg, n_facts=2):
+    from ledger.baft.trainer import EditProblem
+    problem = EditProblem(base.model, base.tokenizer, _parent_sites(base), base.layers, _facts()[:n_facts], cfg,
+                          layer=EDITED, retention=[("Paris is in", "France")])
+    with torch.no_grad():
+        for p in problem.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    return problem
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("floor,gate_lr", [(0.0, 1.0), (0.3, 0.0)])
+def test_a_step_in_groups_of_rows_gives_the_same_gradients(family, floor, gate_lr, request):
+    """A step whose rows are run and back-propagated a few tokens at a time (as a large batch
+    of facts is) gives the loss and gradients of the step run at once."""
+    base = load_base(str(request.getfixturevalue(family)))
+    problem = _moved_problem(base, BaftConfig(rank=2, n_prefixes=1, gate_floor=floor, gate_lr_scale=gate_lr))
+    try:
+        out, groups = {}, {}
+        with problem.fast():
+            for tokens in (10_000, 8):
+                problem.chunk_tokens = tokens
+                groups[tokens] = len(problem._chunks(problem._rows_to_run(problem._step_gates()[1])))
+                for p in problem.parameters():
+                    p.grad = None
+                out[tokens] = _grads_of(problem)
+        assert groups[10_000] == 1 and groups[8] > 2          # 8 tokens: several groups really ran
+        (pa, ga), (pb, gb) = out[10_000], out[8]
+        for k in ("loss", "ce", "kl", "gate", "gate_open", "worst_kl", "tokens_run", "rows_run"):
+            assert abs(pa[k] - pb[k]) <= 1e-5, k
+        for a, b in zip(ga, gb):
+            assert (a - b).abs().max() <= 1e-5
+    finally:
+        problem.close()
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_finished_fact_leaves_the_other_blocks_gradients_alone(family, fast, request):
+    """In a batch, a fact that is done is frozen and its edit rows leave the steps; the other
+    facts' blocks get exactly the gradient they got before (their fact's rows are theirs
+    alone), so a batch trains each block as long as its own fact needs."""
+    base = load_base(str(request.getfixturevalue(family)))
+    problem = _moved_problem(base, BaftConfig(rank=2, n_prefixes=1, gate_floor=0.3))
+    try:
+        with (problem.fast() if fast else nullcontext()):
+            before, g_before = _grads_of(problem)
+            for p in problem.parameters():
+                p.grad = None
+            problem.finish(0)
+            after, g_after = _grads_of(problem)
+        own = [id(p) for p in problem.blocks[0].parameters() if p.requires_grad]
+        for p, a, b in zip(problem.parameters(), g_before, g_after):
+            if id(p) in own:
+                assert b is None and a is not None and a.abs().max() > 0     # frozen: no update at all
+            else:
+                assert (a - b).abs().max() <= 1e-6
+        if fast:
+            n0 = sum(1 for o in problem.row_owner.tolist() if o == 0)
+            assert after["rows_run"] <= before["rows_run"] - n0   # and the rows live for block 0 only
+    finally:
+        problem.close()
 
 
 @pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
@@ -200,8 +269,10 @@ def test_fast_path_learns_exactly_the_same(family, floor, request):
 
 @pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
 def test_packed_reference_pass_equals_the_padded_model(family, request):
-    """The parent's distributions (taken packed, head only where read) and the replayed block
-    output equal the plain padded forward's."""
+    """The set-up pass, which stops at the edited block, gives its raw output as the padded
+    full forward does; the parent's distributions taken on the fast path (replayed, packed,
+    head only where read, the new blocks set aside) equal the plain padded forward's, and are
+    taken only for the rows asked for."""
     from ledger.baft.trainer import EditProblem
     base = load_base(str(request.getfixturevalue(family)))
     sites = _parent_sites(base)
@@ -215,13 +286,25 @@ def test_packed_reference_pass_equals_the_padded_model(family, request):
                           retention=[("Paris is in", "France")])
     try:
         assert problem.packed and problem.head_ok
+        assert len(problem._ref_logp) == 0                  # nothing above the edited block ran yet
+        with torch.no_grad():
+            for p in problem.parameters():          # the blocks off the identity: set aside, they must not count
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.5)
         captured.clear()
+        trainable, problem.site.trainable = problem.site.trainable, torch.nn.ModuleList()
         with torch.no_grad():
             plain = torch.log_softmax(problem._logits_plain().float(), -1)[problem.n_tgt:]
-        assert (plain - problem.ref_logp).abs().max() <= 1e-5
+        problem.site.trainable = trainable
         out = captured["out"][0] if isinstance(captured["out"], tuple) else captured["out"]
         real = problem.batch.attention_mask.bool()
         assert (out[real] - problem._site_h[real]).abs().max() <= 1e-5
+        first = problem.row_of_pos == 0                     # the first unrelated row only
+        with problem.fast():
+            part = problem.reference(first)
+            assert len(problem._ref_logp) == int(first.sum())
+            full = problem.reference()
+        assert (part - plain[first]).abs().max() <= 1e-5
+        assert (full - plain).abs().max() <= 1e-5
     finally:
         grab.remove()
         problem.close()
@@ -258,19 +341,18 @@ def test_bfloat16_steps_stay_close_and_leave_the_model_float32(family, request):
     sites = _parent_sites(base)
     grads = {}
     for dtype in ("float32", "bfloat16"):
-        cfg = BaftConfig(rank=2, n_prefixes=1, train_dtype=dtype)
+        # floor 0: every unrelated row runs, so the KL check below covers them all
+        cfg = BaftConfig(rank=2, n_prefixes=1, train_dtype=dtype, gate_floor=0.0)
         problem = EditProblem(base.model, base.tokenizer, sites, base.layers, _facts(), cfg, layer=EDITED,
                               retention=[("Paris is in", "France")])
         try:
             assert (problem._low is not None) == (dtype == "bfloat16")
             with problem.fast():
-                _, parts, _ = problem.loss()
-                assert parts["worst_kl"] <= 1e-6        # the identity start changes nothing
+                assert problem.step().parts["worst_kl"] <= 1e-6        # the identity start changes nothing
                 with torch.no_grad():
                     for p in problem.parameters():
                         p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
-                loss, _, _ = problem.loss()
-                loss.backward()
+                problem.step().backward()
             grads[dtype] = torch.cat([p.grad.flatten() for p in problem.parameters()])
         finally:
             problem.close()

@@ -184,3 +184,26 @@ def test_two_first_loads_at_once_both_succeed(tmp_path):
     cache = tmp_path / "cache"
     assert (cache / "smollm2-135m-instruct" / "config.json").exists()
     assert not [p for p in cache.iterdir() if p.name.startswith(".convert-")]  # no leftovers
+
+
+def test_a_batch_trains_each_fact_as_long_as_it_needs(smol_threads):
+    """A batch stops each fact's block when that fact is done (train_edits), not when the
+    slowest is: the early block is the block of the same batch cut off at its step count."""
+    from ledger.baft import BaftConfig
+    from ledger.baft.config import default_layer
+    from ledger.baft.trainer import train_edits
+    from ledger.facts import facts_from_records
+    from ledger.models import load_base
+    base = load_base(None)
+    records = json.loads(DATA.read_text())
+    facts = facts_from_records([records[2], records[6]])
+    cfg, layer = BaftConfig(), default_layer(len(base.layers))
+    batch = train_edits(base.model, base.tokenizer, {}, base.layers, facts, cfg, layer=layer)
+    steps = [t.stats["steps"] for t in batch]
+    assert all(t.stats["reached_target"] and t.stats["batch_steps"] == max(steps) for t in batch)
+    assert steps[0] != steps[1], steps          # these two records finish at different steps
+    early = steps.index(min(steps))
+    cut = train_edits(base.model, base.tokenizer, {}, base.layers, facts,
+                      BaftConfig(steps=min(steps), min_steps=cfg.steps), layer=layer)
+    for name, t in batch[early].tensors.items():
+        assert torch.equal(t, cut[early].tensors[name]), name

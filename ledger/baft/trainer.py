@@ -73,6 +73,30 @@ GENERIC_SUBJECTS = (
 )
 
 
+# A fast step runs and back-propagates its rows in groups of at most this many tokens (a
+# batch of 100 facts holds about 13,000), so that the activations of a large batch need not
+# all be held at once; one fact's rows (about 100 tokens) are one group.
+STEP_TOKENS = 2048
+
+
+class _Captured(Exception):
+    """Ends the set-up pass at the edited block: nothing above it is needed there."""
+
+
+@dataclass
+class Step:
+    """One evaluation of the loss (EditProblem.step)."""
+    loss: float
+    parts: dict[str, float]
+    reached: list[bool]                 # per fact
+    pending: torch.Tensor | None        # the loss graph not yet back-propagated
+
+    def backward(self) -> None:
+        if self.pending is not None and self.pending.requires_grad:
+            self.pending.backward()
+        self.pending = None
+
+
 @dataclass
 class TrainedEdit:
     layer: int
@@ -259,7 +283,7 @@ class EditProblem:
         batch = make_batch(tok, rows.pairs, device=device)
         self.batch: Batch = batch
         self.n_facts = len(facts)
-        owner = torch.tensor(rows.owner, device=device)
+        self.row_owner = owner = torch.tensor(rows.owner, device=device)
         self.n_edit = n_edit = int((owner >= 0).sum())
         self.n_unrelated = len(rows.pairs) - n_edit
         real = batch.attention_mask.bool()
@@ -315,37 +339,45 @@ class EditProblem:
             sites = {**sites, layer: site}
         self.own_site, self.site = own_site, sites[layer]
 
-        # One no-grad pass of the parent over every row: its distributions on the unrelated
-        # rows and the raw output of the edited block (replayed later). Like the fast steps,
-        # it runs packed and with the output head only where the loss reads, where this model
-        # gives the same results so (each checked once per model, text.py).
+        # One no-grad pass of the parent over every row up to the edited block, whose raw output
+        # the steps replay; it ends there (nothing above is needed yet). It runs packed where
+        # the model gives the same results so (checked once per model, text.py). The parent's
+        # distributions on the unrelated rows are taken later, on first need, and only for
+        # the rows a step runs (reference()): with a kept, floored gate that is mostly none.
         self._head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.head_ok = self._head is not None and head_matches_logits(model)
         self.packed = self.head_ok and packing_works(model)
         captured: dict[str, object] = {}
 
-        def grab_output(module, args, out):     # returns None: the output is left as it is
+        def grab_output(module, args, out):
             captured["out"] = out
+            raise _Captured
 
         grab = layers[layer].register_forward_hook(grab_output, prepend=True)
         try:
             with torch.no_grad():
-                if self.head_ok:
-                    inputs, pk = self._layout(batch.input_ids, batch.attention_mask, self.read)
-                    read = inputs.pop("read")
-                    full = self._head(model.base_model(**inputs, use_cache=False).last_hidden_state[read])
-                else:
-                    full = self._logits_plain()
+                inputs, pk = self._layout(batch.input_ids, batch.attention_mask, self.read)
+                inputs.pop("read")
+                try:
+                    (model.base_model if self.head_ok else model)(**inputs, use_cache=False)
+                except _Captured:
+                    pass
         finally:
             grab.remove()
-        self.ref_logp = torch.log_softmax(full.float(), -1)[self.n_tgt:]
+        if "out" not in captured:
+            raise RuntimeError(f"decoder block {layer} did not run in the model's forward pass")
         self._site_out = captured["out"]
-        if self.packed:     # back to the padded layout (pads: 0, never read: right padding)
+        if pk is not None:  # back to the padded layout (pads: 0, never read: right padding)
             def unpack(h):
                 padded = h.new_zeros(*real.shape, h.shape[-1])
                 padded[real] = h[pk.valid]
                 return padded
             self._site_out = _map_hidden(self._site_out, unpack)
+        # The parent's log-probabilities at the unrelated read positions, filled row by row
+        # on first need: _ref_index[i] is position i's row in _ref_logp, -1 until computed.
+        vocab = self._head.weight.shape[0] if self._head is not None else model.config.vocab_size
+        self._ref_logp = torch.empty(0, vocab, device=device)
+        self._ref_index = torch.full((len(self.row_of_pos),), -1, dtype=torch.long, device=device)
         self._site_h = (self._site_out[0] if isinstance(self._site_out, tuple) else self._site_out).detach()
         self.read_row = self.read.nonzero()[:, 0]
         # The positions a step needs: up to each row's last read position. An edit row's last
@@ -359,10 +391,15 @@ class EditProblem:
         self._low = _LowPrecisionAbove(layers, layer) \
             if cfg.train_dtype == "bfloat16" and cfg.fast_path and self.head_ok else None
         # With a kept gate (gate_lr_scale 0) the gates never change, and so neither do the rows
-        # a step must run: _step_gates computes them once.
+        # a step must run: _step_gates computes them once, and each chunk's inputs are built
+        # once per set of facts still training.
         self._kept: tuple | None = None
         self._fast = False
-        self._inputs_cache: tuple | None = None
+        self._inputs_cache: dict[tuple, tuple] = {}
+        # Facts whose block has reached its target and is frozen (a batch: see step()).
+        self.done = [False] * len(facts)
+        self.separable = cfg.method == "baft"
+        self.chunk_tokens = STEP_TOKENS
 
         # The orthogonal parametrisation draws from torch's global generator when it is set
         # up: seed it too (in a fork, leaving the caller's state alone) so edits reproduce.
@@ -373,11 +410,6 @@ class EditProblem:
                                      gate_bias_init=cfg.gate_bias_init, gate_floor=cfg.gate_floor,
                                      generator=gen).to(device)
                            for _ in facts]
-        if self._low is not None:
-            # The parent's distributions as the steps compute them, so that bfloat16 rounding
-            # is not taken for a change the edit made (the new blocks are not attached yet).
-            with self.fast(), torch.no_grad():
-                self.ref_logp = torch.log_softmax(self._logits_fast(None, None), -1)[self.n_tgt:]
         if cfg.gate_key_init and cfg.method == "baft":
             self._init_gates(self._site_h)
         if cfg.gate_lr_scale == 0:
@@ -414,12 +446,12 @@ class EditProblem:
         out = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
         return out[self.read]
 
-    def _logits_fast(self, rows: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor:
+    def _logits_fast(self, rows: torch.Tensor | None, keep: torch.Tensor | None, *, cache: bool = True) -> torch.Tensor:
         """The logits at the read positions of `rows` (all rows when None); `keep` marks those
         positions among all read positions."""
         if not self.head_ok:
             return self._logits_plain() if rows is None else self._logits_plain()[keep]
-        inputs, site_out, train = self._step_inputs(rows)
+        inputs, site_out, train = self._step_inputs(rows, cache=cache)
         read = inputs.pop("read")
         self._replay.replay.output = site_out
         for block, mask in zip(self.blocks, train):
@@ -449,15 +481,15 @@ class EditProblem:
         self._tokens_run = int(ids.numel())
         return {"input_ids": ids, "attention_mask": mask, "read": read}, None
 
-    def _step_inputs(self, rows: torch.Tensor | None):
+    def _step_inputs(self, rows: torch.Tensor | None, *, cache: bool = True):
         """The model inputs of a fast step over `rows` (None: all), the replayed block output
         for them and the blocks' train masks, laid out as the step runs them: packed (see
         _layout; the needed positions only) where this model supports it, else right-padded
         and cut to the longest row (columns past it are pads for every row run). Fixed for a
         kept gate: built once."""
         key = None if rows is None else tuple(rows.tolist())
-        if self._inputs_cache is not None and self._inputs_cache[0] == key:
-            _, inputs, site_out, train, self._tokens_run = self._inputs_cache
+        if key in self._inputs_cache:
+            inputs, site_out, train, self._tokens_run = self._inputs_cache[key]
             return dict(inputs), site_out, train
         ids, read = self.batch.input_ids, self.read
         mask = self.needed.long() if self.packed else self.batch.attention_mask
@@ -472,8 +504,8 @@ class EditProblem:
             real = mask.bool()
             site_out = _map_hidden(site_out, lambda h: pk.gather(h[real]))
             train = [pk.gather(t[real]) for t in train]
-        if self._kept is not None:
-            self._inputs_cache = (key, inputs, site_out, train, self._tokens_run)
+        if self._kept is not None and cache:
+            self._inputs_cache[key] = (inputs, site_out, train, self._tokens_run)
         return dict(inputs), site_out, train
 
     def _keep_pos(self, rows: torch.Tensor) -> torch.Tensor:
@@ -481,20 +513,77 @@ class EditProblem:
         keep[rows] = True
         return keep[self.read_row]
 
-    def _live_rows(self, gates: list[torch.Tensor]) -> torch.Tensor | None:
-        """The rows the step must run above the edited block: the edit rows, and the unrelated
-        rows where some new block's floored gate is open at a position it acts on. Elsewhere
-        every new block's change is exactly 0, so the row's output is the parent's: its KL is
-        0 and so is its gradient. None: every row (no floor, so no gate is ever exactly 0)."""
+    @torch.no_grad()
+    def reference(self, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The parent's log-probabilities at the unrelated read positions marked by `keep`
+        (all when None), as the current path computes them (fast: replayed, packed, in the
+        training precision; plain: the full forward), taken on first need, whole rows at a
+        time, with the new blocks set aside."""
+        n_unrel = len(self._ref_index)
+        need = torch.ones(n_unrel, dtype=torch.bool, device=self.device) if keep is None else keep
+        missing = need & (self._ref_index < 0)
+        if bool(missing.any()):
+            rows = torch.unique(self.row_of_pos[missing]) + self.n_edit
+            trainable, self.site.trainable = self.site.trainable, torch.nn.ModuleList()
+            try:
+                keep_all = self._keep_pos(rows)
+                logits = self._logits_fast(rows, keep_all, cache=False) if self._fast \
+                    else self._logits_plain()[keep_all]
+            finally:
+                self.site.trainable = trainable
+            fresh = keep_all[self.n_tgt:].nonzero().squeeze(1)
+            self._ref_index[fresh] = torch.arange(len(fresh), device=self.device) + len(self._ref_logp)
+            self._ref_logp = torch.cat([self._ref_logp, torch.log_softmax(logits.float(), -1)])
+        return self._ref_logp[self._ref_index[need]]
+
+    def _live_by_block(self, gates: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Per block, the unrelated rows where its floored gate is open at a position it acts
+        on; elsewhere its change is exactly 0. None: every unrelated row for every block (the
+        plain path, no floor so no gate is ever exactly 0, or ReFT)."""
         if not self._fast or self.cfg.gate_floor <= 0 or self.cfg.method != "baft":
             return None
-        live = torch.zeros(self.batch.input_ids.shape[0], dtype=torch.bool, device=self.device)
-        live[: self.n_edit] = True
+        out = []
         for g, apply in zip(gates, self.apply_masks):
-            live |= ((g.detach() > 0).any(-1) & (apply[..., 0] > 0)).any(1)
-        if bool(live.all()):
+            live = ((g.detach() > 0).any(-1) & (apply[..., 0] > 0)).any(1)
+            live[: self.n_edit] = False
+            out.append(live)
+        return out
+
+    def _rows_to_run(self, live: list[torch.Tensor] | None) -> torch.Tensor | None:
+        """The rows a step runs above the edited block (None: all): the edit rows of the
+        facts still training, and the unrelated rows where one of their blocks is live.
+        Elsewhere no training block changes anything, so the row adds nothing to the gradient
+        of the parameters still trained. The plain path runs every row."""
+        if not self._fast:
             return None
-        return live.nonzero().squeeze(1)
+        active = [k for k, d in enumerate(self.done) if not d] if self.separable else range(len(self.blocks))
+        run = torch.zeros(self.batch.input_ids.shape[0], dtype=torch.bool, device=self.device)
+        if live is None:
+            run[self.n_edit:] = True
+        else:
+            for k in active:
+                run |= live[k]
+        owners = self.row_owner[: self.n_edit]
+        run[: self.n_edit] = torch.isin(owners, torch.tensor(list(active), dtype=owners.dtype, device=self.device))
+        return None if bool(run.all()) else run.nonzero().squeeze(1)
+
+    def _chunks(self, rows: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """`rows` in consecutive groups of at most chunk_tokens needed tokens each (one group
+        at least): a large batch of facts is run and back-propagated a group at a time, so its
+        activations need not all be held at once. A single group is the rows as they are."""
+        need = self.needed.sum(1)
+        idx = torch.arange(len(need), device=self.device) if rows is None else rows
+        if not self._fast or int(need[idx].sum()) <= self.chunk_tokens:
+            return [rows]
+        groups, cur, used = [], [], 0
+        for r, n in zip(idx.tolist(), need[idx].tolist()):
+            if cur and used + n > self.chunk_tokens:
+                groups.append(cur)
+                cur, used = [], 0
+            cur.append(r)
+            used += n
+        groups.append(cur)
+        return [torch.tensor(g, device=self.device) for g in groups]
 
     @contextmanager
     def fast(self):
@@ -512,64 +601,120 @@ class EditProblem:
             self._replay.exit()
 
     def _step_gates(self):
-        """(raw gates s, the rows to run, their read positions) of this step, from the
+        """(raw gates s, per block the unrelated rows where it is live) of this step, from the
         edited block's cached input (the same h the blocks see in the forward pass: nothing
         below them changes while training)."""
         if self._kept is not None and self._fast:
             return self._kept
         raw = [block.raw_gate(self._site_h) for block in self.blocks] if self.cfg.method == "baft" else []
-        rows = self._live_rows([block.gate(s) for block, s in zip(self.blocks, raw)])
-        out = (raw, rows, None if rows is None else self._keep_pos(rows))
+        out = (raw, self._live_by_block([block.gate(s) for block, s in zip(self.blocks, raw)]))
         if self.cfg.method == "baft" and self.cfg.gate_lr_scale == 0 and self._fast:
             self._kept = out
         return out
 
-    def loss(self) -> tuple[torch.Tensor, dict[str, float], bool]:
-        cfg = self.cfg
-        raw, rows, keep_all = self._step_gates()
-        self._tokens_run = self.batch.input_ids.numel()
-        out = (self._logits_fast(rows, keep_all) if self._fast else self._logits_plain()).float()
-        logp = torch.log_softmax(out, -1)
-        tgt_logp = logp[: self.n_tgt]
-        tok_logp = tgt_logp.gather(-1, self.target_ids[:, None]).squeeze(-1)
-        ce = -tok_logp.mean()
-        cur = logp[self.n_tgt:]
-        ref_logp, pos_weight, row_of_pos = self.ref_logp, self.pos_weight, self.row_of_pos
-        if rows is not None:
-            keep = keep_all[self.n_tgt:]
-            ref_logp, pos_weight, row_of_pos = ref_logp[keep], pos_weight[keep], row_of_pos[keep]
-        kl_pos = (ref_logp.exp() * (ref_logp - cur)).sum(-1)
-        kl = (kl_pos * pos_weight).sum()
-        # the worst unrelated row: done only when every one of them is back to the parent
-        worst_kl = torch.zeros(max(1, self.n_unrelated), device=self.device).index_add_(
-            0, row_of_pos, kl_pos.detach() * pos_weight * self.n_unrelated).max()
+    def _gate_terms(self, raw: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(close, open) gate terms. Both read s, before the floor: a gate already below the
+        floor is still pushed further down (a margin for neighbours never seen in training),
+        and one below it on the subject still gets a gradient back up."""
         close = torch.zeros((), device=self.device)
         opened = torch.zeros((), device=self.device)
-        if cfg.method == "baft":
-            # Both gate terms read s, before the floor: a gate already below the floor is
-            # still pushed further down (a margin for neighbours never seen in training), and
-            # one below it on the subject still gets a gradient back up.
-            for s, cm, om in zip(raw, self.close_masks, self.open_masks):
-                if cm.any():
-                    if cfg.gate_close_pool == "max":
-                        rows_c = cm.any(1)
-                        masked = s.masked_fill(~cm[..., None], 0.0)[rows_c]
-                        close = close + masked.amax(dim=(1, 2)).mean()
-                    else:
-                        close = close + s[cm].mean()
-                if om.any():
-                    opened = opened - torch.log(s[om].clamp_min(1e-6)).mean()
-            close, opened = close / len(self.blocks), opened / len(self.blocks)
-        loss = ce + cfg.locality_weight * kl + cfg.gate_weight * close + cfg.gate_open_weight * opened
-        parts = {"loss": loss.item(), "ce": ce.item(), "kl": kl.item(), "gate": close.item(),
-                 "gate_open": opened.item(), "worst_kl": worst_kl.item(),
-                 "rows_run": int(self.batch.input_ids.shape[0] if rows is None else len(rows)),
-                 "tokens_run": self._tokens_run}
-        # Done when every target token is the argmax with margin AND the unrelated text is
-        # back to the parent's distribution: stopping on the target alone leaves gates open.
-        reached = bool((tgt_logp.argmax(-1) == self.target_ids).all()
-                       and tok_logp.exp().min() >= cfg.stop_prob and worst_kl.item() <= cfg.stop_kl)
-        return loss, parts, reached
+        if self.cfg.method != "baft":
+            return close, opened
+        for s, cm, om in zip(raw, self.close_masks, self.open_masks):
+            if cm.any():
+                if self.cfg.gate_close_pool == "max":
+                    rows_c = cm.any(1)
+                    masked = s.masked_fill(~cm[..., None], 0.0)[rows_c]
+                    close = close + masked.amax(dim=(1, 2)).mean()
+                else:
+                    close = close + s[cm].mean()
+            if om.any():
+                opened = opened - torch.log(s[om].clamp_min(1e-6)).mean()
+        return close / len(self.blocks), opened / len(self.blocks)
+
+    def step(self) -> "Step":
+        """The loss of one step over the facts still training, and per fact whether it has
+        reached its target with margin with its unrelated rows back to the parent.
+
+        One group of rows (_chunks): the loss stays a graph, and Step.backward() runs its
+        backward pass (left out on the last step). Several: each group's backward pass runs
+        as soon as its forward pass is done, accumulating the same gradient in .grad."""
+        cfg = self.cfg
+        raw, live = self._step_gates()
+        close, opened = self._gate_terms(raw)
+        pending = cfg.gate_weight * close + cfg.gate_open_weight * opened
+        chunks = self._chunks(self._rows_to_run(live))
+        tgt_logp = torch.full((self.n_tgt,), float("nan"), device=self.device)
+        tgt_hit = torch.zeros(self.n_tgt, dtype=torch.bool, device=self.device)
+        row_kl = torch.zeros(max(1, self.n_unrelated), device=self.device)
+        active_tgt = self._active_targets()
+        ce_total = kl_total = 0.0
+        rows_run = tokens_run = 0
+        for rows in chunks:
+            keep = None if rows is None else self._keep_pos(rows)
+            self._tokens_run = self.batch.input_ids.numel()
+            out = (self._logits_fast(rows, keep) if self._fast else self._logits_plain()).float()
+            tokens_run += self._tokens_run
+            rows_run += self.batch.input_ids.shape[0] if rows is None else len(rows)
+            logp = torch.log_softmax(out, -1)
+            tkeep = torch.ones(self.n_tgt, dtype=torch.bool, device=self.device) if keep is None else keep[: self.n_tgt]
+            n_t = int(tkeep.sum())
+            tok_logp = logp[:n_t].gather(-1, self.target_ids[tkeep][:, None]).squeeze(-1)
+            # CE over the targets of the facts still training, each token weighing 1/n_tgt
+            # whichever facts are done, so a block's gradient does not depend on the others'.
+            ce = -(tok_logp * active_tgt[tkeep]).sum() / max(1, self.n_tgt)
+            tgt_logp[tkeep] = tok_logp.detach()
+            tgt_hit[tkeep] = logp[:n_t].detach().argmax(-1) == self.target_ids[tkeep]
+            ukeep = None if keep is None else keep[self.n_tgt:]
+            ref = self.reference(ukeep)
+            pos_weight = self.pos_weight if ukeep is None else self.pos_weight[ukeep]
+            row_of_pos = self.row_of_pos if ukeep is None else self.row_of_pos[ukeep]
+            kl_pos = (ref.exp() * (ref - logp[n_t:])).sum(-1)
+            kl = (kl_pos * pos_weight).sum()
+            row_kl.index_add_(0, row_of_pos, kl_pos.detach() * pos_weight * self.n_unrelated)
+            part = ce + cfg.locality_weight * kl
+            ce_total += ce.item()
+            kl_total += kl.item()
+            pending = part if pending is None else pending + part
+            if len(chunks) > 1:
+                if pending.requires_grad:
+                    pending.backward()
+                pending = None
+        gate_part = cfg.gate_weight * close.item() + cfg.gate_open_weight * opened.item()
+        loss = ce_total + cfg.locality_weight * kl_total + gate_part
+        parts = {"loss": loss, "ce": ce_total, "kl": kl_total, "gate": close.item(),
+                 "gate_open": opened.item(), "worst_kl": float(row_kl.max()),
+                 "rows_run": rows_run, "tokens_run": tokens_run}
+        # A fact is done when every one of its target tokens is the argmax with margin AND
+        # its unrelated rows are back to the parent's distribution: stopping on the target
+        # alone leaves gates open.
+        reached = []
+        for k in range(len(self.blocks)):
+            mine = self.tgt_owner == k
+            ok = bool(tgt_hit[mine].all()) and float(tgt_logp[mine].exp().min()) >= cfg.stop_prob \
+                if bool(mine.any()) else True
+            rows_k = None if live is None else live[k][self.n_edit:]
+            worst = row_kl[: self.n_unrelated] if rows_k is None else row_kl[: self.n_unrelated][rows_k]
+            reached.append(ok and (len(worst) == 0 or float(worst.max()) <= cfg.stop_kl))
+        if not self.separable:      # a ReFT block acts on every fact's rows: all or none
+            reached = [all(reached)] * len(reached)
+        return Step(loss, parts, reached, pending)
+
+    def _active_targets(self) -> torch.Tensor:
+        done = torch.tensor(self.done, dtype=torch.bool, device=self.device)
+        return (~done[self.tgt_owner]).float()
+
+    def finish(self, k: int) -> None:
+        """Freeze fact k's block as it is: its edit rows leave the steps."""
+        if not self.done[k]:
+            self.done[k] = True
+            self._inputs_cache.clear()      # the rows run change
+
+    def drop_done_gradients(self) -> None:
+        for k, d in enumerate(self.done):
+            if d:
+                for p in self.blocks[k].parameters():
+                    p.grad = None           # Adam leaves a parameter without a gradient alone
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for b in self.blocks for p in b.parameters() if p.requires_grad]
@@ -598,16 +743,27 @@ def train_edits(model, tok, sites: dict[int, InterventionSite], layers, facts: l
     rest = [p for p in problem.parameters() if id(p) not in gate_ids]
     groups = [{"params": rest}] + ([{"params": gate, "lr": cfg.lr * cfg.gate_lr_scale}] if gate else [])
     opt = torch.optim.Adam(groups, lr=cfg.lr)
+    # Per fact, the steps its block was trained for. In a batch each block stops as its fact
+    # is done (the blocks are independent on the edit rows, test_baft.py), so a batch costs
+    # about what its facts cost one by one, not K times its slowest fact.
+    steps_of = [cfg.steps] * len(facts)
     steps_run, last = 0, {}
     try:
         model.train(False)
         with (problem.fast() if cfg.fast_path else nullcontext()):
             for step in range(cfg.steps):
-                loss, last, reached = problem.loss()
-                if reached and step >= cfg.min_steps:
-                    break  # the checked state is the one we keep: no update after the check
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                res = problem.step()
+                last = res.parts
+                if step >= cfg.min_steps:
+                    for k, ok in enumerate(res.reached):
+                        if ok and not problem.done[k]:
+                            problem.finish(k)   # the checked state is the one kept: no update after
+                            steps_of[k] = step
+                if all(problem.done):
+                    break
+                res.backward()
+                problem.drop_done_gradients()
                 opt.step()
                 steps_run = step + 1
                 if progress:
@@ -620,10 +776,12 @@ def train_edits(model, tok, sites: dict[int, InterventionSite], layers, facts: l
             if not torch.isfinite(t).all():
                 raise StateError(f"training diverged (non-finite values in {name}): nothing was written; "
                                  "try a smaller --lr")
-    stats = {"steps": steps_run, **{f"final_{k}": round(v, 6) for k, v in last.items()},
-             "reached_target": steps_run < cfg.steps,
-             "seconds": round(time.perf_counter() - started, 3),
-             "n_edit_rows": problem.n_edit, "n_unrelated_rows": problem.n_unrelated,
-             "n_wording_rows": problem.n_extra,
-             "subject_found": round(problem.subject_found, 3), "batch_size": len(facts)}
-    return [TrainedEdit(layer=layer, tensors=ts, stats=dict(stats)) for ts in tensors]
+    shared = {**{f"final_{k}": round(v, 6) for k, v in last.items()},
+              "seconds": round(time.perf_counter() - started, 3),
+              "n_edit_rows": problem.n_edit, "n_unrelated_rows": problem.n_unrelated,
+              "n_wording_rows": problem.n_extra,
+              "subject_found": round(problem.subject_found, 3), "batch_size": len(facts)}
+    if len(facts) > 1:
+        shared["batch_steps"] = steps_run
+    return [TrainedEdit(layer=layer, tensors=ts, stats={"steps": n, **shared, "reached_target": n < cfg.steps})
+            for ts, n in zip(tensors, steps_of)]
