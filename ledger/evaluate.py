@@ -27,9 +27,10 @@ from typing import Callable, Iterable
 import torch
 
 from .facts import Fact
-from .text import Batch, batch_of, encode_pair, logits, prompt_ids
+from .text import Batch, batch_of, encode_pair, prompt_ids, scored_logits
 
-# A batch holds at most this many sequence positions (rows x padded length): the logits are
+# A batch holds at most this many sequence positions (rows x padded length). Where the head
+# cannot run at the scored positions alone (text.scored_logits) the logits are
 # rows x length x vocabulary floats (49,152 for SmolLM2, so 2,048 positions ~ 400 MB).
 TOKENS_PER_BATCH = 2048
 MAX_ROWS = 64
@@ -95,11 +96,11 @@ def measure_many(model, tok, facts: list[Fact], *, kinds: Iterable[str] | None =
     done = 0
     for chunk in _chunks([len(ids) for ids, _ in encoded], tokens_per_batch, max_rows):
         batch: Batch = batch_of(tok, [encoded[i] for i in chunk], device=device)
-        out = logits(model, batch)
+        scored = scored_logits(model, batch).float()           # (scored positions, vocab), row-major
+        ends = batch.target_mask.sum(1).cumsum(0).tolist()
         for row, i in enumerate(chunk):
-            mask = batch.target_mask[row]
-            sel = out[row][mask].float()                       # (scored positions, vocab)
-            want = batch.next_ids[row][mask]
+            sel = scored[(ends[row - 1] if row else 0): ends[row]]
+            want = batch.next_ids[row][batch.target_mask[row]]
             pred = sel.argmax(-1)
             lp = torch.log_softmax(sel, dim=-1).gather(-1, want[:, None]).mean().item()
             results[i] = (pred.tolist(), (pred == want).float().mean().item(), lp)

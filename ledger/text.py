@@ -83,6 +83,17 @@ def logits(model, batch: Batch) -> torch.Tensor:
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
 
 
+def scored_logits(model, batch: Batch) -> torch.Tensor:
+    """The logits at the batch's scored positions (target_mask, row-major). Where the model's
+    output head alone gives its logits (head_matches_logits) the head runs only there: a
+    49,152-word head at every padded position was most of a measurement's cost."""
+    if not head_matches_logits(model):
+        return logits(model, batch)[batch.target_mask]
+    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              use_cache=False).last_hidden_state
+    return model.get_output_embeddings()(hidden[batch.target_mask])
+
+
 # --- packed rows ----------------------------------------------------------------------------
 # A right-padded batch computes every pad position too; packing puts the real tokens of all
 # rows into one sequence, with each token's position inside its own row and an attention mask
