@@ -33,7 +33,7 @@ class InterventionSite(nn.Module):
     def _delta(self, h: torch.Tensor) -> torch.Tensor | None:
         out = self.fused.change(h)
         for block in self.trainable:
-            out = block(h) if out is None else out + block(h)
+            out = block.add_change(out, h)
         return out
 
     def _hook(self, module, args, output):

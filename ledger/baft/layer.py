@@ -71,8 +71,11 @@ class BaftBlock(nn.Module):
         self.register_buffer("floor", floor)
         self.register_buffer("floor_scale", 1.0 / (1.0 - floor))
         self.last_gate: torch.Tensor | None = None  # the last forward's gate, for inspection
-        # Set by the trainer only: where (batch, position) this block may act while training.
+        # Set by the trainer only: where (batch, position) this block may act while training,
+        # as a 0/1 mask, or (the fast steps) as the flat indices of those positions, so that a
+        # block of a batch of 100 facts computes only on its own fact's tokens.
         self.train_mask: torch.Tensor | None = None
+        self.train_index: torch.Tensor | None = None
 
     @property
     def R(self) -> torch.Tensor:
@@ -88,12 +91,25 @@ class BaftBlock(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """The additive change R^T [g * (W h + b - R h)] (not h plus it)."""
+        out = self._change(h)
+        return out if self.train_mask is None else out * self.train_mask
+
+    def _change(self, h: torch.Tensor) -> torch.Tensor:
         R = self.R
         gate = self.gate(self.raw_gate(h))
         self.last_gate = gate
         value = F.linear(h, self.W, self.b) - F.linear(h, R)
-        out = (gate * value) @ R
-        return out if self.train_mask is None else out * self.train_mask
+        return (gate * value) @ R
+
+    def add_change(self, out: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
+        """out (None: zero) plus this block's change to h. With a train_index, the change is
+        computed at those positions only and is exactly 0 elsewhere, as the mask makes it."""
+        if self.train_index is None:
+            d = self(h)
+            return d if out is None else out + d
+        flat = h.reshape(-1, h.shape[-1])
+        base = flat.new_zeros(flat.shape) if out is None else out.reshape(flat.shape)
+        return base.index_add(0, self.train_index, self._change(flat[self.train_index])).reshape(h.shape)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"R": self.R.detach().clone().contiguous(), "W": self.W.detach().clone(),

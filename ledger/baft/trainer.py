@@ -454,15 +454,15 @@ class EditProblem:
         inputs, site_out, train = self._step_inputs(rows, cache=cache)
         read = inputs.pop("read")
         self._replay.replay.output = site_out
-        for block, mask in zip(self.blocks, train):
-            block.train_mask = mask
+        for block, index in zip(self.blocks, train):
+            block.train_index = index
         try:
             with self._autocast():
                 out = self.model.base_model(**inputs, use_cache=False)
         finally:
             self._replay.replay.output = self._site_out
-            for block, apply in zip(self.blocks, self.apply_masks):
-                block.train_mask = apply
+            for block in self.blocks:
+                block.train_index = None
         return self._head(out.last_hidden_state[read].float())
 
     def _autocast(self):
@@ -483,7 +483,7 @@ class EditProblem:
 
     def _step_inputs(self, rows: torch.Tensor | None, *, cache: bool = True):
         """The model inputs of a fast step over `rows` (None: all), the replayed block output
-        for them and the blocks' train masks, laid out as the step runs them: packed (see
+        for them and each block's positions (flat indices), laid out as the step runs them: packed (see
         _layout; the needed positions only) where this model supports it, else right-padded
         and cut to the longest row (columns past it are pads for every row run). Fixed for a
         kept gate: built once."""
@@ -504,6 +504,8 @@ class EditProblem:
             real = mask.bool()
             site_out = _map_hidden(site_out, lambda h: pk.gather(h[real]))
             train = [pk.gather(t[real]) for t in train]
+        # each block's positions as flat indices of the layout run (see BaftBlock.add_change)
+        train = [(t.reshape(-1) > 0).nonzero().squeeze(1) for t in train]
         if self._kept is not None and cache:
             self._inputs_cache[key] = (inputs, site_out, train, self._tokens_run)
         return dict(inputs), site_out, train
