@@ -233,9 +233,11 @@ def _build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[
 
     texts: list[str] = []
     own_subjects = {(f.subject or "").lower() for f in facts}
-    # One fact: the configured number of generic negatives; a batch: fewer per fact, since the
-    # other facts' rows already act as negatives for each block.
-    per_fact = cfg.neg_subjects if len(facts) == 1 else min(cfg.neg_subjects, 2)
+    # The configured number of generic negatives per fact, in a batch too: the other facts'
+    # rows are no KL rows for a block (it does not act there) and, with a kept gate, their
+    # gate terms train nothing, so they are no substitute (session 6: with 2 per fact, a batch
+    # of 100 reached locality 0.939 against 0.985 one by one).
+    per_fact = cfg.neg_subjects
     loc_prompts, neg_prompts = [], []
     for fact in facts:
         if cfg.train_on_locality:
@@ -248,6 +250,8 @@ def _build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[
             words = (fact.subject or "").split()
             if cfg.near_miss_negatives and len(words) > 1:
                 neg_prompts += [relation.format(w) for w in dict.fromkeys(words) if len(w) > 2]
+    if len(facts) > 1:      # facts of one relation in a batch draw the same negatives
+        neg_prompts = list(dict.fromkeys(neg_prompts))
     # A locality prompt continued by the parent's OWN greedy continuation: the KL then
     # protects what the model actually goes on to say there, not just the next token.
     texts += continue_greedily(model, tok, loc_prompts + neg_prompts,
