@@ -74,7 +74,7 @@ GENERIC_SUBJECTS = (
 
 
 # A fast step runs and back-propagates its rows in groups of at most this many tokens (a
-# batch of 100 facts holds about 13,000), so that the activations of a large batch need not
+# batch of 100 facts holds about 10,000), so that the activations of a large batch need not
 # all be held at once; one fact's rows (about 100 tokens) are one group.
 STEP_TOKENS = 2048
 
