@@ -161,11 +161,9 @@ class Packing:
         return out
 
 
-def pack(model, mask: torch.Tensor, max_tokens: int = PACK_TOKENS) -> Packing:
-    """The packed layout of a right-padded batch with this 2D mask, its attention mask in the
-    form the model's attention takes (boolean for SDPA, additive elsewhere)."""
-    lengths = mask.sum(1).tolist()
-    seqs: list[list[int]] = [[]]           # row indices per packed sequence
+def _groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Row indices per packed sequence: rows in order, a new sequence once max_tokens is hit."""
+    seqs: list[list[int]] = [[]]
     used = 0
     for r, n in enumerate(lengths):
         if seqs[-1] and used + n > max_tokens:
@@ -173,32 +171,155 @@ def pack(model, mask: torch.Tensor, max_tokens: int = PACK_TOKENS) -> Packing:
             used = 0
         seqs[-1].append(r)
         used += n
-    L = max(sum(lengths[r] for r in rows) for rows in seqs)
-    S, device = len(seqs), mask.device
-    starts = [0]
-    for n in lengths:
-        starts.append(starts[-1] + n)
+    return seqs
+
+
+def _place(seqs, offset, first, count) -> tuple[torch.Tensor, ...]:
+    """(index, position, row) of the tokens first[r] .. first[r] + count[r] - 1 of each row r,
+    laid out sequence by sequence; offset[r]: row r's first token among the real tokens."""
+    L = max(1, max(sum(count[r] for r in rows) for rows in seqs))
+    S = len(seqs)
     index = torch.zeros(S, L, dtype=torch.long)
     position = torch.zeros(S, L, dtype=torch.long)
     row = torch.full((S, L), -1, dtype=torch.long)
     for s, rows in enumerate(seqs):
         col = 0
         for r in rows:
-            n = lengths[r]
-            index[s, col: col + n] = torch.arange(starts[r], starts[r] + n)
-            position[s, col: col + n] = torch.arange(n)
+            n, a = count[r], first[r]
+            index[s, col: col + n] = torch.arange(offset[r] + a, offset[r] + a + n)
+            position[s, col: col + n] = torch.arange(a, a + n)
             row[s, col: col + n] = r
             col += n
+    return index, position, row
+
+
+def _mask_form(model, allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean (S, Lq, Lk) attention pattern in the form the model's attention takes:
+    boolean for SDPA, additive elsewhere; (S, 1, Lq, Lk)."""
+    if getattr(model.config, "_attn_implementation", "sdpa") == "sdpa":
+        return allowed[:, None]
+    attn = torch.zeros(allowed.shape, dtype=model.dtype)
+    attn.masked_fill_(~allowed, torch.finfo(model.dtype).min)
+    return attn[:, None]
+
+
+def _offsets(lengths: list[int]) -> list[int]:
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return out
+
+
+def pack(model, mask: torch.Tensor, max_tokens: int = PACK_TOKENS) -> Packing:
+    """The packed layout of a right-padded batch with this 2D mask, its attention mask in the
+    form the model's attention takes (boolean for SDPA, additive elsewhere)."""
+    lengths = mask.sum(1).tolist()
+    seqs = _groups(lengths, max_tokens)
+    index, position, row = _place(seqs, _offsets(lengths), [0] * len(lengths), lengths)
     valid = row >= 0
+    L = valid.shape[1]
     causal = position[:, :, None] >= position[:, None, :]
     allowed = (row[:, :, None] == row[:, None, :]) & causal & valid[:, :, None]
     allowed |= torch.eye(L, dtype=torch.bool)[None] & ~valid[:, :, None]     # a pad sees itself: no empty row
-    if getattr(model.config, "_attn_implementation", "sdpa") == "sdpa":
-        attn = allowed
-    else:
-        attn = torch.zeros(allowed.shape, dtype=model.dtype)
-        attn.masked_fill_(~allowed, torch.finfo(model.dtype).min)
-    return Packing(index.to(device), valid.to(device), position.to(device), attn[:, None].to(device))
+    device = mask.device
+    return Packing(index.to(device), valid.to(device), position.to(device), _mask_form(model, allowed).to(device))
+
+
+# --- a frozen prefix ---------------------------------------------------------------------------
+# Where nothing that is trained acts before some position of a row (a BaFT edit trained at the
+# subject's tokens changes nothing before them), the hidden states there are the parent's at
+# every layer, whatever the parameters: a training step need not run them. It runs each row
+# from that position on, its attention reading the prefix's keys and values, computed once.
+
+@dataclass
+class SplitPacking:
+    """A packed layout cut into each row's frozen prefix (tokens before start[r]) and the rest
+    (`live`), the two laid out in the same sequences. live.attention_mask is (S, 1, Ll, Lp + Ll):
+    a live token sees its own row's prefix, then its own row's live tokens causally."""
+    prefix: Packing
+    live: Packing
+
+
+def pack_split(model, mask: torch.Tensor, start: list[int], max_tokens: int = PACK_TOKENS) -> SplitPacking:
+    lengths = mask.sum(1).tolist()
+    start = [min(int(a), n) for a, n in zip(start, lengths)]
+    seqs = _groups(lengths, max_tokens)
+    offset = _offsets(lengths)
+    pi, pp, pr = _place(seqs, offset, [0] * len(lengths), start)
+    li, lp, lr = _place(seqs, offset, start, [n - a for n, a in zip(lengths, start)])
+    pv, lv = pr >= 0, lr >= 0
+    Lp, Ll = pv.shape[1], lv.shape[1]
+    p_allowed = (pr[:, :, None] == pr[:, None, :]) & (pp[:, :, None] >= pp[:, None, :]) & pv[:, :, None]
+    p_allowed |= torch.eye(Lp, dtype=torch.bool)[None] & ~pv[:, :, None]
+    to_prefix = (lr[:, :, None] == pr[:, None, :]) & lv[:, :, None] & pv[:, None, :]
+    to_live = (lr[:, :, None] == lr[:, None, :]) & (lp[:, :, None] >= lp[:, None, :]) & lv[:, :, None]
+    to_live |= torch.eye(Ll, dtype=torch.bool)[None] & ~lv[:, :, None]
+    l_allowed = torch.cat([to_prefix, to_live], dim=2)
+    device = mask.device
+    prefix = Packing(pi.to(device), pv.to(device), pp.to(device), _mask_form(model, p_allowed).to(device))
+    live = Packing(li.to(device), lv.to(device), lp.to(device), _mask_form(model, l_allowed).to(device))
+    return SplitPacking(prefix, live)
+
+
+class PrefixKV:
+    """Stands in for a model's key/value cache (the `update` its attention layers call): while
+    recording, it keeps each layer's keys and values (of the prefix, from a no-grad pass); then
+    it puts them in front of each layer's live keys and values, without keeping those, so one
+    recording serves every step."""
+
+    def __init__(self) -> None:
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.recording = True
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.recording:
+            self.kv[layer_idx] = (key_states.detach(), value_states.detach())
+            return key_states, value_states
+        k, v = self.kv[layer_idx]
+        return torch.cat([k, key_states], dim=-2), torch.cat([v, value_states], dim=-2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0        # positions are always given
+
+
+def cache_kwarg(model) -> str:
+    """The name under which this model's forward takes a key/value cache (transformers 5 moved
+    `past_key_values` to `cache`)."""
+    import inspect
+    params = inspect.signature(model.base_model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def split_inputs(model, ids: torch.Tensor, mask: torch.Tensor, start: list[int],
+                 max_tokens: int = PACK_TOKENS) -> tuple[dict, dict, SplitPacking]:
+    """(model inputs of the prefixes, of the live tokens, the SplitPacking) of this right-padded
+    batch cut at start[r] in row r."""
+    sp = pack_split(model, mask, start, max_tokens)
+    real = ids[mask.bool()]
+    prefix = {"input_ids": sp.prefix.gather(real), "position_ids": sp.prefix.position_ids,
+              "attention_mask": sp.prefix.attention_mask}
+    live = {"input_ids": sp.live.gather(real), "position_ids": sp.live.position_ids,
+            "attention_mask": sp.live.attention_mask}
+    return prefix, live, sp
+
+
+def prefix_split_works(model) -> bool:
+    """Whether this model gives the same hidden states run from a recorded prefix (PrefixKV) as
+    packed in one go, checked once per model (a model whose attention takes no such cache, or
+    reads it otherwise, fails it)."""
+    def check():
+        ids, mask = _probe(model)
+        base = model.base_model
+        inputs, pk = packed_inputs(model, ids, mask, max_tokens=6)
+        whole = base(**inputs, use_cache=False).last_hidden_state[pk.valid]
+        pre, live, sp = split_inputs(model, ids, mask, [2, 1], max_tokens=6)
+        kv = PrefixKV()
+        base(**pre, use_cache=False, **{cache_kwarg(model): kv})
+        kv.recording = False
+        out = base(**live, use_cache=False, **{cache_kwarg(model): kv}).last_hidden_state
+        at = sp.live.index[sp.live.valid]      # each live token's place among the real tokens
+        return bool(kv.kv) and torch.allclose(out[sp.live.valid], whole[at], atol=1e-4, rtol=1e-4)
+    return _checked(model, "prefix", check)
 
 
 def packed_inputs(model, ids: torch.Tensor, mask: torch.Tensor, max_tokens: int = PACK_TOKENS):

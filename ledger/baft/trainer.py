@@ -32,7 +32,10 @@ against the plain path): the blocks below the edited one are replayed from one c
 the output head runs only at the positions the loss reads, and with a gate floor a step runs
 the blocks above only on the edit rows and the unrelated rows where a new gate is open
 (elsewhere the new blocks change nothing, so those rows' KL and gradient are exactly 0), and
-the rows run are packed, without pads (text.py). `train_dtype="bfloat16"` is the one option
+the rows run are packed, without pads (text.py), and a row runs from the first position a new
+block acts on: before it (a BaFT edit acts at the subject's tokens) the states are the parent's
+whatever the parameters, so their keys and values are recorded once and read by every step
+(text.PrefixKV). `train_dtype="bfloat16"` is the one option
 that trades exactness for speed: the blocks above the edited one then run in bfloat16.
 """
 from __future__ import annotations
@@ -48,7 +51,8 @@ import torch
 from ..errors import StateError
 from ..facts import Fact
 from ..models import hidden_size
-from ..text import Batch, head_matches_logits, make_batch, packed_inputs, packing_works, prompt_ids
+from ..text import (Batch, PrefixKV, cache_kwarg, head_matches_logits, make_batch, packed_inputs, packing_works,
+                    prefix_split_works, prompt_ids, split_inputs)
 from .config import BaftConfig
 from .hooks import InterventionSite
 from .layer import BaftBlock, FusedIntervention
@@ -360,7 +364,7 @@ class EditProblem:
         grab = layers[layer].register_forward_hook(grab_output, prepend=True)
         try:
             with torch.no_grad():
-                inputs, pk = self._layout(batch.input_ids, batch.attention_mask, self.read)
+                inputs, pk, _ = self._layout(batch.input_ids, batch.attention_mask, self.read)
                 inputs.pop("read")
                 try:
                     (model.base_model if self.head_ok else model)(**inputs, use_cache=False)
@@ -390,6 +394,17 @@ class EditProblem:
         cols = torch.arange(real.shape[1], device=device)
         last_read = torch.where(self.read, cols, torch.full_like(cols, -1)).amax(1, keepdim=True)
         self.needed = real & (cols[None, :] <= last_read)
+        # Per row, the first position where a new block may act or the loss reads: before it
+        # the hidden states are the parent's at every layer whatever the parameters (a block
+        # trained at the subject's tokens changes nothing before them). The fast steps run a
+        # row from there on, over the recorded keys and values of its prefix (text.PrefixKV),
+        # where the model gives the same results so (checked once per model).
+        big = torch.full_like(cols, real.shape[1])
+        first = torch.where(self.read, cols, big).amin(1)
+        for apply in self.apply_masks:
+            first = torch.minimum(first, torch.where(apply[..., 0] > 0, cols, big).amin(1))
+        self.first_free = first
+        self.split = self.packed and cfg.fast_path and prefix_split_works(model)
         self._replay = _ReplayBelow(layers, layer, self.site, self._site_out)
         # train_dtype bfloat16: the fast steps run the blocks above the edited one in bfloat16.
         self._low = _LowPrecisionAbove(layers, layer) \
@@ -474,16 +489,22 @@ class EditProblem:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def _layout(self, ids, mask, read):
-        """(model inputs, with "read": the read positions in that layout; the Packing or None)
-        of right-padded rows: packed where self.packed (the real tokens only, rows kept apart by
-        the attention mask: no pad is computed), else as they are. Counts the positions run."""
+    def _layout(self, ids, mask, read, start=None):
+        """(model inputs, with "read": the read positions in that layout; the Packing or None;
+        the prefixes' (inputs, Packing) or None) of right-padded rows: packed where self.packed
+        (the real tokens only, rows kept apart by the attention mask: no pad is computed), else
+        as they are; with `start` (per row) and self.split, each row from start on, its prefix
+        laid out apart to be recorded once. Counts the positions run."""
+        if self.packed and start is not None and self.split and bool((start > 0).any()):
+            pre, live, sp = split_inputs(self.model, ids, mask, start.tolist())
+            self._tokens_run = int(sp.live.valid.sum())
+            return {**live, "read": sp.live.gather(read[mask.bool()])}, sp.live, (pre, sp.prefix)
         if self.packed:
             inputs, pk = packed_inputs(self.model, ids, mask)
             self._tokens_run = int(pk.valid.sum())
-            return {**inputs, "read": pk.gather(read[mask.bool()])}, pk
+            return {**inputs, "read": pk.gather(read[mask.bool()])}, pk, None
         self._tokens_run = int(ids.numel())
-        return {"input_ids": ids, "attention_mask": mask, "read": read}, None
+        return {"input_ids": ids, "attention_mask": mask, "read": read}, None, None
 
     def _step_inputs(self, rows: torch.Tensor | None, *, cache: bool = True):
         """The model inputs of a fast step over `rows` (None: all), the replayed block output
@@ -497,15 +518,18 @@ class EditProblem:
             return dict(inputs), site_out, train
         ids, read = self.batch.input_ids, self.read
         mask = self.needed.long() if self.packed else self.batch.attention_mask
-        site_out, train = self._site_out, list(self.apply_masks)
+        site_out, train, start = self._site_out, list(self.apply_masks), self.first_free
         if rows is not None:
             n = int(mask[rows].sum(1).max())
             ids, mask, read = ids[rows, :n], mask[rows, :n], read[rows, :n]
             site_out = _map_hidden(site_out, lambda h: h[rows, :n])
             train = [t[rows, :n] for t in train]
-        inputs, pk = self._layout(ids, mask, read)
+            start = start[rows]
+        inputs, pk, prefix = self._layout(ids, mask, read, start if self.site.trainable else None)
+        real = mask.bool()
+        if prefix is not None:
+            inputs[cache_kwarg(self.model)] = self._record_prefix(*prefix, _map_hidden(site_out, lambda h: h[real]))
         if pk is not None:
-            real = mask.bool()
             site_out = _map_hidden(site_out, lambda h: pk.gather(h[real]))
             train = [pk.gather(t[real]) for t in train]
         # each block's positions as flat indices of the layout run (see BaftBlock.add_change)
@@ -513,6 +537,22 @@ class EditProblem:
         if self._kept is not None and cache:
             self._inputs_cache[key] = (inputs, site_out, train, self._tokens_run)
         return dict(inputs), site_out, train
+
+    @torch.no_grad()
+    def _record_prefix(self, inputs: dict, pk, site_real) -> PrefixKV:
+        """The keys and values of the blocks above the edited one at the rows' prefixes, from
+        one pass of the parent (no new block acts there), in the steps' precision."""
+        kv = PrefixKV()
+        trainable, self.site.trainable = self.site.trainable, torch.nn.ModuleList()
+        self._replay.replay.output = _map_hidden(site_real, pk.gather)
+        try:
+            with self._autocast():
+                self.model.base_model(**inputs, use_cache=False, **{cache_kwarg(self.model): kv})
+        finally:
+            self.site.trainable = trainable
+            self._replay.replay.output = self._site_out
+        kv.recording = False
+        return kv
 
     def _keep_pos(self, rows: torch.Tensor) -> torch.Tensor:
         keep = torch.zeros(self.batch.input_ids.shape[0], dtype=torch.bool, device=self.device)
