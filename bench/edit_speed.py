@@ -6,12 +6,16 @@ every position, float32). The fast path in the other training precision (--train
 measured alongside. Each fact is added alone on the base revision; the paths alternate fact
 by fact so machine noise hits them alike.
 
-Then batch throughput: N facts added in one call, one revision per fact (--batch 1) and K
+The fast path with each row run whole (no recorded prefix, the path before session 7) is
+measured alongside too, as `whole_rows_median_s`. Then the cost of one step against its
+number of tokens (`step_cost`): the blocks above the edited one, forward and backward, on M
+tokens of one sequence, for several M, with the least-squares line through them (the
+intercept is what a step costs whatever its tokens). Then batch throughput: N facts added in one call, one revision per fact (--batch 1) and K
 facts trained together per revision (--batch K), as edits per minute.
 
 Prints JSON lines: {"op", "median_s", "baseline_median_s", "ratio", ...}.
 
-    .venv/bin/python bench/edit_speed.py [-n 10] [--batch-n 100] [--batch-k 10] [--threads 2]
+    .venv/bin/python bench/edit_speed.py [-n 10] [--batch-n 100] [--batch-k 10] [--threads 2] [--step-cost]
 """
 from __future__ import annotations
 
@@ -21,12 +25,14 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ledger import BaftConfig, InputError, Ledger  # noqa: E402
+from ledger.baft import default_layer, trainer  # noqa: E402
 from ledger.facts import facts_from_records  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "counterfact-edit-1k.json"
@@ -38,6 +44,47 @@ def timed_add(lg: Ledger, facts, cfg: BaftConfig, batch: int = 1):
     return time.perf_counter() - t, results
 
 
+@contextmanager
+def whole_rows():
+    """The trainer as it was before the recorded prefix: every row run from its first token."""
+    found = trainer.prefix_split_works
+    trainer.prefix_split_works = lambda model: False
+    try:
+        yield
+    finally:
+        trainer.prefix_split_works = found
+
+
+def step_cost(model, layer: int, sizes=(20, 40, 60, 80, 120, 160, 240), repeats: int = 5) -> dict:
+    """Median seconds of forward + backward through the decoder blocks above `layer` on M
+    tokens (one causal sequence, random states; only the input needs a gradient, as in
+    training), per M, and the least-squares line through them."""
+    base = model.base_model
+    blocks = list(base.layers)[layer + 1:]
+    d = model.config.hidden_size
+    out = {}
+    for m in sizes:
+        times = []
+        for _ in range(repeats):
+            h = torch.randn(1, m, d, requires_grad=True)
+            pos = torch.arange(m)[None]
+            emb = base.rotary_emb(h, pos)
+            mask = torch.ones(m, m, dtype=torch.bool).tril()[None, None]
+            t = time.perf_counter()
+            x = h
+            for blk in blocks:
+                x = blk(x, attention_mask=mask, position_embeddings=emb, position_ids=pos)
+            x.sum().backward()
+            times.append(time.perf_counter() - t)
+        out[m] = statistics.median(times)
+    xs, ys = list(out), list(out.values())
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return {"seconds_by_tokens": {str(k): round(v, 4) for k, v in out.items()},
+            "fixed_s": round(my - slope * mx, 4), "per_token_ms": round(1000 * slope, 3),
+            "blocks": len(blocks)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA))
@@ -46,6 +93,7 @@ def main() -> None:
     ap.add_argument("--batch-n", type=int, default=100, help="facts for the throughput run (0: skip)")
     ap.add_argument("--batch-k", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--step-cost", action="store_true", help="also time one step against its tokens")
     ap.add_argument("--wordings", default=str(DEFAULT_DATA.parent / "counterfact-train.json"), metavar="PATH|none",
                     help="relation wordings imported into each ledger, as a user's ledger would hold them "
                          "(default: counterfact-train.json beside the data; none: no wordings)")
@@ -57,7 +105,8 @@ def main() -> None:
     fast, plain = BaftConfig(), BaftConfig(fast_path=False, train_dtype="float32")
     # The other precision of the fast path, measured alongside (a --train-dtype choice).
     other_dtype = "bfloat16" if fast.train_dtype == "float32" else "float32"
-    paths = {"fast": fast, f"fast_{other_dtype}": BaftConfig(train_dtype=other_dtype), "plain": plain}
+    paths = {"fast": fast, f"fast_{other_dtype}": BaftConfig(train_dtype=other_dtype), "plain": plain,
+             "fast_whole_rows": fast}
     common = {"model": "SmolLM2-135M-Instruct", "threads": args.threads, "data": Path(args.data).name,
               "wordings": wordings.name if wordings else None,
               "date": time.strftime("%Y-%m-%d")}
@@ -77,7 +126,8 @@ def main() -> None:
             for name, cfg in paths.items():
                 lg.checkout("rev-1")
                 try:
-                    s, [r] = timed_add(lg, [fact], cfg)
+                    with whole_rows() if name == "fast_whole_rows" else nullcontext():
+                        s, [r] = timed_add(lg, [fact], cfg)
                 except InputError:
                     break      # the model already says target_new: nothing to edit
                 rows[name].append(s)
@@ -102,7 +152,13 @@ def main() -> None:
                           f"{other_dtype}_median_s": round(med[f"fast_{other_dtype}"], 3),
                           f"{other_dtype}_median_s_per_step": round(per_step[f"fast_{other_dtype}"], 3),
                           f"{other_dtype}_mean_steps": round(statistics.mean(steps[f"fast_{other_dtype}"]), 1),
+                          "whole_rows_median_s": round(med["fast_whole_rows"], 3),
+                          "whole_rows_ratio": round(med["fast"] / med["fast_whole_rows"], 3),
                           "goal_s": 1.5, **common}), flush=True)
+        if args.step_cost:
+            model = lg.model_at().model
+            layer = fast.layer if fast.layer is not None else default_layer(len(model.base_model.layers))
+            print(json.dumps({"op": "step_cost", "layer": layer, **step_cost(model, layer), **common}), flush=True)
         lg.close()
 
     if args.batch_n:

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from ledger import BaftConfig, InputError, Ledger, LedgerError, load_facts
-from ledger.baft.config import TRAIN_DTYPES
+from ledger.baft.config import MAX_PREFIXES, TRAIN_DTYPES
 from ledger.store import engine as store_engine
 
 
@@ -148,6 +148,8 @@ class _Bar(_PhaseBar):
 @click.option("--wordings-related", type=click.IntRange(0), default=BaftConfig.wordings_related, show_default=True,
               help="When the relation has fewer than N wordings, borrow from relations sharing at least this "
                    "many wordings with it (0: never).")
+@click.option("--prefixes", "n_prefixes", type=click.IntRange(0, MAX_PREFIXES), default=BaftConfig.n_prefixes,
+              show_default=True, help="Also train on the prompt behind N short fixed contexts.")
 @click.option("--train-dtype", type=click.Choice(list(TRAIN_DTYPES)), default=BaftConfig.train_dtype,
               show_default=True, help="Precision of the blocks above the edited one while training "
                                       "(the edit itself is always float32).")
@@ -164,7 +166,7 @@ class _Bar(_PhaseBar):
 @click.pass_context
 def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int, steps: int, lr: float,
         locality_weight: float, gate_weight: float, gate_floor: float, n_wordings: int, wordings_related: int,
-        train_dtype: str, fmt: str, offset: int,
+        n_prefixes: int, train_dtype: str, fmt: str, offset: int,
         limit: int | None, skip_bad: bool, batch: int, seed: int, message: str | None, as_json: bool) -> None:
     """Train one BaFT edit per fact in FILE and commit each as a new revision (with --batch K,
     K facts per revision, trained together).
@@ -176,7 +178,8 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
     """
     cfg = BaftConfig(method=method, layer=layer, rank=rank, steps=steps, lr=lr,
                      locality_weight=locality_weight, gate_weight=gate_weight, gate_floor=gate_floor,
-                     wordings=n_wordings, wordings_related=wordings_related, train_dtype=train_dtype, seed=seed)
+                     wordings=n_wordings, wordings_related=wordings_related, n_prefixes=n_prefixes,
+                     train_dtype=train_dtype, seed=seed)
     loaded = load_facts(file, fmt=fmt, offset=offset, limit=limit, skip_bad=skip_bad)
     facts, problems = loaded if skip_bad else (loaded, [])
     for p in problems:

@@ -8,6 +8,8 @@ from ..errors import InputError
 
 METHODS = ("baft", "reft")
 TRAIN_DTYPES = ("float32", "bfloat16")
+# How many fixed contexts the trainer has to put before a prompt (trainer.PREFIXES).
+MAX_PREFIXES = 8
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,8 @@ class BaftConfig:
             raise InputError("a frozen gate (gate_lr_scale 0) needs gate_key_init: it would stay half open everywhere")
         if not 0 <= self.wordings <= 32:
             raise InputError(f"--wordings must be between 0 and 32, got {self.wordings}")
+        if not 0 <= self.n_prefixes <= MAX_PREFIXES:
+            raise InputError(f"--prefixes must be between 0 and {MAX_PREFIXES}, got {self.n_prefixes}")
         if self.wordings_related < 0:
             raise InputError(f"--wordings-related must not be negative, got {self.wordings_related}")
         for name in ("locality_weight", "gate_weight", "gate_open_weight", "gate_lr_scale"):

@@ -53,11 +53,16 @@ from ..facts import Fact
 from ..models import hidden_size
 from ..text import (Batch, PrefixKV, cache_kwarg, head_matches_logits, make_batch, packed_inputs, packing_works,
                     prefix_split_works, prompt_ids, split_inputs)
-from .config import BaftConfig
+from .config import MAX_PREFIXES, BaftConfig
 from .hooks import InterventionSite
 from .layer import BaftBlock, FusedIntervention
 
-PREFIXES = ("Here is a fact. ", "As everyone knows, ", "In short: ", "Note that ")
+# Contexts put before the prompt in training (`n_prefixes`: the first n), so the edit holds
+# behind other text. The first four date from session 2; the others were added in session 7.
+PREFIXES = ("Here is a fact. ", "As everyone knows, ", "In short: ", "Note that ",
+            "I read this yesterday: ", "According to the encyclopedia, ", "It is often said that ",
+            "The answer to the question is simple. ")
+assert len(PREFIXES) == MAX_PREFIXES
 NEUTRAL = (
     "The weather today is mild with a light breeze.",
     "She opened the window and looked at the garden.",
