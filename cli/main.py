@@ -24,6 +24,10 @@ class LedgerGroup(click.Group):
         except LedgerError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except click.UsageError as e:     # a bad option of a command: one line too, exit 2
+            where = f"ledger {e.ctx.info_name} --help" if e.ctx is not None and e.ctx is not ctx else "ledger --help"
+            click.echo(f"error: {e.format_message()} (see `{where}`)", err=True)
+            ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("error: interrupted; nothing of the unfinished step was written", err=True)
             ctx.exit(130)

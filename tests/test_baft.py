@@ -91,7 +91,7 @@ def test_config_rejects_bad_values():
     from ledger.errors import InputError
     for bad in ({"method": "lora"}, {"rank": 0}, {"lr": 0}, {"steps": 0}, {"layer": -1}, {"gate_weight": -1},
                 {"gate_floor": 1.0}, {"gate_floor": -0.1}, {"gate_lr_scale": -1},
-                {"gate_lr_scale": 0, "gate_key_init": False}):
+                {"gate_lr_scale": 0, "gate_key_init": False}, {"n_prefixes": 9}, {"n_prefixes": -1}):
         with pytest.raises(InputError):
             BaftConfig(**bad)
 
