@@ -18,6 +18,15 @@ from ledger.store import engine as store_engine
 
 
 class LedgerGroup(click.Group):
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:     # a bad option before the command: one line, exit 2
+            if type(e).__name__ == "NoArgsIsHelpError":     # bare `ledger`: click shows the help
+                raise
+            click.echo(f"error: {e.format_message()} (see `ledger --help`)", err=True)
+            raise SystemExit(2) from None
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)

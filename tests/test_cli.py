@@ -96,7 +96,7 @@ def test_malformed_fact_file_exit_2_and_nothing_written(initialised, db_url, tmp
     (["checkout", "rev-0"], 2), (["checkout", "rev-99999999"], 2), (["show", "rev-abc"], 2),
     (["checkout", "x;DROP TABLE refs"], 2), (["log", "--rev", "../../etc"], 2),
     (["add", "/nonexistent/fact.json"], 2), (["add", "f.json", "--rank", "0"], 2), (["add", "f.json", "--prefixes", "9"], 2),
-    (["generate", "   "], 2),
+    (["generate", "   "], 2), (["--threads", "0", "log"], 2), (["wordings", "import"], 2),
 ])
 def test_bad_arguments_are_one_line_errors(initialised, db_url, tmp_path, monkeypatch, args, code):
     monkeypatch.chdir(tmp_path)
