@@ -410,6 +410,7 @@ class EditProblem:
             first = torch.minimum(first, torch.where(apply[..., 0] > 0, cols, big).amin(1))
         self.first_free = first
         self.split = self.packed and cfg.fast_path and prefix_split_works(model)
+        self._cache_kw = cache_kwarg(model) if self.split else None
         self._replay = _ReplayBelow(layers, layer, self.site, self._site_out)
         # train_dtype bfloat16: the fast steps run the blocks above the edited one in bfloat16.
         self._low = _LowPrecisionAbove(layers, layer) \
@@ -533,7 +534,7 @@ class EditProblem:
         inputs, pk, prefix = self._layout(ids, mask, read, start if self.site.trainable else None)
         real = mask.bool()
         if prefix is not None:
-            inputs[cache_kwarg(self.model)] = self._record_prefix(*prefix, _map_hidden(site_out, lambda h: h[real]))
+            inputs[self._cache_kw] = self._record_prefix(*prefix, _map_hidden(site_out, lambda h: h[real]))
         if pk is not None:
             site_out = _map_hidden(site_out, lambda h: pk.gather(h[real]))
             train = [pk.gather(t[real]) for t in train]
@@ -552,7 +553,7 @@ class EditProblem:
         self._replay.replay.output = _map_hidden(site_real, pk.gather)
         try:
             with self._autocast():
-                self.model.base_model(**inputs, use_cache=False, **{cache_kwarg(self.model): kv})
+                self.model.base_model(**inputs, use_cache=False, **{self._cache_kw: kv})
         finally:
             self.site.trainable = trainable
             self._replay.replay.output = self._site_out
