@@ -8,6 +8,7 @@ forcing lives here and only here).
 """
 from __future__ import annotations
 
+import inspect
 import weakref
 from dataclasses import dataclass
 
@@ -285,7 +286,6 @@ class PrefixKV:
 def cache_kwarg(model) -> str:
     """The name under which this model's forward takes a key/value cache (transformers 5 moved
     `past_key_values` to `cache`)."""
-    import inspect
     params = inspect.signature(model.base_model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
