@@ -17,14 +17,24 @@ from ledger.baft.config import MAX_PREFIXES, TRAIN_DTYPES
 from ledger.store import engine as store_engine
 
 
+# Bare `ledger` raises this to show the help (click >= 8.2); it is no error.
+_SHOWS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def _usage_error(e: click.UsageError) -> None:
+    """A usage error as one line, like every other error, pointing to the command's --help."""
+    where = e.ctx.command_path if e.ctx is not None else "ledger"
+    click.echo(f"error: {e.format_message()} (see `{where} --help`)", err=True)
+
+
 class LedgerGroup(click.Group):
     def make_context(self, info_name, args, parent=None, **extra):
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as e:     # a bad option before the command: one line, exit 2
-            if type(e).__name__ == "NoArgsIsHelpError":     # bare `ledger`: click shows the help
+            if isinstance(e, _SHOWS_HELP):
                 raise
-            click.echo(f"error: {e.format_message()} (see `ledger --help`)", err=True)
+            _usage_error(e)
             raise SystemExit(2) from None
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -34,8 +44,7 @@ class LedgerGroup(click.Group):
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
         except click.UsageError as e:     # a bad option of a command: one line too, exit 2
-            where = f"ledger {e.ctx.info_name} --help" if e.ctx is not None and e.ctx is not ctx else "ledger --help"
-            click.echo(f"error: {e.format_message()} (see `{where}`)", err=True)
+            _usage_error(e)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("error: interrupted; nothing of the unfinished step was written", err=True)

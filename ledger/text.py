@@ -204,6 +204,19 @@ def _mask_form(model, allowed: torch.Tensor) -> torch.Tensor:
     return attn[:, None]
 
 
+def _within_rows(row: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """(S, L, L): each real token sees the earlier tokens of its own row (causal, nothing across
+    rows); a pad sees itself only, so no row of the attention is empty."""
+    valid = row >= 0
+    allowed = (row[:, :, None] == row[:, None, :]) & (position[:, :, None] >= position[:, None, :]) & valid[:, :, None]
+    return allowed | (torch.eye(row.shape[1], dtype=torch.bool)[None] & ~valid[:, :, None])
+
+
+def _inputs(pk: Packing, real_ids: torch.Tensor) -> dict:
+    """Model inputs of a packed layout, from the real token ids read row-major."""
+    return {"input_ids": pk.gather(real_ids), "position_ids": pk.position_ids, "attention_mask": pk.attention_mask}
+
+
 def _offsets(lengths: list[int]) -> list[int]:
     out = [0]
     for n in lengths:
@@ -217,13 +230,9 @@ def pack(model, mask: torch.Tensor, max_tokens: int = PACK_TOKENS) -> Packing:
     lengths = mask.sum(1).tolist()
     seqs = _groups(lengths, max_tokens)
     index, position, row = _place(seqs, _offsets(lengths), [0] * len(lengths), lengths)
-    valid = row >= 0
-    L = valid.shape[1]
-    causal = position[:, :, None] >= position[:, None, :]
-    allowed = (row[:, :, None] == row[:, None, :]) & causal & valid[:, :, None]
-    allowed |= torch.eye(L, dtype=torch.bool)[None] & ~valid[:, :, None]     # a pad sees itself: no empty row
     device = mask.device
-    return Packing(index.to(device), valid.to(device), position.to(device), _mask_form(model, allowed).to(device))
+    return Packing(index.to(device), (row >= 0).to(device), position.to(device),
+                   _mask_form(model, _within_rows(row, position)).to(device))
 
 
 # --- a frozen prefix ---------------------------------------------------------------------------
@@ -249,15 +258,10 @@ def pack_split(model, mask: torch.Tensor, start: list[int], max_tokens: int = PA
     pi, pp, pr = _place(seqs, offset, [0] * len(lengths), start)
     li, lp, lr = _place(seqs, offset, start, [n - a for n, a in zip(lengths, start)])
     pv, lv = pr >= 0, lr >= 0
-    Lp, Ll = pv.shape[1], lv.shape[1]
-    p_allowed = (pr[:, :, None] == pr[:, None, :]) & (pp[:, :, None] >= pp[:, None, :]) & pv[:, :, None]
-    p_allowed |= torch.eye(Lp, dtype=torch.bool)[None] & ~pv[:, :, None]
     to_prefix = (lr[:, :, None] == pr[:, None, :]) & lv[:, :, None] & pv[:, None, :]
-    to_live = (lr[:, :, None] == lr[:, None, :]) & (lp[:, :, None] >= lp[:, None, :]) & lv[:, :, None]
-    to_live |= torch.eye(Ll, dtype=torch.bool)[None] & ~lv[:, :, None]
-    l_allowed = torch.cat([to_prefix, to_live], dim=2)
+    l_allowed = torch.cat([to_prefix, _within_rows(lr, lp)], dim=2)
     device = mask.device
-    prefix = Packing(pi.to(device), pv.to(device), pp.to(device), _mask_form(model, p_allowed).to(device))
+    prefix = Packing(pi.to(device), pv.to(device), pp.to(device), _mask_form(model, _within_rows(pr, pp)).to(device))
     live = Packing(li.to(device), lv.to(device), lp.to(device), _mask_form(model, l_allowed).to(device))
     return SplitPacking(prefix, live)
 
@@ -296,11 +300,7 @@ def split_inputs(model, ids: torch.Tensor, mask: torch.Tensor, start: list[int],
     batch cut at start[r] in row r."""
     sp = pack_split(model, mask, start, max_tokens)
     real = ids[mask.bool()]
-    prefix = {"input_ids": sp.prefix.gather(real), "position_ids": sp.prefix.position_ids,
-              "attention_mask": sp.prefix.attention_mask}
-    live = {"input_ids": sp.live.gather(real), "position_ids": sp.live.position_ids,
-            "attention_mask": sp.live.attention_mask}
-    return prefix, live, sp
+    return _inputs(sp.prefix, real), _inputs(sp.live, real), sp
 
 
 def prefix_split_works(model) -> bool:
@@ -325,8 +325,7 @@ def prefix_split_works(model) -> bool:
 def packed_inputs(model, ids: torch.Tensor, mask: torch.Tensor, max_tokens: int = PACK_TOKENS):
     """(model inputs of the packed form of this right-padded batch, its Packing)."""
     pk = pack(model, mask, max_tokens)
-    return {"input_ids": pk.gather(ids[mask.bool()]), "position_ids": pk.position_ids,
-            "attention_mask": pk.attention_mask}, pk
+    return _inputs(pk, ids[mask.bool()]), pk
 
 
 def packing_works(model) -> bool:

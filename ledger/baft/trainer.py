@@ -501,7 +501,7 @@ class EditProblem:
         (the real tokens only, rows kept apart by the attention mask: no pad is computed), else
         as they are; with `start` (per row) and self.split, each row from start on, its prefix
         laid out apart to be recorded once. Counts the positions run."""
-        if self.packed and start is not None and self.split and bool((start > 0).any()):
+        if start is not None and self.split and bool((start > 0).any()):     # split implies packed
             pre, live, sp = split_inputs(self.model, ids, mask, start.tolist())
             self._tokens_run = int(sp.live.valid.sum())
             return {**live, "read": sp.live.gather(read[mask.bool()])}, sp.live, (pre, sp.prefix)
