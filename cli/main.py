@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from ledger import BaftConfig, InputError, Ledger, LedgerError, load_facts
-from ledger.baft.config import MAX_PREFIXES, TRAIN_DTYPES
+from ledger.baft.config import MAX_PREFIXES, ROTATION_INITS, TRAIN_DTYPES
 from ledger.store import engine as store_engine
 
 
@@ -157,6 +157,9 @@ class _Bar(_PhaseBar):
               help="baft: input-gated bases; reft: constant gate (the LoReFT ablation).")
 @click.option("--layer", type=int, default=None, help="Decoder block to edit [default: per model].")
 @click.option("--rank", type=int, default=BaftConfig.rank, show_default=True, help="Bases per edit.")
+@click.option("--rotation-init", type=click.Choice(list(ROTATION_INITS)), default=BaftConfig.rotation_init,
+              show_default=True, help="Where the edit's subspace starts: along the target loss's gradient at the "
+                                      "subject (gradient) or at random.")
 @click.option("--steps", type=int, default=BaftConfig.steps, show_default=True, help="Most training steps.")
 @click.option("--lr", type=float, default=BaftConfig.lr, show_default=True, help="Adam learning rate.")
 @click.option("--locality-weight", type=float, default=BaftConfig.locality_weight, show_default=True,
@@ -186,7 +189,8 @@ class _Bar(_PhaseBar):
 @click.option("-m", "--message", default=None, help="Revision message [default: the fact].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per new edit.")
 @click.pass_context
-def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int, steps: int, lr: float,
+def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int, rotation_init: str,
+        steps: int, lr: float,
         locality_weight: float, gate_weight: float, gate_floor: float, n_wordings: int, wordings_related: int,
         n_prefixes: int, train_dtype: str, fmt: str, offset: int,
         limit: int | None, skip_bad: bool, batch: int, seed: int, message: str | None, as_json: bool) -> None:
@@ -198,7 +202,7 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
     EasyEdit CounterFact form, ROME's CounterFact form, zsRE (MEND) or KnowEdit. Every record
     is checked before anything is trained.
     """
-    cfg = BaftConfig(method=method, layer=layer, rank=rank, steps=steps, lr=lr,
+    cfg = BaftConfig(method=method, layer=layer, rank=rank, rotation_init=rotation_init, steps=steps, lr=lr,
                      locality_weight=locality_weight, gate_weight=gate_weight, gate_floor=gate_floor,
                      wordings=n_wordings, wordings_related=wordings_related, n_prefixes=n_prefixes,
                      train_dtype=train_dtype, seed=seed)

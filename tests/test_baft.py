@@ -272,6 +272,59 @@ def test_fast_path_learns_exactly_the_same(family, floor, request):
 
 
 @pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("method", ["baft", "reft"])
+def test_gradient_rotation_spans_the_top_directions_of_the_loss_gradient(family, method, request):
+    """rotation_init="gradient": each block's R starts as the top-r right singular vectors of
+    dCE/dh at the positions it acts on (its own fact's edit rows), here computed apart with a
+    plain forward of the whole model; the block still starts as the identity."""
+    from ledger.baft.trainer import EditProblem
+    base = load_base(str(request.getfixturevalue(family)))
+    sites = _parent_sites(base)
+    r = 2
+    def make(ri):
+        return EditProblem(base.model, base.tokenizer, sites, base.layers, _facts(),
+                           BaftConfig(method=method, rank=r, n_prefixes=1, rotation_init=ri),
+                           layer=EDITED, retention=[("Paris is in", "France")])
+    random_start = make("random")
+    random_R = [blk.R.detach().clone() for blk in random_start.blocks]
+    random_start.close()
+    problem = make("gradient")
+    try:
+        b, n = problem.batch, problem.n_edit
+        probe = {}
+
+        def add(module, args, out):
+            h = out[0] if isinstance(out, tuple) else out
+            probe["d"] = torch.zeros_like(h, requires_grad=True)
+            return (h + probe["d"],) + tuple(out[1:]) if isinstance(out, tuple) else h + probe["d"]
+        saved = [blk for site in sites.values() for blk in site.trainable]
+        sites[EDITED].trainable = torch.nn.ModuleList()      # the parent alone, as at the start
+        hook = base.layers[EDITED].register_forward_hook(add)
+        try:
+            logits = base.model(input_ids=b.input_ids[:n], attention_mask=b.attention_mask[:n]).logits
+        finally:
+            hook.remove()
+            sites[EDITED].trainable = torch.nn.ModuleList(saved)
+        tm = b.target_mask[:n]
+        ce = -torch.log_softmax(logits[tm], -1).gather(-1, b.next_ids[:n][tm][:, None]).sum()
+        [grad] = torch.autograd.grad(ce, probe["d"])
+        owner = problem.row_owner[:n]
+        for k, blk in enumerate(problem.blocks):
+            g = grad[(problem.apply_masks[k][:n, :, 0] > 0) & (owner == k)[:, None]]
+            top = torch.linalg.svdvals(g)[:r].square().sum()
+            R = blk.R.detach()
+            assert torch.allclose(R @ R.T, torch.eye(r), atol=1e-5)
+            captured = (g @ R.T).square().sum()
+            assert abs(float(captured / top) - 1) < 1e-3          # R spans the top-r directions
+            assert float((g @ random_R[k].T).square().sum() / top) < 0.9     # which a random R does not
+            h = torch.randn(3, 5, base.hidden_size)
+            assert blk._change(h).abs().max() < 1e-5                  # still the identity
+    finally:
+        problem.close()
+    assert all(type(m).__name__ not in ("_Skip", "_Replay") for m in base.layers)
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
 def test_packed_reference_pass_equals_the_padded_model(family, request):
     """The set-up pass, which stops at the edited block, gives its raw output as the padded
     full forward does; the parent's distributions taken on the fast path (replayed, packed,

@@ -6,6 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import cli
+from ledger import Ledger
 
 from conftest import FACT
 from test_ledger import counts
@@ -73,6 +74,13 @@ def test_add_batch_prints_one_object_per_edit(initialised, facts_file):
     assert [(r["revision"], r["edit"]) for r in rows] == [("rev-2", "edit-1"), ("rev-2", "edit-2"), ("rev-3", "edit-3")]
 
 
+@pytest.mark.parametrize("init", ["random", "gradient"])
+def test_add_rotation_init_is_stored_with_the_edit(initialised, db_url, fact_file, init):
+    initialised("add", str(fact_file), *FAST_ARGS, "--rotation-init", init)
+    with Ledger.open(db_url) as lg:
+        assert lg.edit("edit-1").config["rotation_init"] == init
+
+
 @pytest.mark.parametrize("content, needle", [
     (b"{not json", "not JSON"),
     (b'{"prompt": "Alice lives in"}', "missing required field 'target_new'"),
@@ -96,6 +104,7 @@ def test_malformed_fact_file_exit_2_and_nothing_written(initialised, db_url, tmp
     (["checkout", "rev-0"], 2), (["checkout", "rev-99999999"], 2), (["show", "rev-abc"], 2),
     (["checkout", "x;DROP TABLE refs"], 2), (["log", "--rev", "../../etc"], 2),
     (["add", "/nonexistent/fact.json"], 2), (["add", "f.json", "--rank", "0"], 2), (["add", "f.json", "--prefixes", "9"], 2),
+    (["add", "f.json", "--rotation-init", "sideways"], 2),
     (["generate", "   "], 2), (["--threads", "0", "log"], 2), (["wordings", "import"], 2),
 ])
 def test_bad_arguments_are_one_line_errors(initialised, db_url, tmp_path, monkeypatch, args, code):

@@ -81,6 +81,12 @@ class BaftBlock(nn.Module):
     def R(self) -> torch.Tensor:
         return self.rotation.weight
 
+    @torch.no_grad()
+    def start_rotation(self, q: torch.Tensor) -> None:
+        """Start R at q (r x d, orthonormal rows) and W at R: the block stays the identity."""
+        self.rotation.weight = q.to(self.W.dtype)
+        self.W.copy_(self.rotation.weight)
+
     def raw_gate(self, h: torch.Tensor) -> torch.Tensor:
         """s(h), before the floor."""
         return torch.sigmoid(F.linear(h, self.U, self.c))

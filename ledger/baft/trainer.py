@@ -437,6 +437,9 @@ class EditProblem:
                            for _ in facts]
         if cfg.gate_key_init and cfg.method == "baft":
             self._init_gates(self._site_h)
+        if cfg.rotation_init == "gradient":
+            for block, q in zip(self.blocks, self._gradient_rotations(rows.owner, gen)):
+                block.start_rotation(q)
         if cfg.gate_lr_scale == 0:
             for block in self.blocks:       # the gate stays as initialised: no gradient at all
                 block.U.requires_grad_(False)
@@ -444,6 +447,54 @@ class EditProblem:
         for block, mask in zip(self.blocks, self.apply_masks):
             block.train_mask = mask
             self.site.trainable.append(block)
+
+    def _gradient_rotations(self, owner: list[int], gen: torch.Generator) -> list[torch.Tensor]:
+        """Per fact, r orthonormal directions: the top right singular vectors of the gradient of
+        its target loss with respect to the edited block's output at the positions its block
+        acts on (its edit rows' subject tokens), from one pass of the parent over the edit rows
+        (the blocks below replayed). Where there are fewer than r such directions, random ones
+        complete the basis.
+
+        Why: R barely turns in the few steps an edit takes, so a random R makes the edit write
+        in a random subspace; the idea was that along the directions the later blocks read, the
+        value would carry over to unseen wordings. On val it did not, beyond noise
+        (docs/quality.md, session 8)."""
+        n_edit, b = self.n_edit, self.batch
+        probe: dict[str, torch.Tensor] = {}
+
+        def add_probe(module, args, out):
+            def f(h):
+                probe["d"] = torch.zeros_like(h, requires_grad=True)
+                return h + probe["d"]
+            return _map_hidden(out, f)
+
+        tm = b.target_mask[:n_edit]
+        self._replay.enter()
+        self._replay.replay.output = _map_hidden(self._site_out, lambda h: h[:n_edit])
+        hook = self._replay.replay.register_forward_hook(add_probe)    # after the site's own
+        try:
+            with torch.enable_grad():
+                inputs = {"input_ids": b.input_ids[:n_edit], "attention_mask": b.attention_mask[:n_edit],
+                          "use_cache": False}
+                logits = self._head(self.model.base_model(**inputs).last_hidden_state[tm]) if self.head_ok \
+                    else self.model(**inputs).logits[tm]
+                logp = torch.log_softmax(logits.float(), -1)
+                ce = -logp.gather(-1, b.next_ids[:n_edit][tm][:, None]).sum()
+                [grad] = torch.autograd.grad(ce, probe["d"])
+        finally:
+            hook.remove()
+            self._replay.replay.output = self._site_out
+            self._replay.exit()
+        d, r = grad.shape[-1], self.cfg.rank
+        out = []
+        for k, apply in enumerate(self.apply_masks):
+            own = torch.tensor([o == k for o in owner[:n_edit]], device=grad.device)
+            g = grad[(apply[:n_edit, :, 0] > 0) & own[:, None]].float()
+            vecs = torch.linalg.svd(g, full_matrices=False).Vh[:r] if len(g) else g.new_zeros(0, d)
+            if vecs.shape[0] < r:
+                vecs = torch.cat([vecs, torch.randn(r - vecs.shape[0], d, generator=gen).to(vecs)])
+            out.append(torch.linalg.qr(vecs.T).Q.T.contiguous())    # orthonormal rows, same span
+        return out
 
     @torch.no_grad()
     def _init_gates(self, h: torch.Tensor) -> None:
