@@ -324,6 +324,45 @@ def test_gradient_rotation_spans_the_top_directions_of_the_loss_gradient(family,
     assert all(type(m).__name__ not in ("_Skip", "_Replay") for m in base.layers)
 
 
+@pytest.mark.parametrize("shrinkage, opens_on_sink", [(1.0, True), (0.3, False)])
+def test_a_key_at_the_shared_start_of_every_input_opens_only_under_fishers_direction(tiny_llama, shrinkage,
+                                                                                      opens_on_sink):
+    """A subject that begins the prompt keys on a state that the start of every input shares
+    (a large common component, as real models' first positions have). The plain direction
+    (key - mean of the unrelated states) then opens the gate at the start of every unrelated
+    row; Fisher's direction, which discounts what the unrelated states vary along, opens it at
+    the key only."""
+    from ledger.baft.trainer import EditProblem
+    base = load_base(str(tiny_llama))
+    cfg = BaftConfig(rank=2, n_prefixes=1, gate_key_shrinkage=shrinkage)
+    problem = EditProblem(base.model, base.tokenizer, {}, base.layers, _facts()[:1], cfg, layer=EDITED)
+    try:
+        g = torch.Generator().manual_seed(0)
+        B, T = problem.batch.input_ids.shape
+        d = base.hidden_size
+        h = torch.randn(B, T, d, generator=g)
+        sink = torch.randn(d, generator=g)
+        sink = 40 * sink / sink.norm()
+        unique = torch.randn(d, generator=g)
+        unique = 10 * unique / unique.norm()
+        h[:, 0] += sink                                    # every row's first position
+        key_at = problem.open_masks[0]
+        h[key_at] = sink + unique                          # the subject is the first token
+        block = problem.blocks[0]
+        with torch.no_grad():
+            block.U.zero_()
+            problem._init_gates(h)
+            gate = block.gate(block.raw_gate(h)).amax(-1)
+        real = problem.batch.attention_mask.bool()
+        assert float(gate[key_at].min()) > 0.9
+        unrelated_start = gate[problem.n_edit:, 0]
+        assert bool((unrelated_start > 0).any()) == opens_on_sink
+        if not opens_on_sink:
+            assert float(gate[problem.n_edit:][real[problem.n_edit:]].max()) == 0.0
+    finally:
+        problem.close()
+
+
 @pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
 def test_packed_reference_pass_equals_the_padded_model(family, request):
     """The set-up pass, which stops at the edited block, gives its raw output as the padded

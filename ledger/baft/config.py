@@ -62,6 +62,13 @@ class BaftConfig:
     # negative. Without it the gate learns "a subject is here" and fires on neighbours'
     # subjects too (docs/quality.md: locality 0.70 -> 0.95 on val[0:20]).
     gate_key_init: bool = True
+    # How the key's direction is found: 1.0, the difference of the key and the unrelated
+    # states' mean; below 1, Fisher's discriminant with the scatter shrunk by this much
+    # towards a multiple of the identity (trainer._init_gates). 0.3 stops a subject that
+    # begins the prompt from keying on what every input's start shares, but on val it cost
+    # single edits 0.033 generalisation and did not help 100 edits in a row on its own
+    # (docs/quality.md, session 8): an option, not the default.
+    gate_key_shrinkage: float = 1.0
     # Gate floor f: the weight used is max(0, (s - f) / (1 - f)), exactly 0 where the gate
     # s < f (layer.py). Shut means shut: a thousand edits no longer each leak a little onto
     # every token, the serving path skips shut bases, and training skips the rows where the
@@ -131,6 +138,8 @@ class BaftConfig:
             raise InputError(f"--gate-floor must lie in [0, 1), got {self.gate_floor}")
         if self.method == "baft" and self.gate_lr_scale == 0 and not self.gate_key_init:
             raise InputError("a frozen gate (gate_lr_scale 0) needs gate_key_init: it would stay half open everywhere")
+        if not 0 < self.gate_key_shrinkage <= 1:
+            raise InputError(f"gate_key_shrinkage must lie in (0, 1], got {self.gate_key_shrinkage}")
         if not 0 <= self.wordings <= 32:
             raise InputError(f"--wordings must be between 0 and 32, got {self.wordings}")
         if not 0 <= self.n_prefixes <= MAX_PREFIXES:

@@ -501,15 +501,29 @@ class EditProblem:
         h = h.float()
         neg = h[self.n_edit:][self.batch.attention_mask[self.n_edit:].bool()]
         mu = neg.mean(0)
+        alpha = self.cfg.gate_key_shrinkage
+        neg_scatter = (neg - mu).T @ (neg - mu) if alpha < 1 else None
         for block, om in zip(self.blocks, self.open_masks):
             if not om.any():
                 continue
-            key = h[om].mean(0)
+            pos = h[om]
+            key = pos.mean(0)
             direction = key - mu
             if direction.norm() == 0:
                 continue
+            if neg_scatter is not None:
+                # Fisher's discriminant: the direction that separates the key from the unrelated
+                # states relative to how both spread (the subject's states across its edit rows,
+                # the unrelated rows' states), shrunk towards the plain difference of means.
+                # The plain direction is dominated by what the early positions of every input
+                # share (a subject that begins the prompt keys on it, and its gate then opens
+                # at the start of every input: docs/quality.md, session 8).
+                scatter = (neg_scatter + (pos - key).T @ (pos - key)) / max(1, len(neg) + len(pos) - 2)
+                eye = torch.eye(len(key), dtype=h.dtype, device=h.device)
+                shrunk = (1 - alpha) * scatter + alpha * float(scatter.diagonal().mean()) * eye
+                direction = torch.linalg.solve(shrunk, direction)
             e = direction / direction.norm()
-            p_key = float(direction.norm())
+            p_key = float((key - mu) @ e)
             p_neg = float(((neg - mu) @ e).max())
             width = max(p_key - p_neg, 0.25 * p_key)
             beta = 6.0 / width                      # sigmoid(+-3) at the two ends
