@@ -359,6 +359,18 @@ def test_a_key_at_the_shared_start_of_every_input_opens_only_under_fishers_direc
         assert bool((unrelated_start > 0).any()) == opens_on_sink
         if not opens_on_sink:
             assert float(gate[problem.n_edit:][real[problem.n_edit:]].max()) == 0.0
+        # A key the plain direction sets apart (no shared start) gets the plain direction
+        # whatever the shrinkage: the same gate as before this option existed.
+        h[:, 0] -= sink
+        h[key_at] = unique * 3
+        gates = []
+        for alpha in (1.0, shrinkage):
+            problem.cfg = BaftConfig(rank=2, n_prefixes=1, gate_key_shrinkage=alpha)
+            with torch.no_grad():
+                block.U.zero_()
+                problem._init_gates(h)
+                gates.append((block.U.clone(), block.c.clone()))
+        assert torch.equal(gates[0][0], gates[1][0]) and torch.equal(gates[0][1], gates[1][1])
     finally:
         problem.close()
 

@@ -62,13 +62,12 @@ class BaftConfig:
     # negative. Without it the gate learns "a subject is here" and fires on neighbours'
     # subjects too (docs/quality.md: locality 0.70 -> 0.95 on val[0:20]).
     gate_key_init: bool = True
-    # How the key's direction is found: 1.0, the difference of the key and the unrelated
-    # states' mean; below 1, Fisher's discriminant with the scatter shrunk by this much
-    # towards a multiple of the identity (trainer._init_gates). 0.3 stops a subject that
-    # begins the prompt from keying on what every input's start shares, but on val it cost
-    # single edits 0.033 generalisation and did not help 100 edits in a row on its own
-    # (docs/quality.md, session 8): an option, not the default.
-    gate_key_shrinkage: float = 1.0
+    # How the key's direction is found: the difference of the key and the unrelated states'
+    # mean; where that leaves the key within trainer.KEY_MARGIN of the closest unrelated state
+    # and this is below 1, Fisher's discriminant instead, its scatter shrunk by this much
+    # towards the identity (trainer._init_gates). A subject that begins the prompt otherwise
+    # keys on what the start of every input shares, and its gate opens there on every input.
+    gate_key_shrinkage: float = 0.3
     # Gate floor f: the weight used is max(0, (s - f) / (1 - f)), exactly 0 where the gate
     # s < f (layer.py). Shut means shut: a thousand edits no longer each leak a little onto
     # every token, the serving path skips shut bases, and training skips the rows where the
@@ -103,8 +102,13 @@ class BaftConfig:
     # each continued by the parent for neg_continuation_tokens tokens (needs a subject).
     neg_subjects: int = 8
     neg_continuation_tokens: int = 2
-    # Prompts of edits already active, used as retention negatives (sampled when more).
-    retention_samples: int = 8
+    # Prompts of edits already active, used as retention negatives (sampled when more): they
+    # are unrelated rows, so the new gate's key is set apart from the earlier subjects and
+    # the KL holds their answers where it still opens. 8 (sessions 1-7) left later gates open
+    # on earlier facts' prompts (" II" of "Largo Winch II" on "John Paul II"): 100 edits in a
+    # row on val lost 10 facts' answers, against 3 with all of them (docs/quality.md, session
+    # 8). A row whose new gate is shut costs only the set-up pass up to the edited block.
+    retention_samples: int = 256
     # Replay the edited block's cached output instead of recomputing the blocks below it, and
     # run the output head only where the loss reads (same loss and gradients; off only to
     # test that they are).
@@ -168,7 +172,7 @@ class BaftConfig:
 # Fields added after edits were already being stored, with the value equal to the behaviour
 # before them: a rebase retrains an old edit as it was trained.
 STORED_BEFORE: dict[str, Any] = {"gate_floor": 0.0, "gate_lr_scale": 1.0, "wordings": 0, "wordings_related": 0,
-                                 "train_dtype": "float32"}
+                                 "train_dtype": "float32", "rotation_init": "random", "gate_key_shrinkage": 1.0}
 
 
 def default_layer(n_layers: int) -> int:

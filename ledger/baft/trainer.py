@@ -82,6 +82,10 @@ GENERIC_SUBJECTS = (
 )
 
 
+# The gate's key init: the gate is ~0.95 at the key and ~0.05 this share of the key's distance
+# closer to the unrelated states' mean, or at the closest unrelated state if that is further.
+KEY_MARGIN = 0.25
+
 # A fast step runs and back-propagates its rows in groups of at most this many tokens (a
 # batch of 100 facts holds about 10,000), so that the activations of a large batch need not
 # all be held at once; one fact's rows (about 100 tokens) are one group.
@@ -435,6 +439,7 @@ class EditProblem:
                                      gate_bias_init=cfg.gate_bias_init, gate_floor=cfg.gate_floor,
                                      generator=gen).to(device)
                            for _ in facts]
+        self.key_fisher = [False] * len(facts)     # per block: its gate's key by Fisher's direction
         if cfg.gate_key_init and cfg.method == "baft":
             self._init_gates(self._site_h)
         if cfg.rotation_init == "gradient":
@@ -503,29 +508,34 @@ class EditProblem:
         mu = neg.mean(0)
         alpha = self.cfg.gate_key_shrinkage
         neg_scatter = (neg - mu).T @ (neg - mu) if alpha < 1 else None
-        for block, om in zip(self.blocks, self.open_masks):
+
+        def separation(direction):
+            e = direction / direction.norm()
+            return e, float((key - mu) @ e), float(((neg - mu) @ e).max())
+
+        for k, (block, om) in enumerate(zip(self.blocks, self.open_masks)):
             if not om.any():
                 continue
             pos = h[om]
             key = pos.mean(0)
-            direction = key - mu
-            if direction.norm() == 0:
+            if (key - mu).norm() == 0:
                 continue
-            if neg_scatter is not None:
-                # Fisher's discriminant: the direction that separates the key from the unrelated
-                # states relative to how both spread (the subject's states across its edit rows,
-                # the unrelated rows' states), shrunk towards the plain difference of means.
-                # The plain direction is dominated by what the early positions of every input
-                # share (a subject that begins the prompt keys on it, and its gate then opens
-                # at the start of every input: docs/quality.md, session 8).
+            e, p_key, p_neg = separation(key - mu)
+            if neg_scatter is not None and p_key - p_neg < KEY_MARGIN * p_key:
+                # The difference of means does not set the key apart: typically a subject that
+                # begins the prompt, whose state is mostly what the start of every input shares,
+                # so its gate would open at the start of every input (docs/quality.md, session
+                # 8). Fisher's discriminant discounts the directions the unrelated states (and
+                # the subject's own states across its rows) spread along; the scatter is shrunk
+                # towards the identity, as few states estimate it.
                 scatter = (neg_scatter + (pos - key).T @ (pos - key)) / max(1, len(neg) + len(pos) - 2)
                 eye = torch.eye(len(key), dtype=h.dtype, device=h.device)
                 shrunk = (1 - alpha) * scatter + alpha * float(scatter.diagonal().mean()) * eye
-                direction = torch.linalg.solve(shrunk, direction)
-            e = direction / direction.norm()
-            p_key = float((key - mu) @ e)
-            p_neg = float(((neg - mu) @ e).max())
-            width = max(p_key - p_neg, 0.25 * p_key)
+                fisher = separation(torch.linalg.solve(shrunk, key - mu))
+                if (fisher[1] - fisher[2]) / fisher[1] > (p_key - p_neg) / p_key:
+                    e, p_key, p_neg = fisher
+                    self.key_fisher[k] = True
+            width = max(p_key - p_neg, KEY_MARGIN * p_key)
             beta = 6.0 / width                      # sigmoid(+-3) at the two ends
             mid = p_key - width / 2
             block.U.copy_(block.U + (beta * e)[None, :])
@@ -900,5 +910,6 @@ def train_edits(model, tok, sites: dict[int, InterventionSite], layers, facts: l
               "subject_found": round(problem.subject_found, 3), "batch_size": len(facts)}
     if len(facts) > 1:
         shared["batch_steps"] = steps_run
-    return [TrainedEdit(layer=layer, tensors=ts, stats={"steps": n, **shared, "reached_target": n < cfg.steps})
-            for ts, n in zip(tensors, steps_of)]
+    return [TrainedEdit(layer=layer, tensors=ts, stats={"steps": n, **shared, "reached_target": n < cfg.steps,
+                                                        "gate_key_fisher": fisher})
+            for ts, n, fisher in zip(tensors, steps_of, problem.key_fisher)]
