@@ -509,7 +509,8 @@ class EditProblem:
         alpha = self.cfg.gate_key_shrinkage
         neg_scatter = (neg - mu).T @ (neg - mu) if alpha < 1 else None
 
-        def separation(direction):
+        def separation(direction, key):
+            """(unit direction, the key's projection, the closest unrelated state's), from mu."""
             e = direction / direction.norm()
             return e, float((key - mu) @ e), float(((neg - mu) @ e).max())
 
@@ -520,7 +521,7 @@ class EditProblem:
             key = pos.mean(0)
             if (key - mu).norm() == 0:
                 continue
-            e, p_key, p_neg = separation(key - mu)
+            e, p_key, p_neg = separation(key - mu, key)
             if neg_scatter is not None and p_key - p_neg < KEY_MARGIN * p_key:
                 # The difference of means does not set the key apart: typically a subject that
                 # begins the prompt, whose state is mostly what the start of every input shares,
@@ -531,7 +532,7 @@ class EditProblem:
                 scatter = (neg_scatter + (pos - key).T @ (pos - key)) / max(1, len(neg) + len(pos) - 2)
                 eye = torch.eye(len(key), dtype=h.dtype, device=h.device)
                 shrunk = (1 - alpha) * scatter + alpha * float(scatter.diagonal().mean()) * eye
-                fisher = separation(torch.linalg.solve(shrunk, key - mu))
+                fisher = separation(torch.linalg.solve(shrunk, key - mu), key)
                 if (fisher[1] - fisher[2]) / fisher[1] > (p_key - p_neg) / p_key:
                     e, p_key, p_neg = fisher
                     self.key_fisher[k] = True
