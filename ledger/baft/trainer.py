@@ -443,7 +443,7 @@ class EditProblem:
         if cfg.gate_key_init and cfg.method == "baft":
             self._init_gates(self._site_h)
         if cfg.rotation_init == "gradient":
-            for block, q in zip(self.blocks, self._gradient_rotations(rows.owner, gen)):
+            for block, q in zip(self.blocks, self._gradient_rotations(gen)):
                 block.start_rotation(q)
         if cfg.gate_lr_scale == 0:
             for block in self.blocks:       # the gate stays as initialised: no gradient at all
@@ -453,7 +453,7 @@ class EditProblem:
             block.train_mask = mask
             self.site.trainable.append(block)
 
-    def _gradient_rotations(self, owner: list[int], gen: torch.Generator) -> list[torch.Tensor]:
+    def _gradient_rotations(self, gen: torch.Generator) -> list[torch.Tensor]:
         """Per fact, r orthonormal directions: the top right singular vectors of the gradient of
         its target loss with respect to the edited block's output at the positions its block
         acts on (its edit rows' subject tokens), from one pass of the parent over the edit rows
@@ -493,7 +493,7 @@ class EditProblem:
         d, r = grad.shape[-1], self.cfg.rank
         out = []
         for k, apply in enumerate(self.apply_masks):
-            own = torch.tensor([o == k for o in owner[:n_edit]], device=grad.device)
+            own = self.row_owner[:n_edit] == k
             g = grad[(apply[:n_edit, :, 0] > 0) & own[:, None]].float()
             vecs = torch.linalg.svd(g, full_matrices=False).Vh[:r] if len(g) else g.new_zeros(0, d)
             if vecs.shape[0] < r:
@@ -507,7 +507,7 @@ class EditProblem:
         neg = h[self.n_edit:][self.batch.attention_mask[self.n_edit:].bool()]
         mu = neg.mean(0)
         alpha = self.cfg.gate_key_shrinkage
-        neg_scatter = (neg - mu).T @ (neg - mu) if alpha < 1 else None
+        neg_scatter = None      # d x d, computed only if some key needs Fisher's direction
 
         def separation(direction, key):
             """(unit direction, the key's projection, the closest unrelated state's), from mu."""
@@ -522,13 +522,15 @@ class EditProblem:
             if (key - mu).norm() == 0:
                 continue
             e, p_key, p_neg = separation(key - mu, key)
-            if neg_scatter is not None and p_key - p_neg < KEY_MARGIN * p_key:
+            if alpha < 1 and p_key - p_neg < KEY_MARGIN * p_key:
                 # The difference of means does not set the key apart: typically a subject that
                 # begins the prompt, whose state is mostly what the start of every input shares,
                 # so its gate would open at the start of every input (docs/quality.md, session
                 # 8). Fisher's discriminant discounts the directions the unrelated states (and
                 # the subject's own states across its rows) spread along; the scatter is shrunk
                 # towards the identity, as few states estimate it.
+                if neg_scatter is None:
+                    neg_scatter = (neg - mu).T @ (neg - mu)
                 scatter = (neg_scatter + (pos - key).T @ (pos - key)) / max(1, len(neg) + len(pos) - 2)
                 eye = torch.eye(len(key), dtype=h.dtype, device=h.device)
                 shrunk = (1 - alpha) * scatter + alpha * float(scatter.diagonal().mean()) * eye
