@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from ledger import Ledger
 from ledger.store.engine import make_engine
@@ -33,6 +34,23 @@ def _consistent(db_url):
     return n_rev
 
 
+def _wait_for_commit(db_url, seen, proc, limit):
+    """Until the database holds more than `seen` revisions (or the run ended, or `limit` s)."""
+    eng = make_engine(db_url)
+    end = time.monotonic() + limit
+    try:
+        while proc.poll() is None and time.monotonic() < end:
+            try:
+                with eng.connect() as c:
+                    if len(c.execute(select(Revision.id)).all()) > seen:
+                        return
+            except OperationalError:      # the writer holds the lock for a moment
+                pass
+            time.sleep(0.05)
+    finally:
+        eng.dispose()
+
+
 def test_sigkill_at_random_points(db_url, tiny_llama, tmp_path):
     Ledger.init(db_url, model=str(tiny_llama)).close()
     facts = tmp_path / "facts.jsonl"
@@ -48,9 +66,16 @@ def test_sigkill_at_random_points(db_url, tiny_llama, tmp_path):
     revisions_seen = _consistent(db_url)
     assert revisions_seen == 4
     rng = random.Random(7)
-    for _ in range(20):
+    for i in range(20):
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.1, whole))
+        if i % 2:
+            # Every other kill waits for the run's first commit, then falls within the next
+            # fact's training and writes: kills timed on the whole run alone all landed before
+            # any commit when the machine grew busier after `whole` was measured.
+            _wait_for_commit(db_url, revisions_seen, proc, 10 * whole)
+            time.sleep(rng.uniform(0.0, whole / 3))
+        else:
+            time.sleep(rng.uniform(0.1, whole))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         n_rev = _consistent(db_url)
