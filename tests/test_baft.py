@@ -505,3 +505,28 @@ def test_bfloat16_steps_stay_close_and_leave_the_model_float32(family, request):
                 train_dtype="bfloat16"), layer=EDITED)
     after = base.model.state_dict()
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_retention_past_the_cap_keeps_the_prompts_that_share_the_new_subjects_tokens(tiny_llama):
+    """With more active edits than retention_samples, the earlier prompts that share the new
+    subject's rarest tokens are kept (the ones a new gate is at risk of opening on); the rest
+    is a random sample; under the cap every prompt is kept, in order."""
+    import json
+    import random
+    from transformers import AutoTokenizer
+    from ledger.baft.trainer import _pick_retention
+    from ledger.facts import parse_facts_text
+    from conftest import FACT
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    fact = parse_facts_text(json.dumps([{**FACT, "subject": "Xqz Vault", "prompt": "Xqz Vault is in"}]))[0]
+    pool = [(f"Edit number {i} is about", "France") for i in range(200)]
+    pool[37] = ("The Xqz tower is in", "Spain")          # shares " Xqz"'s rare tokens
+    pool[150] = ("Old Vault stands in", "Italy")        # shares "Vault"
+    kept = _pick_retention(tok, [fact], pool, 8, random.Random(0))
+    assert len(kept) == 8 and len(set(kept)) == 8 and set(kept) <= set(pool)
+    assert pool[37] in kept and pool[150] in kept
+    assert kept == [p for p in pool if p in kept]     # the ledger's order
+    assert _pick_retention(tok, [fact], pool[:8], 8, random.Random(0)) == pool[:8]
+    # a fact without a subject: a plain random sample
+    bare = parse_facts_text(json.dumps([{k: v for k, v in FACT.items() if k != "subject"}]))[0]
+    assert len(_pick_retention(tok, [bare], pool, 8, random.Random(0))) == 8

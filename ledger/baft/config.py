@@ -108,6 +108,8 @@ class BaftConfig:
     # on earlier facts' prompts (" II" of "Largo Winch II" on "John Paul II"): 100 edits in a
     # row on val lost 10 facts' answers, against 3 with all of them (docs/quality.md, session
     # 8). A row whose new gate is shut costs only the set-up pass up to the edited block.
+    # Past this many, half are the prompts sharing tokens with the new subject, half random
+    # (trainer._pick_retention).
     retention_samples: int = 256
     # Replay the edited block's cached output instead of recomputing the blocks below it, and
     # run the output head only where the loss reads (same loss and gradients; off only to

@@ -271,11 +271,43 @@ def _build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[
                                [cfg.continuation_tokens] * len(loc_prompts) + [cfg.neg_continuation_tokens] * len(neg_prompts))
     texts += list(NEUTRAL)
     n = cfg.retention_samples * max(1, min(len(facts), 4))
-    keep = retention if len(retention) <= n else rng.sample(retention, n)
+    keep = _pick_retention(tok, facts, retention, n, rng)
     texts += [p + " " + t.strip() for p, t in keep]
     pairs += [(t, None) for t in texts]
     owner += [-1] * len(texts)
     return _Rows(pairs, owner, subject_pos)
+
+
+def _pick_retention(tok, facts: list[Fact], retention: list[tuple[str, str]], n: int,
+                    rng: random.Random) -> list[tuple[str, str]]:
+    """At most n of the active edits' (prompt, target) pairs, as retention rows.
+
+    All of them when they fit. Past n, half the places go to the prompts that share tokens
+    with the new subjects, rarest shared tokens first: a new gate keys on its subject's
+    states, and where it opened on an earlier edit in 100 edits on val it was on a shared
+    token (" II" of "Largo Winch II" on "John Paul II", docs/quality.md, session 8). The other
+    half is a random sample, for the earlier prompts that no token links to the new ones.
+    """
+    if len(retention) <= n:
+        return list(retention)
+    subject_ids = set()
+    for fact in facts:
+        if fact.subject:
+            for text in (fact.subject, " " + fact.subject):
+                subject_ids.update(tok(text, add_special_tokens=False)["input_ids"])
+    prompt_ids_ = [set(tok(p, add_special_tokens=False)["input_ids"]) & subject_ids for p, _ in retention]
+    df: dict[int, int] = {}
+    for ids in prompt_ids_:
+        for t in ids:
+            df[t] = df.get(t, 0) + 1
+    score = [sum(1.0 / df[t] for t in ids) for ids in prompt_ids_]
+    order = list(range(len(retention)))
+    rng.shuffle(order)                              # ties in a random order
+    linked = sorted((i for i in order if score[i] > 0), key=lambda i: -score[i])[: n // 2]
+    chosen = set(linked)
+    rest = [i for i in order if i not in chosen]
+    picked = linked + rest[: n - len(linked)]
+    return [retention[i] for i in sorted(picked)]
 
 
 class EditProblem:
