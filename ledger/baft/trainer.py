@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
@@ -295,12 +296,9 @@ def _pick_retention(tok, facts: list[Fact], retention: list[tuple[str, str]], n:
         if fact.subject:
             for text in (fact.subject, " " + fact.subject):
                 subject_ids.update(tok(text, add_special_tokens=False)["input_ids"])
-    prompt_ids_ = [set(tok(p, add_special_tokens=False)["input_ids"]) & subject_ids for p, _ in retention]
-    df: dict[int, int] = {}
-    for ids in prompt_ids_:
-        for t in ids:
-            df[t] = df.get(t, 0) + 1
-    score = [sum(1.0 / df[t] for t in ids) for ids in prompt_ids_]
+    shared = [set(tok(p, add_special_tokens=False)["input_ids"]) & subject_ids for p, _ in retention]
+    df = Counter(t for ids in shared for t in ids)     # how many earlier prompts hold each token
+    score = [sum(1.0 / df[t] for t in ids) for ids in shared]
     order = list(range(len(retention)))
     rng.shuffle(order)                              # ties in a random order
     linked = sorted((i for i in order if score[i] > 0), key=lambda i: -score[i])[: n // 2]
