@@ -162,6 +162,9 @@ class _Bar(_PhaseBar):
                                       "subject (gradient) or at random.")
 @click.option("--steps", type=int, default=BaftConfig.steps, show_default=True, help="Most training steps.")
 @click.option("--lr", type=float, default=BaftConfig.lr, show_default=True, help="Adam learning rate.")
+@click.option("--stop-prob", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=BaftConfig.stop_prob,
+              show_default=True, help="Stop once every target token has at least this probability on every "
+                                      "training prompt (lower: fewer steps, less carry-over to other wordings).")
 @click.option("--locality-weight", type=float, default=BaftConfig.locality_weight, show_default=True,
               help="Weight of the KL term on unrelated inputs.")
 @click.option("--gate-weight", type=float, default=BaftConfig.gate_weight, show_default=True,
@@ -190,7 +193,7 @@ class _Bar(_PhaseBar):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per new edit.")
 @click.pass_context
 def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int, rotation_init: str,
-        steps: int, lr: float,
+        steps: int, lr: float, stop_prob: float,
         locality_weight: float, gate_weight: float, gate_floor: float, n_wordings: int, wordings_related: int,
         n_prefixes: int, train_dtype: str, fmt: str, offset: int,
         limit: int | None, skip_bad: bool, batch: int, seed: int, message: str | None, as_json: bool) -> None:
@@ -203,7 +206,7 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
     is checked before anything is trained.
     """
     cfg = BaftConfig(method=method, layer=layer, rank=rank, rotation_init=rotation_init, steps=steps, lr=lr,
-                     locality_weight=locality_weight, gate_weight=gate_weight, gate_floor=gate_floor,
+                     stop_prob=stop_prob, locality_weight=locality_weight, gate_weight=gate_weight, gate_floor=gate_floor,
                      wordings=n_wordings, wordings_related=wordings_related, n_prefixes=n_prefixes,
                      train_dtype=train_dtype, seed=seed)
     loaded = load_facts(file, fmt=fmt, offset=offset, limit=limit, skip_bad=skip_bad)

@@ -81,6 +81,12 @@ def test_add_rotation_init_is_stored_with_the_edit(initialised, db_url, fact_fil
         assert lg.edit("edit-1").config["rotation_init"] == init
 
 
+def test_add_stop_prob_is_stored_with_the_edit(initialised, db_url, fact_file):
+    initialised("add", str(fact_file), *FAST_ARGS, "--stop-prob", "0.5")
+    with Ledger.open(db_url) as lg:
+        assert lg.edit("edit-1").config["stop_prob"] == 0.5
+
+
 @pytest.mark.parametrize("content, needle", [
     (b"{not json", "not JSON"),
     (b'{"prompt": "Alice lives in"}', "missing required field 'target_new'"),
@@ -104,7 +110,7 @@ def test_malformed_fact_file_exit_2_and_nothing_written(initialised, db_url, tmp
     (["checkout", "rev-0"], 2), (["checkout", "rev-99999999"], 2), (["show", "rev-abc"], 2),
     (["checkout", "x;DROP TABLE refs"], 2), (["log", "--rev", "../../etc"], 2),
     (["add", "/nonexistent/fact.json"], 2), (["add", "f.json", "--rank", "0"], 2), (["add", "f.json", "--prefixes", "9"], 2),
-    (["add", "f.json", "--rotation-init", "sideways"], 2),
+    (["add", "f.json", "--rotation-init", "sideways"], 2), (["add", "f.json", "--stop-prob", "1"], 2),
     (["generate", "   "], 2), (["--threads", "0", "log"], 2), (["wordings", "import"], 2),
 ])
 def test_bad_arguments_are_one_line_errors(initialised, db_url, tmp_path, monkeypatch, args, code):

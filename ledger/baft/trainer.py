@@ -902,7 +902,7 @@ def train_edits(model, tok, sites: dict[int, InterventionSite], layers, facts: l
     gate_ids = {id(p) for p in gate}
     rest = [p for p in problem.parameters() if id(p) not in gate_ids]
     groups = [{"params": rest}] + ([{"params": gate, "lr": cfg.lr * cfg.gate_lr_scale}] if gate else [])
-    opt = torch.optim.Adam(groups, lr=cfg.lr)
+    opt = torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.adam_beta1, 0.999))
     # Per fact, the steps its block was trained for. In a batch each block stops as its fact
     # is done (the blocks are independent on the edit rows, test_baft.py), so a batch costs
     # about what its facts cost one by one, not K times its slowest fact.
