@@ -10,10 +10,15 @@
   scores, comparing mean per-token log-probabilities on the prompt / the rephrases
 - neighborhood_score: P(target_true) > P(target_new) on the locality prompts
 - fluency (on request): ROME's n-gram entropy of greedy generations, see `ngram_entropy`
+- gen_reliability / gen_generalization / gen_locality / repetition: free greedy generation
+  (see `generation_scores`): teacher forcing feeds the model the target's own tokens, which
+  overstates what an edited model says on its own ("The Mirage of Model Editing",
+  arXiv 2502.11177)
 
 `measure_many` runs one model state over every sequence some facts need, packed into batches
 of similar length; `score` turns the measurement after an edit (and the reference one, for
-locality) into metrics.
+locality) into metrics. `generate_many` and `generation_metrics` do the same for free
+generation.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from typing import Callable, Iterable
 import torch
 
 from .facts import Fact
-from .text import Batch, batch_of, encode_pair, prompt_ids, scored_logits
+from .text import Batch, batch_of, encode_pair, prompt_ids, scored_logits, target_ids
 
 # A batch holds at most this many sequence positions (rows x padded length). Where the head
 # cannot run at the scored positions alone (text.scored_logits) the logits are
@@ -193,25 +198,37 @@ def _cache_argument(model) -> str | None:
 
 
 @torch.no_grad()
-def greedy_generate(model, tok, prompts: list[str], *, max_length: int = FLUENCY_MAX_LENGTH,
-                    max_rows: int = 32, progress: Callable[[int, int], None] | None = None) -> list[str]:
-    """Greedy continuation of each prompt up to max_length tokens in all (prompt included, as
-    ROME's generate_fast), stopping at the end token. Prompts of equal token length run as one
-    batch, so nothing is padded and each result equals the prompt's unbatched generation.
-    Uses the model's KV cache when it has one; a model without recomputes the whole sequence."""
+def greedy_token_ids(model, tok, prompts: list[str], *, max_length: int = FLUENCY_MAX_LENGTH,
+                     max_new_tokens: int | list[int] | None = None, max_rows: int = 32,
+                     progress: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """The token ids of each prompt's greedy continuation, cut at the end token. Length: up
+    to max_length tokens in all (prompt included, as ROME's generate_fast), or, where
+    max_new_tokens is given (one number, or one per prompt), that many new tokens. Prompts
+    of equal token length run as one batch, so nothing is padded and each result equals the
+    prompt's unbatched generation (a row with a lower limit is cut to it afterwards). Uses
+    the model's KV cache when it has one; a model without recomputes the whole sequence.
+    progress(done, total) counts prompts."""
     ids = [prompt_ids(tok, p) for p in prompts]
+    if max_new_tokens is None:
+        limits = [max(max_length - len(s), 0) for s in ids]
+    elif isinstance(max_new_tokens, int):
+        limits = [max_new_tokens] * len(prompts)
+    else:
+        limits = list(max_new_tokens)
+        if len(limits) != len(prompts):
+            raise ValueError("max_new_tokens needs one number per prompt")
     eos = tok.eos_token_id
     device = next(model.parameters()).device
     cache_arg = _cache_argument(model)
     by_len: dict[int, list[int]] = {}
     for i, s in enumerate(ids):
         by_len.setdefault(len(s), []).append(i)
-    out: list[str] = [""] * len(prompts)
+    out: list[list[int]] = [[] for _ in prompts]
     done = 0
     for length, members in sorted(by_len.items()):
         for k in range(0, len(members), max_rows):
             rows = members[k:k + max_rows]
-            steps = max(max_length - length, 0)
+            steps = max(limits[i] for i in rows)
             seq = torch.tensor([ids[i] for i in rows], dtype=torch.long, device=device)
             new = torch.empty((len(rows), 0), dtype=torch.long, device=device)
             past = None
@@ -229,14 +246,23 @@ def greedy_generate(model, tok, prompts: list[str], *, max_length: int = FLUENCY
                     if bool(finished.all()):
                         break
             for r, i in enumerate(rows):
-                toks = new[r].tolist()
+                toks = new[r].tolist()[:limits[i]]
                 if eos is not None and eos in toks:
                     toks = toks[:toks.index(eos)]
-                out[i] = tok.decode(toks, skip_special_tokens=True)
+                out[i] = toks
             done += len(rows)
             if progress:
                 progress(done, len(prompts))
     return out
+
+
+def greedy_generate(model, tok, prompts: list[str], *, max_length: int = FLUENCY_MAX_LENGTH,
+                    max_new_tokens: int | list[int] | None = None, max_rows: int = 32,
+                    progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """The text of each prompt's greedy continuation (see `greedy_token_ids`, which makes it)."""
+    gens = greedy_token_ids(model, tok, prompts, max_length=max_length, max_new_tokens=max_new_tokens,
+                            max_rows=max_rows, progress=progress)
+    return [tok.decode(g, skip_special_tokens=True) for g in gens]
 
 
 def fluency(model, tok, facts: list[Fact], *, max_length: int = FLUENCY_MAX_LENGTH,
@@ -249,3 +275,117 @@ def fluency(model, tok, facts: list[Fact], *, max_length: int = FLUENCY_MAX_LENG
     for (fi, p), g in zip(prompts, gens):
         per[fi].append(ngram_entropy(p + g))
     return [_mean(xs) for xs in per]
+
+
+# --- free generation ---------------------------------------------------------------------------
+
+# New tokens generated greedily per prompt; a prompt whose target is longer gets the target's
+# token count + 2, so gen_reliability can always see the whole target.
+GEN_NEW_TOKENS = 20
+# gen_locality: how many leading generated tokens of a locality prompt must equal the base's.
+GEN_LOCALITY_TOKENS = 6
+# repetition: the same word this many times in a row.
+REPEAT_RUN = 3
+
+_IS_WORD = re.compile(r"\w")
+
+
+@dataclass
+class Generations:
+    """One fact's greedy continuations (the new text only, cut at the end token): of its
+    prompt, its rephrases and its locality prompts, the latter also as token ids."""
+    prompt: str
+    rephrases: list[str] = field(default_factory=list)
+    locality: list[str] = field(default_factory=list)
+    locality_ids: list[list[int]] = field(default_factory=list)
+
+    def texts(self) -> list[str]:
+        return [self.prompt, *self.rephrases, *self.locality]
+
+
+def generation_prompts(fact: Fact) -> list[tuple[str, str]]:
+    """(kind, prompt) for every prompt a fact's free-generation metrics generate from."""
+    return ([("prompt", fact.prompt)] + [("rephrase", p) for p in fact.rephrase_prompts]
+            + [("locality", lp.prompt) for lp in fact.locality_prompts])
+
+
+def n_generations(facts: list[Fact]) -> int:
+    """How many prompts generate_many generates from (for progress totals)."""
+    return sum(len(generation_prompts(f)) for f in facts)
+
+
+def generate_many(model, tok, facts: list[Fact], *,
+                  progress: Callable[[int, int], None] | None = None) -> list[Generations]:
+    """Per fact, the greedy continuations its free-generation metrics need: GEN_NEW_TOKENS
+    new tokens from every prompt (the prompt and rephrases: at least the target's token
+    count + 2), all facts' prompts in one greedy_token_ids call. progress counts prompts."""
+    items = [(fi, kind, p) for fi, f in enumerate(facts) for kind, p in generation_prompts(f)]
+    limits = [GEN_NEW_TOKENS if kind == "locality"
+              else max(GEN_NEW_TOKENS, len(target_ids(tok, p, facts[fi].target_new)) + 2)
+              for fi, kind, p in items]
+    ids = greedy_token_ids(model, tok, [p for _, _, p in items], max_new_tokens=limits, progress=progress)
+    out = [Generations(prompt="") for _ in facts]
+    for (fi, kind, _), g in zip(items, ids):   # items keep each fact's order
+        text = tok.decode(g, skip_special_tokens=True)
+        if kind == "prompt":
+            out[fi].prompt = text
+        elif kind == "rephrase":
+            out[fi].rephrases.append(text)
+        else:
+            out[fi].locality.append(text)
+            out[fi].locality_ids.append(g)
+    return out
+
+
+def starts_with_target(continuation: str, target: str) -> bool:
+    """Whether a generated continuation says the target first: the continuation without its
+    leading whitespace starts with the target without its surrounding whitespace (case and
+    punctuation count; "Rome" also matches a continuation "Romeo")."""
+    return continuation.lstrip().startswith(target.strip())
+
+
+def repeats(text: str, times: int = REPEAT_RUN) -> bool:
+    """Whether the same word occurs `times` or more times in a row in text. Words are those of
+    `words()`, lower-cased, with the punctuation marks dropped before runs are counted, so
+    punctuation between the repeats does not break a run: "Germany, Germany, Germany" loops
+    as "painter painter painter" does; "a, b, a" does not."""
+    run, last = 0, None
+    for w in words(text):
+        if not _IS_WORD.match(w):
+            continue
+        w = w.lower()
+        run = run + 1 if w == last else 1
+        last = w
+        if run >= times:
+            return True
+    return False
+
+
+def generation_scores(fact: Fact, gen: Generations, ref: Generations | None) -> dict[str, float]:
+    """Free-generation metrics of one fact from its generations (a metric the fact gives no
+    prompts for is left out):
+
+    - gen_reliability:    1.0 if the prompt's continuation starts with target_new (starts_with_target), else 0.0
+    - gen_generalization: the same, mean over the rephrases
+    - gen_locality:       share of locality prompts whose first GEN_LOCALITY_TOKENS generated token ids
+                          equal ref's (an end token within them counts: both must stop at the same place);
+                          only with ref
+    - repetition:         share of all the fact's generations (prompt, rephrases, locality prompts)
+                          in which a word repeats REPEAT_RUN times in a row (`repeats`)"""
+    r: dict[str, float] = {"gen_reliability": float(starts_with_target(gen.prompt, fact.target_new))}
+    if gen.rephrases:
+        r["gen_generalization"] = _mean([float(starts_with_target(g, fact.target_new)) for g in gen.rephrases])
+    if gen.locality_ids and ref is not None:
+        n = GEN_LOCALITY_TOKENS
+        r["gen_locality"] = _mean([float(a[:n] == b[:n]) for a, b in zip(gen.locality_ids, ref.locality_ids)])
+    r["repetition"] = _mean([float(repeats(t)) for t in gen.texts()])
+    return r
+
+
+def generation_metrics(fact: Fact, gen: Generations, base: Generations) -> dict[str, float]:
+    """generation_scores of the edited model's generations, gen_locality against the base
+    model's, and the base model's own gen_reliability, gen_generalization and repetition as
+    base_gen_reliability, base_gen_generalization and base_repetition, to put beside them."""
+    r = generation_scores(fact, gen, base)
+    r.update({f"base_{k}": v for k, v in generation_scores(fact, base, None).items()})
+    return r
