@@ -16,18 +16,21 @@ counterfact/counterfact-edit-1k.json and zsre/zsre_mend_train-1k.json under --da
 Metrics are ledger.evaluate's (EasyEdit's definitions); locality is agreement with the
 UNEDITED base model (DESIGN.md section 7) in every setting. BaFT/ReFT train with
 train_on_rephrases=False, train_on_locality=False: the fact's own rephrase and locality
-prompts are held out for evaluation. Every ledger holds the relation wordings of
---wordings (default counterfact-train.json, as `ledger wordings import` reads it) minus each
-evaluated fact's rephrase wording, under its relation and every relation that could lend it
-wordings (held_out_pairs), so generalisation is measured on wordings no edit of that relation
-was trained on (--held-out strict, the default). --held-out per-fact keeps the whole table, as
-a user's ledger holds it, and relies on the product's own rule (wordings.training_prompts):
-an edit never trains on its own fact's prompt and rephrase wordings, also when a related
-relation lends them; other facts' edits may train on a wording this fact is evaluated on,
-filled with their own subjects. A fact the
+prompts are held out for evaluation. Every ledger holds the relation wordings of --wordings
+(default: the built-in tables `ledger init` gives a new ledger) minus, with --held-out strict
+(the default), every pair whose wording or relation is an evaluated fact's rephrase wording
+(held_out_pairs), so generalisation is measured on wordings no edit of the run was trained on,
+whichever relation it borrows from. --held-out per-fact keeps the whole table, as a user's
+ledger holds it, and relies on the product's own rule (wordings.training_prompts): an edit
+never trains on its own fact's prompt and rephrase wordings; other facts' edits may train on
+a wording this fact is evaluated on, filled with their own subjects. A fact the
 model already answers with target_new is refused by `Ledger.add`; it is skipped (and listed) for every method alike. On zsRE the
 CounterFact probability scores are not reported (its locality prompts are unrelated NQ
 questions, so "P(true) > P(new)" on them means nothing); its true answer is not used.
+BaFT/ReFT rows also carry the free-generation metrics of `ledger eval` (gen_reliability,
+gen_generalization, gen_locality, repetition: ledger.evaluate.generation_metrics, greedy
+generations at the edited model and at the base) with the base model's values beside them
+(base_gen_reliability, base_gen_generalization, base_repetition).
 
 Prints one JSON line per (dataset, method, setting[, T or K]) to stdout (and --out), a
 progress line per edit to stderr.
@@ -61,15 +64,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ftm import FTMConfig, FTMEditor  # noqa: E402
 from ledger import BaftConfig, InputError, Ledger  # noqa: E402
 from ledger.baft import default_layer  # noqa: E402
-from ledger.evaluate import Measurement, mean_metrics, measure, score  # noqa: E402
+from ledger.evaluate import (Generations, Measurement, generate_many, generation_metrics,  # noqa: E402
+                             mean_metrics, measure, score)
 from ledger.facts import Fact, fact_from_record, to_native  # noqa: E402
 from ledger.models import BaseModel  # noqa: E402
 from ledger.store.schema import Blob  # noqa: E402
-from ledger.wordings import pairs_of_fact, read_pairs  # noqa: E402
+from ledger.wordings import BUILTIN, DATA_DIR, read_pairs, template_of  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 DATASETS = {"counterfact": ("counterfact/counterfact-edit-1k.json", "counterfact"),
-            "zsre": ("zsre/zsre_mend_train-1k.json", "zsre")}
+            "zsre": ("zsre/zsre_mend_train-1k.json", "zsre"),
+            # Everyday facts of relations CounterFact lacks, hand-written for tuning (bench/data).
+            "everyday": (str(ROOT / "bench" / "data" / "everyday-dev.json"), "native")}
 # --cf-split: tune on val (or train), report on edit-1k (DESIGN.md section 6).
 CF_SPLITS = {"edit-1k": "counterfact/counterfact-edit-1k.json", "val": "counterfact/counterfact-val.json",
              "train": "counterfact/counterfact-train.json"}
@@ -77,6 +83,8 @@ METHODS = ("baft", "reft", "ftm")
 SETTINGS = ("single", "sequential", "batch")
 CF_ONLY = ("efficacy_score", "paraphrase_score", "neighborhood_score")
 METRICS = ("reliability", "generalization", "locality") + CF_ONLY
+GEN_METRICS = ("gen_reliability", "gen_generalization", "gen_locality", "repetition",
+               "base_gen_reliability", "base_gen_generalization", "base_repetition")
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -127,22 +135,13 @@ def git_state() -> dict[str, Any]:
 
 # --- ledgers sharing one loaded base model -----------------------------------------------------
 
-def held_out_pairs(path: Path, facts: list[Fact], min_shared: int) -> set[tuple[str, str]]:
-    """The (relation, wording) pairs to leave out of the table: each evaluated fact's rephrase
-    wordings under its own relation and under every relation that could lend to it
-    (BaftConfig.wordings_related, reckoned on the whole file: leaving pairs out only removes
-    lenders). No edit of that relation can then train on a held-out wording."""
-    table: dict[str, set[str]] = {}
-    for r, w in read_pairs(path)[0]:
-        table.setdefault(r, set()).add(w)
-    out = set()
-    for f in facts:
-        for relation, w in pairs_of_fact(f):
-            own = table.get(relation, set())
-            lenders = [r for r, ws in table.items() if r != relation and min_shared > 0 and len(own) >= min_shared
-                       and len(ws & own) >= min_shared]
-            out |= {(r, w) for r in [relation, *lenders]}
-    return out
+def held_out_pairs(paths: list[Path], facts: list[Fact]) -> set[tuple[str, str]]:
+    """The (relation, wording) pairs to leave out of the table (--held-out strict): every pair
+    whose wording or relation is the wording of an evaluated fact's rephrase, under any
+    relation. No edit of the run can then train on a wording it is evaluated on, whichever
+    relation it borrows from (wordings.related, wordings.nearest)."""
+    evaluated = {w for f in facts for w in (template_of(p, f.subject) for p in f.rephrase_prompts) if w}
+    return {(r, w) for path in paths for r, w in read_pairs(path)[0] if r in evaluated or w in evaluated}
 
 
 class Ledgers:
@@ -150,15 +149,19 @@ class Ledgers:
     one model load); every further one is a copy of that rev-1 database, opened with the
     loaded base handed over instead of loaded again (same model, same fingerprint)."""
 
-    def __init__(self, workdir: Path, model: str | None, wordings: Path | None = None,
+    def __init__(self, workdir: Path, model: str | None, wordings: list[Path] = (),
                  held_out: set[tuple[str, str]] = frozenset()):
         self.workdir = workdir
         self.template = workdir / "template.db"
-        lg = Ledger.init(f"sqlite:///{self.template}", model=model)
+        lg = Ledger.init(f"sqlite:///{self.template}", model=model, wordings=False)
         self.base: BaseModel = lg.base
-        # Every ledger starts with the same wordings table, without the evaluated facts'
-        # rephrase wordings: generalisation is measured on wordings no edit was trained on.
-        self.wordings = lg.import_wordings(wordings, exclude=held_out).to_dict() if wordings else None
+        # Every ledger starts with the same wordings table (by default the one `ledger init`
+        # gives), without the held-out pairs: generalisation is measured on wordings no edit
+        # was trained on.
+        imported = [lg.import_wordings(path, exclude=held_out).to_dict() for path in wordings]
+        self.wordings = {"source": ",".join(r["source"] for r in imported),
+                         **{k: sum(r[k] for r in imported) for k in ("pairs", "added", "excluded")}} \
+            if imported else None
         lg.close()   # detaches its (empty) composition: the base model is bare between runs
         self.count = 0
 
@@ -198,8 +201,12 @@ def already_answers(model, tok, fact: Fact) -> bool:
 class Run:
     """What one (dataset, method, setting) run collects."""
 
-    def __init__(self, dataset: str, method: str, setting: str, size: int | None):
+    def __init__(self, dataset: str, method: str, setting: str, size: int | None,
+                 base_gens: dict[str, Generations] | None = None):
         self.dataset, self.method, self.setting, self.size = dataset, method, setting, size
+        # the base model's greedy generations per fact id: with them, every fact also gets
+        # the free-generation metrics (BaFT/ReFT runs)
+        self.base_gens = base_gens
         self.metrics: list[dict[str, float]] = []
         self.base_metrics: list[dict[str, float]] = []
         self.seconds: list[float] = []
@@ -224,7 +231,7 @@ class Run:
             m = mean_metrics(rows) if rows else {}
             if self.dataset != "counterfact":
                 m = {k: v for k, v in m.items() if k not in CF_ONLY}
-            return {k: round(v, 4) for k, v in m.items() if k in METRICS}
+            return {k: round(v, 4) for k, v in m.items() if k in METRICS or k in GEN_METRICS}
         out: dict[str, Any] = {"dataset": self.dataset, "method": self.method, "setting": self.setting}
         if self.setting == "sequential":
             out["T"] = self.size
@@ -233,6 +240,7 @@ class Run:
         m = means(self.metrics)
         out.update({"n": self.n, "n_edited": len(self.metrics), "skipped": self.skipped})
         out.update({k: m.get(k) for k in METRICS if k in m or self.dataset == "counterfact" or k not in CF_ONLY})
+        out.update({k: m[k] for k in GEN_METRICS if k in m})
         if self.superseded:
             out["superseded"] = self.superseded
         if self.error:
@@ -255,13 +263,18 @@ def evaluate_all(model, tok, run: Run, facts: list[tuple[str, Fact]], base_meas:
                  edited: list[str]) -> None:
     """Metrics of every edited fact on the model as it is now, locality against the base."""
     by_id = dict(facts)
-    for fid in edited:
-        run.metrics.append(score(measure(model, tok, by_id[fid]), base_meas[fid]))
+    gens = generate_many(model, tok, [by_id[fid] for fid in edited]) if run.base_gens is not None else None
+    for k, fid in enumerate(edited):
+        m = score(measure(model, tok, by_id[fid]), base_meas[fid])
+        if gens is not None:
+            m.update(generation_metrics(by_id[fid], gens[k], run.base_gens[fid]))
+        run.metrics.append(m)
         run.base_metrics.append(score(base_meas[fid], base_meas[fid]))
 
 
 def brief(m: dict[str, float]) -> str:
-    short = {"reliability": "rel", "generalization": "gen", "locality": "loc"}
+    short = {"reliability": "rel", "generalization": "gen", "locality": "loc", "gen_reliability": "grel",
+             "repetition": "rep"}
     return " ".join(f"{short[k]} {m[k]:.2f}" for k in short if k in m)
 
 
@@ -296,6 +309,9 @@ def ledger_single(ledgers: Ledgers, run: Run, cfg: BaftConfig, facts, base_meas,
                 continue
             composed = lg.model_at(res.revision)
             m = score(measure(composed.model, base.tokenizer, fact), base_meas[fid])
+            if run.base_gens is not None:
+                [gen] = generate_many(composed.model, base.tokenizer, [fact])
+                m.update(generation_metrics(fact, gen, run.base_gens[fid]))
             run.metrics.append(m)
             run.base_metrics.append(score(base_meas[fid], base_meas[fid]))
             run.progress(i, len(facts), fid, f"{run.seconds[-1]:.1f} s, {res.stats['steps']} steps, {brief(m)}")
@@ -418,10 +434,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="BaftConfig fields over the defaults, for baft and reft (e.g. '{\"rank\": 8}')")
     ap.add_argument("--ftm-config", type=json.loads, default={}, metavar="JSON",
                     help="FTMConfig fields over EasyEdit's defaults (e.g. '{\"steps\": 50}')")
-    ap.add_argument("--wordings", default="counterfact/counterfact-train.json", metavar="PATH|none",
-                    help="relation wordings imported into every ledger (`ledger wordings import`), relative to "
-                         "--data-dir; the evaluated facts' rephrase wordings are left out (default: "
-                         "counterfact/counterfact-train.json; none: no wordings)")
+    ap.add_argument("--wordings", default="builtin", metavar="builtin|none|PATH",
+                    help="relation wordings of every ledger: builtin (the tables `ledger init` starts with, "
+                         "the default), none (`ledger init --no-wordings`), or a file relative to --data-dir "
+                         "imported instead; with --held-out strict the evaluated rephrase wordings are left out")
     ap.add_argument("--held-out", choices=("strict", "per-fact"), default="strict",
                     help="strict: every evaluated rephrase wording leaves the table for every edit of the run; "
                          "per-fact: the whole table, and each edit skips its own fact's wordings (the product's "
@@ -461,17 +477,18 @@ def main(argv: list[str] | None = None) -> None:
             out_file.write(line + "\n")
             out_file.flush()
 
-    wordings_path = None if args.wordings == "none" else args.data_dir / args.wordings
-    if wordings_path is not None and not wordings_path.is_file():
-        ap.error(f"no wordings file at {wordings_path}")
+    wordings_paths = [] if args.wordings == "none" else [DATA_DIR / name for name in BUILTIN] \
+        if args.wordings == "builtin" else [args.data_dir / args.wordings]
+    for path in wordings_paths:
+        if not path.is_file():
+            ap.error(f"no wordings file at {path}")
     count = max([args.n if "single" in settings else 0, *seq_T, *batch_K])
     data = {name: load_dataset(args.data_dir, name, args.offset, count) for name in args.datasets}
-    held_out = held_out_pairs(wordings_path, [f for facts in data.values() for _, f in facts],
-                              cfgs["baft"].wordings_related) \
-        if wordings_path is not None and args.held_out == "strict" else set()
+    held_out = held_out_pairs(wordings_paths, [f for facts in data.values() for _, f in facts]) \
+        if args.held_out == "strict" else set()
 
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
-        ledgers = Ledgers(Path(tmp), args.model, wordings_path, held_out)
+        ledgers = Ledgers(Path(tmp), args.model, wordings_paths, held_out)
         base = ledgers.base
         n_layers = len(base.layers)
         common = {"model": "SmolLM2-135M-Instruct" if base.spec == "smollm2-135m-instruct" else base.spec,
@@ -486,7 +503,13 @@ def main(argv: list[str] | None = None) -> None:
             # The bare base model: its measurement is every fact's locality reference.
             base_meas = {fid: measure(base.model, base.tokenizer, f) for fid, f in facts}
             known = {fid for fid, f in facts if base_meas[fid].accuracy["rel"][0] == 1.0}
+            # Its greedy generations, made once: the reference of the BaFT/ReFT rows' free-generation metrics.
+            unknown = [(fid, f) for fid, f in facts if fid not in known]
+            base_gens = dict(zip([fid for fid, _ in unknown],
+                                 generate_many(base.model, base.tokenizer, [f for _, f in unknown]))) \
+                if set(args.methods) - {"ftm"} else None
             for method in args.methods:
+                gens = None if method == "ftm" else base_gens
                 if method == "ftm":
                     editor = FTMEditor(base.model, base.tokenizer, ftm_cfg)
                     config = {"method": "ftm", **editor.cfg.to_dict()}
@@ -495,14 +518,14 @@ def main(argv: list[str] | None = None) -> None:
                     config = {**cfg.to_dict(), "layer": cfg.layer if cfg.layer is not None else default_layer(n_layers)}
                 runs: dict[int, dict[str, Any]] = {}
                 if "single" in settings:
-                    run = Run(dataset, method, "single", None)
+                    run = Run(dataset, method, "single", None, gens)
                     if method == "ftm":
                         ftm_run(editor, run, facts[: args.n], base_meas, known, restore_each=True)
                     else:
                         ledger_single(ledgers, run, cfg, facts[: args.n], base_meas, known)
                     emit(run.row(common_ds, config))
                 for T in seq_T:
-                    run = Run(dataset, method, "sequential", T)
+                    run = Run(dataset, method, "sequential", T, gens)
                     if method == "ftm":
                         ftm_run(editor, run, facts[:T], base_meas, known, restore_each=False)
                     else:
@@ -510,14 +533,14 @@ def main(argv: list[str] | None = None) -> None:
                     runs[T] = run.row(common_ds, config)
                     emit(runs[T])
                 for K in batch_K:
-                    run = Run(dataset, method, "batch", K)
+                    run = Run(dataset, method, "batch", K, gens)
                     if method == "ftm":
                         ftm_batch(editor, run, facts[:K], base_meas, known)
                     else:
                         ledger_batch(ledgers, run, cfg, facts[:K], base_meas, known)
                     row = run.row(common_ds, config)
                     one = runs[K]
-                    row["one_by_one"] = {k: one.get(k) for k in (*METRICS, "n_edited", "mean_seconds_per_edit")
+                    row["one_by_one"] = {k: one.get(k) for k in (*METRICS, *GEN_METRICS, "n_edited", "mean_seconds_per_edit")
                                          if k in one}
                     if row.get("seconds_per_fact") and one.get("mean_seconds_per_edit"):
                         row["speedup_vs_one_by_one"] = round(one["mean_seconds_per_edit"] / row["seconds_per_fact"], 2)

@@ -95,20 +95,26 @@ def cli(ctx: click.Context, db: str | None, author: str | None, device: str, thr
 @cli.command()
 @click.option("--model", default=None, metavar="PATH",
               help="Local Hugging Face model directory [default: the bundled SmolLM2-135M-Instruct].")
+@click.option("--no-wordings", is_flag=True,
+              help="Start with an empty table of relation wordings instead of the built-in ones "
+                   "(CounterFact's relations and a catalogue of everyday relations; `ledger wordings`).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def init(ctx: click.Context, model: str | None, as_json: bool) -> None:
+def init(ctx: click.Context, model: str | None, no_wordings: bool, as_json: bool) -> None:
     """Create a new ledger on a base model (rev-1 is the base, unedited)."""
     o = ctx.obj
-    with Ledger.init(o["db"], model=model, author=o["author"], device=o["device"]) as lg:
-        s, head = lg.settings(), lg.head()
+    with Ledger.init(o["db"], model=model, author=o["author"], device=o["device"], wordings=not no_wordings) as lg:
+        s, head, table = lg.settings(), lg.head(), lg.wordings()
         info = {"database": lg.engine.url.render_as_string(hide_password=True), "model": s["base_model"],
-                "fingerprint": s["base_fingerprint"], **head}
+                "fingerprint": s["base_fingerprint"], **head,
+                "wordings": {"relations": table["relations"], "wordings": table["wordings"]}}
     if as_json:
         _dump(info)
     else:
         click.echo(f"initialised ledger in {info['database']}\nmodel {info['model']} "
-                   f"(fingerprint {info['fingerprint'][:12]})\nHEAD -> {info['branch']} at {info['revision']}")
+                   f"(fingerprint {info['fingerprint'][:12]})\nHEAD -> {info['branch']} at {info['revision']}\n"
+                   f"relation wordings: {table['wordings']} for {table['relations']} relations"
+                   + (" (--no-wordings: edits train on their own prompts only)" if no_wordings else " (built in)"))
 
 
 class _PhaseBar:
@@ -245,22 +251,26 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
 @click.option("--offset", type=click.IntRange(0), default=0, show_default=True, help="Skip the first N records.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Evaluate at most N records.")
 @click.option("--fluency", is_flag=True, help="Also n-gram entropy of greedy generations (slower).")
+@click.option("--generation/--no-generation", default=True, show_default=True,
+              help="Free-generation metrics (gen_reliability, gen_generalization, gen_locality, repetition) "
+                   "at the revision and at the base model.")
 @click.option("--label", default=None, help="A note stored with the evaluation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole evaluation, per fact too.")
 @click.pass_context
 def eval_(ctx: click.Context, file: str, rev: str, fmt: str, offset: int, limit: int | None, fluency: bool,
-          label: str | None, as_json: bool) -> None:
+          generation: bool, label: str | None, as_json: bool) -> None:
     """Measure the facts in FILE at a revision and store the result with it.
 
     Metrics as EasyEdit: reliability, generalization, locality (against the unedited base
-    model), portability, and CounterFact's efficacy, paraphrase and neighborhood scores.
-    FILE takes the forms of `ledger add`.
+    model), portability, and CounterFact's efficacy, paraphrase and neighborhood scores; and,
+    unless --no-generation, metrics of free greedy generation at the revision and, as base_*,
+    at the base model. FILE takes the forms of `ledger add`.
     """
     facts = load_facts(file, fmt=fmt, offset=offset, limit=limit)
     with _open(ctx) as lg:
         bar = _PhaseBar()
         try:
-            report = lg.evaluate(facts, rev, fluency=fluency, label=label, progress=bar)
+            report = lg.evaluate(facts, rev, fluency=fluency, generation=generation, label=label, progress=bar)
         finally:
             bar.finish()
     if as_json:
@@ -269,7 +279,7 @@ def eval_(ctx: click.Context, file: str, rev: str, fmt: str, offset: int, limit:
     click.echo(f"{report.id}  {report.revision}  {report.n} facts  dataset {report.dataset_sha256[:12]}"
                f"  {report.seconds:.1f}s" + (f"  {report.label}" if report.label else ""))
     for k, v in report.means.items():
-        click.echo(f"  {k:<20}{v:.3f}")
+        click.echo(f"  {k:<24}{v:.3f}")
 
 
 @cli.command()

@@ -31,6 +31,7 @@ from .compose import UNCOMMITTED, Block, ComposedModel
 from .errors import BranchMoved, InputError, StateError
 from .evaluate import FLUENCY_MAX_LENGTH, fluency_prompts, mean_metrics, measure, measure_many, n_sequences, score
 from .evaluate import fluency as fluency_scores
+from .evaluate import GEN_LOCALITY_TOKENS, GEN_NEW_TOKENS, generate_many, generation_metrics, n_generations
 from .facts import Fact
 from .models import BaseModel, load_base, resolve_spec
 from .store import blobs
@@ -234,9 +235,11 @@ class Ledger:
 
     @classmethod
     def init(cls, db: str | None = None, *, model: str | None = None, author: str | None = None,
-             device: str = "cpu") -> "Ledger":
+             device: str = "cpu", wordings: bool = True) -> "Ledger":
         """Create a ledger: migrate an empty database to head, record the base model's
-        fingerprint, and write rev-1, the base model with no edits."""
+        fingerprint, and write rev-1, the base model with no edits. With `wordings` (the
+        default) the table of relation wordings starts with the tables that ship with the
+        package (wordings.BUILTIN), so edits carry over to other wordings out of the box."""
         url = database_url(db)
         spec = resolve_spec(model)
         engine = make_engine(url, create_dir=True)
@@ -259,6 +262,11 @@ class Ledger:
             revs.set_ref(conn, revs.DEFAULT_BRANCH, "branch", root.id, ledger.author, "init")
             revs.set_head(conn, branch=revs.DEFAULT_BRANCH, rev_id=root.id, actor=ledger.author, reason="init")
             ledger._audit(conn, "init", root.id, None, {"model": spec, "fingerprint": base.fingerprint})
+            if wordings:
+                pairs = wd.builtin_pairs()
+                added = wd.insert(conn, pairs, "builtin", blobs.now())
+                ledger._audit(conn, "wordings", None, None, {"source": "builtin", "files": list(wd.BUILTIN),
+                                                             "pairs": len(pairs), "added": added})
         return ledger
 
     @classmethod
@@ -590,8 +598,11 @@ class Ledger:
         out = []
         for f, r in zip(facts, relations):
             own = table.get(r, []) if r else []
-            # Related relations lend wordings only where the fact's own are too few.
+            # Related relations lend wordings only where the fact's own are too few; then the
+            # relation nearest by content words (a hand-written prompt rarely is a key).
             lent = wd.related(conn, r, own, cfg.wordings_related) if r and len(own) < cfg.wordings else []
+            if r and cfg.wordings_nearest and len(own) + len(lent) < cfg.wordings:
+                lent += [w for w in wd.nearest(conn, r) if w not in own and w not in lent]
             out.append(wd.training_prompts(f, own, cfg.wordings, cfg.seed, borrowed=lent))
         return out
 
@@ -840,12 +851,16 @@ class Ledger:
     # --- evaluation -------------------------------------------------------------------------
 
     def evaluate(self, facts: Iterable[Fact], rev: str = "HEAD", *, fluency: bool = False,
-                 label: str | None = None, progress: Progress | None = None) -> EvalReport:
+                 generation: bool = True, label: str | None = None,
+                 progress: Progress | None = None) -> EvalReport:
         """Measure every fact at `rev` (DESIGN.md section 7) and store the result as an
         evaluation of that revision. Locality compares with the unedited base model (the empty
-        composition), measured once per fact. With fluency, also the n-gram entropy of greedy
-        generations of each fact's prompt and rephrases. progress(phase, done, total) counts
-        sequences over all phases."""
+        composition), measured once per fact. With generation, also the free-generation
+        metrics (evaluate.generation_metrics) of greedy generations at `rev` and at the base
+        model, the base's made once per call. With fluency, also the n-gram entropy of greedy
+        generations of each fact's prompt and rephrases, at `rev` (fluency) and at the base
+        (base_fluency). At a revision with no edits the base model's runs are the revision's.
+        progress(phase, done, total) counts sequences and generated prompts over all phases."""
         facts = list(facts)
         if not facts:
             raise InputError("no facts to evaluate")
@@ -861,26 +876,44 @@ class Ledger:
         name = revs.rev_name(rid)
         n_ref = n_sequences(facts, {"loc"}) if active else 0
         n_all = n_sequences(facts)
-        n_gen = sum(len(fluency_prompts(f)) for f in facts) if fluency else 0
-        total = n_ref + n_all + n_gen
+        n_flu = sum(len(fluency_prompts(f)) for f in facts) if fluency else 0
+        n_gen = n_generations(facts) if generation else 0
+        n_base = n_ref + (n_gen + n_flu if active else 0)   # the base model's runs, before the revision's
+        total = n_base + n_all + n_flu + n_gen
 
         def phase(label_: str, offset: int):
             return (lambda d, t: progress(label_, offset + d, total)) if progress else None
-        reference = None
-        if n_ref:   # the base model's argmax on the locality answers; at a revision with no edits, itself
+        reference = base_gens = base_flu = None
+        if active:   # the base model; at a revision with no edits the revision's own runs serve
             base = self._compose_ids(set(), None)
-            reference = measure_many(base.model, base.tokenizer, facts, kinds={"loc"},
-                                     progress=phase("base model", 0))
+            if n_ref:   # its argmax on the locality answers
+                reference = measure_many(base.model, base.tokenizer, facts, kinds={"loc"},
+                                         progress=phase("base model", 0))
+            if generation:
+                base_gens = generate_many(base.model, base.tokenizer, facts,
+                                          progress=phase("base model generation", n_ref))
+            if fluency:
+                base_flu = fluency_scores(base.model, base.tokenizer, facts,
+                                          progress=phase("base model fluency", n_ref + n_gen))
         composed = self._compose_ids(active, rid)
-        after = measure_many(composed.model, composed.tokenizer, facts, progress=phase(name, n_ref))
+        after = measure_many(composed.model, composed.tokenizer, facts, progress=phase(name, n_base))
         per_fact = [score(a, b if reference is not None else a)
                     for a, b in zip(after, reference or after)]
-        options: dict[str, Any] = {"fluency": fluency, "locality_reference": "base"}
+        options: dict[str, Any] = {"fluency": fluency, "generation": generation, "locality_reference": "base"}
         if fluency:
             options["fluency_max_length"] = FLUENCY_MAX_LENGTH
-            for row, f in zip(per_fact, fluency_scores(composed.model, composed.tokenizer, facts,
-                                                       progress=phase("fluency", n_ref + n_all))):
+            flu = fluency_scores(composed.model, composed.tokenizer, facts,
+                                 progress=phase("fluency", n_base + n_all))
+            for row, f, b in zip(per_fact, flu, base_flu or flu):
                 row["fluency"] = f
+                row["base_fluency"] = b
+        if generation:
+            options["generation_new_tokens"] = GEN_NEW_TOKENS
+            options["generation_locality_tokens"] = GEN_LOCALITY_TOKENS
+            gens = generate_many(composed.model, composed.tokenizer, facts,
+                                 progress=phase("generation", n_base + n_all + n_flu))
+            for row, fact, g, b in zip(per_fact, facts, gens, base_gens or gens):
+                row.update(generation_metrics(fact, g, b))
         means = mean_metrics(per_fact)
         sha = dataset_sha256(facts)
         created = blobs.now()
@@ -892,7 +925,7 @@ class Ledger:
             ).inserted_primary_key[0]
             self._audit(conn, "eval", rid, None, {"evaluation": eval_name(eid), "dataset_sha256": sha,
                                                   "n": len(facts), "label": label, "means": means,
-                                                  "fluency": fluency})
+                                                  "fluency": fluency, "generation": generation})
         return EvalReport(revision=name, n=len(facts), means=means, per_fact=per_fact, dataset_sha256=sha,
                           label=label, options=options, author=self.author, created_at=created,
                           id=eval_name(eid), seconds=round(time.perf_counter() - t0, 3))

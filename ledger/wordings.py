@@ -11,6 +11,12 @@ both templates with "{}" for the subject, imported from any fact file whose reco
 rephrases (CounterFact's train split, ROME's paraphrase_prompts, a user's own file) or from
 records of the form {"relation": "...", "wordings": ["...", ...]}.
 
+Every new ledger starts with the tables that ship in `ledger/data` (BUILTIN): the relation
+templates of CounterFact's train split and a hand-written catalogue of everyday relations.
+A fact whose relation is not in the table borrows the wordings of the relation whose
+templates share most content words with its own (`nearest`), so "{} was painted by" finds
+the catalogue's painters without the user importing anything.
+
 Pure parsing here, and the reads and writes of the `wordings` table on a Connection; the
 Ledger calls them, the trainer only ever sees prompts.
 """
@@ -28,13 +34,19 @@ from .errors import InputError
 from .facts import Fact, fact_from_record, read_text, records_of_text, detect_format, to_native
 from .store.schema import Wording
 
+# The tables a new ledger starts with (`ledger init`, unless --no-wordings), in ledger/data:
+# relation templates of CounterFact's train split (scripts/build_wordings.py; MIT licence) and
+# a hand-written catalogue of everyday relations (authors, painters, founders, symbols, ...).
+DATA_DIR = Path(__file__).resolve().parent / "data"
+BUILTIN = ("wordings-counterfact.json", "relations.json")
+
 # Templates are short; the cap keeps the (relation, wording) unique index within PostgreSQL's
 # B-tree entry limit.
 MAX_TEMPLATE_CHARS = 500
-# The end of a sentence before the subject: CounterFact's rephrases put an unrelated sentence
-# in front ("One Minute Stories, ... Noise Unit, that originated in"), which is context, not
-# wording.
-_SENTENCE_END = re.compile(r"[.!?]\s+")
+# The end of a sentence before the subject (also behind a closing quote or bracket), or a line
+# break: CounterFact's rephrases put unrelated text in front ("One Minute Stories, ... Noise
+# Unit, that originated in"), which is context, not wording.
+_SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*\s+|\n+")
 
 
 @dataclass(frozen=True)
@@ -190,6 +202,59 @@ def related(conn: Connection, relation: str, wordings: list[str], min_shared: in
             if w not in own:
                 out.setdefault(w, None)
     return list(out)
+
+
+# Words that say nothing about which relation a template states.
+_STOPWORDS = frozenset(
+    "a an the of is was were are be been being by in on at to for and or who whom whose what which that "
+    "this these those it its it's his her their they them he she as from with has have had do does did "
+    "there here than then so also q answer".split())
+_WORDS = re.compile(r"[a-z]+")
+
+
+def content_words(template: str) -> frozenset[str]:
+    """The words of a template that name its relation: lower-cased, the subject slot, one-letter
+    words ("'s") and function words left out."""
+    return frozenset(w for w in _WORDS.findall(template.replace("{}", " ").lower())
+                     if len(w) > 1 and w not in _STOPWORDS)
+
+
+# A template borrows a relation's wordings when it shares at least this share of their
+# content words (Jaccard) with one of that relation's templates.
+NEAREST_MIN_OVERLAP = 0.5
+
+
+def nearest(conn: Connection, template: str, min_overlap: float = NEAREST_MIN_OVERLAP) -> list[str]:
+    """The templates of the relation in the table closest to `template` (its key and its
+    wordings, `template` itself left out): the relation one of whose templates has the highest
+    Jaccard overlap of content words with it, at least `min_overlap`; among equals, the one
+    with most wordings. [] when none is that close, or the template has no content words.
+
+    A hand-written prompt ("The painter of {} is") is rarely a key of the table, but often
+    one of a catalogued relation's wordings, or close to one."""
+    mine = content_words(template)
+    if not mine:
+        return []
+    groups: dict[str, list[str]] = {}
+    for r, w in conn.execute(select(Wording.relation, Wording.wording).order_by(Wording.id)):
+        groups.setdefault(r, [r]).append(w)
+    best, best_key = None, (-1.0, 0)
+    for r, ts in groups.items():
+        if r == template:       # its own wordings are the caller's already
+            continue
+        overlap = max((len(mine & cw) / len(mine | cw) for cw in map(content_words, ts) if cw), default=0.0)
+        if overlap >= min_overlap and (overlap, len(ts)) > best_key:
+            best, best_key = r, (overlap, len(ts))
+    return [t for t in groups[best] if t != template] if best is not None else []
+
+
+def builtin_pairs() -> list[tuple[str, str]]:
+    """The (relation, wording) pairs of the tables that ship with the package."""
+    pairs: dict[tuple[str, str], None] = {}
+    for name in BUILTIN:
+        for p in read_pairs(DATA_DIR / name)[0]:
+            pairs.setdefault(p, None)
+    return list(pairs)
 
 
 def summary(conn: Connection) -> list[tuple[str, int]]:

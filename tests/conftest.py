@@ -127,9 +127,10 @@ FAST = {"steps": 6, "min_steps": 0, "rank": 2, "layer": 1, "n_prefixes": 1}
 
 @pytest.fixture
 def ledger(db_url, tiny_llama):
-    """A new ledger on the tiny Llama, on each engine."""
+    """A new ledger on the tiny Llama, on each engine, with an empty wordings table (the
+    built-in tables are tested in test_wordings.py; elsewhere they would only add rows)."""
     from ledger import Ledger
-    lg = Ledger.init(db_url, model=str(tiny_llama))
+    lg = Ledger.init(db_url, model=str(tiny_llama), wordings=False)
     yield lg
     lg.close()
 

@@ -12,7 +12,8 @@ from ledger.errors import InputError
 from ledger.facts import Fact
 from ledger.store.engine import make_engine
 from ledger.store.schema import AuditEvent, Wording
-from ledger.wordings import fill, pairs_of_records, template_of, training_prompts
+from ledger.wordings import (builtin_pairs, content_words, fill, nearest, pairs_of_records, template_of,
+                             training_prompts)
 
 from conftest import FACT, FAST
 
@@ -160,17 +161,22 @@ def test_related_relations_lend_wordings_where_the_own_are_too_few(ledger, tmp_p
         {"relation": "{} works in", "wordings": shared[:2] + ["{} is employed in"]},
     ]))
     ledger.import_wordings(f)
-    [e] = ledger.add(parse_facts_text(json.dumps(FACT)), BaftConfig(**FAST, wordings=6))
+    only_related = {**FAST, "wordings_nearest": False}
+    [e] = ledger.add(parse_facts_text(json.dumps(FACT)), BaftConfig(**only_related, wordings=6))
     got = e.stats["wording_prompts"]
     assert sorted(got[:4]) == sorted(["Alice dwells in", "Alice has a home in", "Alice resides in", "Home of Alice:"])
     assert got[4:] == ["Alice is settled in"]    # not the fact's own prompt, nothing of "works in"
     assert ledger.edit(e.edit).config["wordings_related"] == 3
     [off] = ledger.add(parse_facts_text(json.dumps(dict(FACT, target_new="Bern"))),
-                       BaftConfig(**FAST, wordings=6, wordings_related=0))
+                       BaftConfig(**only_related, wordings=6, wordings_related=0))
     assert sorted(off.stats["wording_prompts"]) == sorted(got[:4])
     [enough] = ledger.add(parse_facts_text(json.dumps(dict(FACT, target_new="Kyiv"))),
-                          BaftConfig(**FAST, wordings=4))
+                          BaftConfig(**only_related, wordings=4))
     assert sorted(enough.stats["wording_prompts"]) == sorted(got[:4])   # own wordings suffice: none borrowed
+    # then the nearest relation by content words ("{}, living in", which has "{} lives in"
+    # among its wordings) lends its key too
+    [near] = ledger.add(parse_facts_text(json.dumps(dict(FACT, target_new="Riga"))), BaftConfig(**FAST, wordings=6))
+    assert near.stats["wording_prompts"][4:] == ["Alice is settled in", "Alice, living in"]
 
 
 def test_stored_configs_without_newer_fields_retrain_as_they_were_trained():
@@ -199,3 +205,61 @@ def test_cli_add_takes_wordings_from_the_table_unless_told_not_to(ledger, db_url
     assert json.loads(res.stdout)["stats"]["wording_prompts"] == ["Alice dwells in"]
     res = CliRunner().invoke(cli, ["--db", db_url, "add", str(fact_file), "--wordings", "33"])
     assert res.exit_code == 2 and "--wordings" in res.stderr
+
+
+# --- the built-in tables and the nearest relation ------------------------------------------------
+
+def test_content_words_name_the_relation():
+    assert content_words("The painter of {} is") == {"painter"}
+    assert content_words("Q: Who painted {}? A:") == {"painted"}
+    assert content_words("{}'s author is") == {"author"}
+    assert content_words("{} is") == frozenset()
+
+
+def test_nearest_finds_the_relation_sharing_most_content_words(ledger, tmp_path):
+    f = tmp_path / "w.json"
+    f.write_text(json.dumps([
+        {"relation": "{} was painted by", "wordings": ["The painter of {} is", "{} is a painting by"]},
+        {"relation": "{} was written by", "wordings": ["The author of {} is", "{} is a novel by"]},
+        {"relation": "The capital of {} is", "wordings": ["{}'s capital is"]},
+    ]))
+    ledger.import_wordings(f)
+    with ledger.engine.connect() as conn:
+        # a hand-written prompt that is one of a relation's wordings, not its key
+        assert nearest(conn, "The painter of {} is") == ["{} was painted by", "{} is a painting by"]
+        assert nearest(conn, "Who was the author of {}? It was") == \
+            ["{} was written by", "The author of {} is", "{} is a novel by"]
+        assert nearest(conn, "{} was written by") == []          # a key: its own wordings are the caller's
+        assert nearest(conn, "The currency of {} is") == []      # nothing shares a content word
+        assert nearest(conn, "{} is") == []                      # no content word at all
+        # "capital" is one of two content words: overlap 1/2, at the threshold, and not below it
+        assert nearest(conn, "The capital city of {} is")[0] == "The capital of {} is"
+        assert nearest(conn, "The capital city of {} is", min_overlap=0.6) == []
+
+
+def test_builtin_tables_validate_and_are_disjoint_from_evaluation_splits():
+    pairs = builtin_pairs()
+    assert len(pairs) > 2000 and len(pairs) == len(set(pairs))
+    templates = {t for p in pairs for t in p}
+    assert all(t.count("{}") == 1 and t == t.strip() and "category:" not in t.lower() for t in templates)
+
+
+def test_init_starts_with_the_builtin_tables_unless_told_not_to(db_url, tiny_llama, tmp_path):
+    from ledger import Ledger
+    with Ledger.init(db_url, model=str(tiny_llama)) as lg:
+        table = lg.wordings()
+        assert table["wordings"] == len(builtin_pairs())
+        with lg.engine.connect() as c:
+            [details] = c.execute(select(AuditEvent.details_json).where(AuditEvent.command == "wordings")).scalars()
+        assert json.loads(details)["source"] == "builtin"
+        # a fact of a catalogued relation whose prompt is not a key borrows the catalogue's wordings
+        fact = {"subject": "Mona Lisa", "prompt": "The Mona Lisa was painted by", "target_new": "Claude Monet"}
+        [e] = lg.add(parse_facts_text(json.dumps(fact)), BaftConfig(**FAST, wordings=4))
+        got = e.stats["wording_prompts"]
+        assert len(got) == 4 and all("Mona Lisa" in p for p in got)
+        assert any("paint" in p.lower() for p in got)
+    other = tmp_path / "none.db"
+    res = CliRunner().invoke(cli, ["--db", f"sqlite:///{other}", "init", "--model", str(tiny_llama), "--no-wordings"])
+    assert res.exit_code == 0, res.output
+    assert "relation wordings: 0 for 0 relations" in res.stdout
+    assert n_wordings(f"sqlite:///{other}") == 0

@@ -103,6 +103,10 @@ class BaftConfig:
     # When the relation has fewer than `wordings` of its own: relations that share at least
     # this many wordings with it (other templates of the same relation) lend theirs. 0: off.
     wordings_related: int = 3
+    # ... and then the relation whose templates share most content words with the fact's
+    # (wordings.nearest): a hand-written prompt ("The painter of {} is") is rarely a key of
+    # the table but often close to one of its relations' wordings.
+    wordings_nearest: bool = True
     # Short fixed prefixes before the prompt, for generalisation (as ROME does).
     n_prefixes: int = 2
     # Locality prompts are continued by this many tokens of the parent's own greedy output
@@ -187,7 +191,7 @@ class BaftConfig:
 # before them: a rebase retrains an old edit as it was trained.
 STORED_BEFORE: dict[str, Any] = {"gate_floor": 0.0, "gate_lr_scale": 1.0, "wordings": 0, "wordings_related": 0,
                                  "train_dtype": "float32", "rotation_init": "random", "gate_key_shrinkage": 1.0,
-                                 "adam_beta1": 0.9}
+                                 "adam_beta1": 0.9, "wordings_nearest": False}
 
 
 def default_layer(n_layers: int) -> int:
