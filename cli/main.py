@@ -178,7 +178,8 @@ class _Bar(_PhaseBar):
 @click.option("--gate-floor", type=click.FloatRange(0.0, 1.0, max_open=True), default=BaftConfig.gate_floor,
               show_default=True, help="A gate below this is exactly 0 (0: the plain sigmoid gate).")
 @click.option("--wordings", "n_wordings", type=click.IntRange(0, 32), default=BaftConfig.wordings, show_default=True,
-              help="Also train on up to N other wordings of the fact's relation (`ledger wordings`).")
+              help="Also train on up to N other wordings of the fact's relation from the ledger's table "
+                   "(`ledger wordings`; a relation not in it borrows from the one sharing most content words).")
 @click.option("--wordings-related", type=click.IntRange(0), default=BaftConfig.wordings_related, show_default=True,
               help="When the relation has fewer than N wordings, borrow from relations sharing at least this "
                    "many wordings with it (0: never).")
@@ -235,8 +236,12 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
         else:
             shown = _headline(r.metrics)
             extra = f"  (supersedes {', '.join(r.superseded)})" if r.superseded else ""
+            n_w = len(r.stats.get("wording_prompts", []))
             click.echo(f"{r.revision}  {r.edit}  {r.fact['prompt']} -> {r.fact['target_new']}  "
-                       f"{shown}  {r.stats['steps']} steps {r.stats['seconds']:.1f}s{extra}")
+                       f"{shown}  {r.stats['steps']} steps {r.stats['seconds']:.1f}s  {n_w} wordings{extra}")
+            if n_w == 0 and cfg.wordings > 0:
+                click.echo(f"note: {r.edit} trained on its own prompts only: the wordings table has no relation "
+                           "like it (`ledger wordings list`, `ledger wordings import`)", err=True)
     if len(results) > 1:
         import torch   # loaded by the add already; the CLI itself does not import it at start
         click.echo(f"added {len(results)} edits in {took:.1f}s ({60 * len(results) / took:.1f} edits/min, "

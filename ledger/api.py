@@ -533,13 +533,15 @@ class Ledger:
         with self.engine.connect() as conn:
             retention = [(f["prompt"], f["target_new"]) for f in self._facts_of(conn, train_on).values()]
             extra = self._wording_prompts(conn, facts, cfg)
+        others = [wd.other_relations(f, ws, cfg.other_relations, cfg.seed) for f, ws in zip(facts, extra)]
         composed = self._compose_ids(train_on, parent if not remove else None)
         model, tok = composed.model, composed.tokenizer
         before = measure_many(model, tok, facts)
         trained = train_edits(model, tok, composed.sites, self.base.layers, facts, cfg, layer=layer,
-                              retention=retention, extra_prompts=extra, progress=progress)
-        for t, prompts in zip(trained, extra):
+                              retention=retention, extra_prompts=extra, other_prompts=others, progress=progress)
+        for t, prompts, kept in zip(trained, extra, others):
             t.stats["wording_prompts"] = prompts      # what this edit was trained on, for the audit
+            t.stats["other_relation_prompts"] = kept
         # Measured as they will compose: the uncommitted blocks sort last, in order, as their
         # ids will.
         composed.compose(self._blocks_of(train_on) + [Block(UNCOMMITTED + k, layer, t.tensors)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -246,6 +247,31 @@ def nearest(conn: Connection, template: str, min_overlap: float = NEAREST_MIN_OV
         if overlap >= min_overlap and (overlap, len(ts)) > best_key:
             best, best_key = r, (overlap, len(ts))
     return [t for t in groups[best] if t != template] if best is not None else []
+
+
+@lru_cache(maxsize=1)
+def catalogue() -> tuple[tuple[str, frozenset[str]], ...]:
+    """The catalogue's relations (ledger/data/relations.json): each key with the content
+    words of all its templates."""
+    groups: dict[str, set[str]] = {}
+    for r, w in read_pairs(DATA_DIR / "relations.json")[0]:
+        groups.setdefault(r, set(content_words(r))).update(content_words(w))
+    return tuple((r, frozenset(ws)) for r, ws in groups.items())
+
+
+def other_relations(fact: Fact, wordings: list[str], n: int, seed: int) -> list[str]:
+    """Up to n prompts that put the fact's subject into OTHER relations of the catalogue ("The
+    capital of Russia is" for a fact about Russia's currency): what an edit must leave alone
+    although its gate is open there. A relation sharing a content word with the fact's
+    relation or with any wording it trains on is left out, so no paraphrase of the edited
+    relation is taken for another one. A fixed sample per (fact, seed)."""
+    relation = template_of(fact.prompt, fact.subject)
+    if n <= 0 or relation is None:
+        return []
+    mine = content_words(relation).union(*(content_words(w) for w in wordings))
+    pool = [r for r, words in catalogue() if not words & mine and r != relation]
+    rng = random.Random(f"{seed}:other:{fact.subject}:{fact.prompt}")
+    return [fill(r, fact.subject) for r in (pool if len(pool) <= n else rng.sample(pool, n))]
 
 
 def builtin_pairs() -> list[tuple[str, str]]:

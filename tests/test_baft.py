@@ -135,8 +135,10 @@ def test_fast_path_gives_the_same_gradients(family, method, n_facts, floor, gate
     base = load_base(str(request.getfixturevalue(family)))
     sites = _parent_sites(base)
     cfg = BaftConfig(method=method, rank=2, n_prefixes=1, gate_floor=floor, gate_lr_scale=gate_lr)
-    problem = EditProblem(base.model, base.tokenizer, sites, base.layers, _facts()[:n_facts], cfg, layer=EDITED,
-                          retention=[("Paris is in", "France")])
+    facts = _facts()[:n_facts]
+    problem = EditProblem(base.model, base.tokenizer, sites, base.layers, facts, cfg, layer=EDITED,
+                          retention=[("Paris is in", "France")],
+                          other_prompts=[[f"{f.subject} was born in"] for f in facts])
     try:
         assert problem.head_ok                       # both families take the head-only path
         # move the blocks off the identity first, so every term has a gradient
@@ -530,3 +532,33 @@ def test_retention_past_the_cap_keeps_the_prompts_that_share_the_new_subjects_to
     # a fact without a subject: a plain random sample
     bare = parse_facts_text(json.dumps([{k: v for k, v in FACT.items() if k != "subject"}]))[0]
     assert len(_pick_retention(tok, [bare], pool, 8, random.Random(0))) == 8
+
+
+def test_rows_of_the_subject_itself_are_read_after_the_target_and_are_no_key_negatives(tiny_llama):
+    """The prompt continued after its new target is read from the position that predicts what
+    follows the target; the subject in another relation is read whole. In both, the subject's
+    own states are no negatives for the gate's key, and the stop rule does not wait for them."""
+    from ledger.baft.trainer import EditProblem, subject_positions
+    from ledger.text import prompt_ids
+    base = load_base(str(tiny_llama))
+    fact = _facts()[0]
+    cfg = BaftConfig(rank=2, n_prefixes=1, after_target_tokens=3)
+    problem = EditProblem(base.model, base.tokenizer, {}, base.layers, [fact], cfg, layer=EDITED,
+                          other_prompts=[[f"{fact.subject} was born in"]])
+    try:
+        n_edit, tok = problem.n_edit, base.tokenizer
+        other, after = n_edit + problem.n_unrelated - 2, n_edit + problem.n_unrelated - 1
+        real = problem.batch.attention_mask.bool()
+        assert bool(problem.read[other][real[other]].all())
+        start = len(prompt_ids(tok, fact.prompt + " " + fact.target_new)) - 1
+        read_cols = problem.read[after].nonzero().squeeze(1).tolist()
+        assert read_cols == list(range(start, int(real[after].sum())))
+        for row in (other, after):
+            text = tok.decode(problem.batch.input_ids[row][real[row]], skip_special_tokens=True)
+            pos = subject_positions(tok, text, fact.subject)
+            assert pos and not bool(problem.key_neg[row, pos].any())
+            assert bool(problem.key_neg[row][real[row]].sum() == int(real[row].sum()) - len(pos))
+        assert problem.stop_row.tolist() == [True] * (problem.n_unrelated - 2) + [False, False]
+        assert not bool(problem.key_neg[:n_edit].any())
+    finally:
+        problem.close()

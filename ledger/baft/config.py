@@ -107,6 +107,15 @@ class BaftConfig:
     # (wordings.nearest): a hand-written prompt ("The painter of {} is") is rarely a key of
     # the table but often close to one of its relations' wordings.
     wordings_nearest: bool = True
+    # The subject in up to this many other relations of the built-in catalogue ("The capital
+    # of Russia is" for a fact about Russia's currency; wordings.other_relations), continued
+    # by the parent for neg_continuation_tokens, as unrelated rows: the gate is open there, so
+    # the KL makes the value change the edited relation and not everything said of the subject.
+    other_relations: int = 4
+    # The prompt with its new target, continued by the parent for this many tokens, as an
+    # unrelated row whose KL starts after the target: after the new answer the edited model
+    # goes on as the parent does after it, instead of repeating the answer. 0: off.
+    after_target_tokens: int = 4
     # Short fixed prefixes before the prompt, for generalisation (as ROME does).
     n_prefixes: int = 2
     # Locality prompts are continued by this many tokens of the parent's own greedy output
@@ -166,6 +175,10 @@ class BaftConfig:
             raise InputError(f"--wordings must be between 0 and 32, got {self.wordings}")
         if not 0 <= self.n_prefixes <= MAX_PREFIXES:
             raise InputError(f"--prefixes must be between 0 and {MAX_PREFIXES}, got {self.n_prefixes}")
+        if not 0 <= self.other_relations <= 16:
+            raise InputError(f"other_relations must be between 0 and 16, got {self.other_relations}")
+        if not 0 <= self.after_target_tokens <= 32:
+            raise InputError(f"after_target_tokens must be between 0 and 32, got {self.after_target_tokens}")
         if self.wordings_related < 0:
             raise InputError(f"--wordings-related must not be negative, got {self.wordings_related}")
         for name in ("locality_weight", "gate_weight", "gate_open_weight", "gate_lr_scale"):
@@ -191,7 +204,8 @@ class BaftConfig:
 # before them: a rebase retrains an old edit as it was trained.
 STORED_BEFORE: dict[str, Any] = {"gate_floor": 0.0, "gate_lr_scale": 1.0, "wordings": 0, "wordings_related": 0,
                                  "train_dtype": "float32", "rotation_init": "random", "gate_key_shrinkage": 1.0,
-                                 "adam_beta1": 0.9, "wordings_nearest": False}
+                                 "adam_beta1": 0.9, "wordings_nearest": False,
+                                 "other_relations": 0, "after_target_tokens": 0}
 
 
 def default_layer(n_layers: int) -> int:

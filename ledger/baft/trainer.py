@@ -229,10 +229,15 @@ class _Rows:
     pairs: list[tuple[str, str | None]]
     owner: list[int]                        # fact index of an edit row, -1 for an unrelated row
     subject_pos: list[list[int]]            # per edit row
+    # Unrelated rows that hold a fact's own subject (other relations of the subject, the
+    # prompt continued after its new target), by index among the unrelated rows: the KL reads
+    # them from read_from on, their subject's states are no negatives for the gate's key, and
+    # the stop rule does not wait for them (the gate is open there by design).
+    subject_rows: dict[int, tuple[list[int], int]] = field(default_factory=dict)
 
 
 def _build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[tuple[str, str]],
-                rng: random.Random, extra: list[list[str]]) -> _Rows:
+                rng: random.Random, extra: list[list[str]], others: list[list[str]]) -> _Rows:
     pairs: list[tuple[str, str | None]] = []
     owner: list[int] = []
     for k, fact in enumerate(facts):
@@ -274,9 +279,24 @@ def _build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[
     n = cfg.retention_samples * max(1, min(len(facts), 4))
     keep = _pick_retention(tok, facts, retention, n, rng)
     texts += [p + " " + t.strip() for p, t in keep]
+    # The subject in other relations, continued by the parent: the edit changes one relation
+    # of its subject, not every prompt that names it.
+    subject_rows: dict[int, tuple[list[int], int]] = {}
+    own = [(k, p) for k, ps in enumerate(others) for p in ps]
+    for (k, p), text in zip(own, continue_greedily(model, tok, [p for _, p in own], cfg.neg_continuation_tokens)):
+        subject_rows[len(texts)] = (subject_positions(tok, text, facts[k].subject), 0)
+        texts.append(text)
+    # The prompt with its new target, continued by the parent: after the new answer the edited
+    # model should go on as the parent does after it, not say the answer again.
+    if cfg.after_target_tokens:
+        said = [f.prompt + " " + f.target_new.strip() for f in facts]
+        for k, text in enumerate(continue_greedily(model, tok, said, cfg.after_target_tokens)):
+            start = len(prompt_ids(tok, said[k])) - 1     # the position predicting what follows the target
+            subject_rows[len(texts)] = (subject_positions(tok, text, facts[k].subject), start)
+            texts.append(text)
     pairs += [(t, None) for t in texts]
     owner += [-1] * len(texts)
-    return _Rows(pairs, owner, subject_pos)
+    return _Rows(pairs, owner, subject_pos, subject_rows)
 
 
 def _pick_retention(tok, facts: list[Fact], retention: list[tuple[str, str]], n: int,
@@ -318,7 +338,7 @@ class EditProblem:
 
     def __init__(self, model, tok, sites: dict[int, InterventionSite], layers, facts: list[Fact],
                  cfg: BaftConfig, *, layer: int, retention: list[tuple[str, str]] = (),
-                 extra_prompts: list[list[str]] | None = None):
+                 extra_prompts: list[list[str]] | None = None, other_prompts: list[list[str]] | None = None):
         self.model, self.cfg, self.layer, self.layers = model, cfg, layer, layers
         self.device = device = next(model.parameters()).device
         rng = random.Random(cfg.seed)
@@ -326,7 +346,8 @@ class EditProblem:
         if len(extra) != len(facts):
             raise ValueError("extra_prompts needs one list per fact")
         self.n_extra = sum(len(x) for x in extra)
-        rows = _build_rows(model, tok, facts, cfg, list(retention), rng, extra)
+        others = [list(x) for x in other_prompts] if other_prompts is not None else [[] for _ in facts]
+        rows = _build_rows(model, tok, facts, cfg, list(retention), rng, extra, others)
         batch = make_batch(tok, rows.pairs, device=device)
         self.batch: Batch = batch
         self.n_facts = len(facts)
@@ -340,11 +361,21 @@ class EditProblem:
         self.read = torch.zeros_like(real)
         self.read[:n_edit] = batch.target_mask[:n_edit]
         self.read[n_edit:] = real[n_edit:]
+        # Positions whose states are negatives for the gates' keys: every unrelated position
+        # but a fact's own subject in the subject rows.
+        self.key_neg = real.clone()
+        self.key_neg[:n_edit] = False
+        stop_row = torch.ones(self.n_unrelated, dtype=torch.bool, device=device)
+        for i, (pos, start) in rows.subject_rows.items():
+            self.read[n_edit + i, :start] = False
+            self.key_neg[n_edit + i, pos] = False
+            stop_row[i] = False
+        self.stop_row = stop_row
         tgt_rows = torch.arange(n_edit, device=device)[:, None].expand(n_edit, real.shape[1])[batch.target_mask[:n_edit]]
         self.tgt_owner = owner[tgt_rows]
         self.target_ids = batch.next_ids[:n_edit][batch.target_mask[:n_edit]]
         self.n_tgt = len(self.target_ids)
-        unrel = real[n_edit:]
+        unrel = self.read[n_edit:]
         row_len = unrel.sum(1, keepdim=True).float()
         self.pos_weight = (1.0 / row_len).expand_as(unrel)[unrel] / max(1, self.n_unrelated)
         self.row_of_pos = torch.arange(self.n_unrelated, device=device)[:, None].expand_as(unrel)[unrel]
@@ -357,7 +388,7 @@ class EditProblem:
         for k in range(len(facts)):
             apply = real.clone()
             close = torch.zeros_like(real)
-            close[n_edit:] = real[n_edit:]
+            close[n_edit:] = self.key_neg[n_edit:]
             opened = torch.zeros_like(real)
             for i in range(n_edit):
                 if rows.owner[i] != k:
@@ -534,7 +565,7 @@ class EditProblem:
     @torch.no_grad()
     def _init_gates(self, h: torch.Tensor) -> None:
         h = h.float()
-        neg = h[self.n_edit:][self.batch.attention_mask[self.n_edit:].bool()]
+        neg = h[self.key_neg]
         mu = neg.mean(0)
         alpha = self.cfg.gate_key_shrinkage
         neg_scatter = None      # d x d, computed only if some key needs Fisher's direction
@@ -853,8 +884,8 @@ class EditProblem:
             mine = self.tgt_owner == k
             ok = bool(tgt_hit[mine].all()) and float(tgt_logp[mine].exp().min()) >= cfg.stop_prob \
                 if bool(mine.any()) else True
-            rows_k = None if live is None else live[k][self.n_edit:]
-            worst = row_kl[: self.n_unrelated] if rows_k is None else row_kl[: self.n_unrelated][rows_k]
+            rows_k = self.stop_row if live is None else live[k][self.n_edit:] & self.stop_row
+            worst = row_kl[: self.n_unrelated][rows_k]
             reached.append(ok and (len(worst) == 0 or float(worst.max()) <= cfg.stop_kl))
         if not self.separable:      # a ReFT block acts on every fact's rows: all or none
             reached = [all(reached)] * len(reached)
@@ -890,14 +921,15 @@ class EditProblem:
 
 def train_edits(model, tok, sites: dict[int, InterventionSite], layers, facts: list[Fact],
                 cfg: BaftConfig, *, layer: int, retention: list[tuple[str, str]] = (),
-                extra_prompts: list[list[str]] | None = None,
+                extra_prompts: list[list[str]] | None = None, other_prompts: list[list[str]] | None = None,
                 progress: Callable[[int, int], None] | None = None) -> list[TrainedEdit]:
     """Train one block per fact at `layer`, together, with every site in `sites` active and
     frozen. extra_prompts: per fact, more prompts that must give its target (the relation's
-    other wordings, filled with the subject)."""
+    other wordings, filled with the subject); other_prompts: per fact, prompts of its subject
+    in other relations, whose continuations must stay the parent's."""
     started = time.perf_counter()
     problem = EditProblem(model, tok, sites, layers, facts, cfg, layer=layer, retention=retention,
-                          extra_prompts=extra_prompts)
+                          extra_prompts=extra_prompts, other_prompts=other_prompts)
     gate = [p for b in problem.blocks for p in (b.U, b.c) if p.requires_grad]
     gate_ids = {id(p) for p in gate}
     rest = [p for p in problem.parameters() if id(p) not in gate_ids]
