@@ -134,39 +134,47 @@ def test_exported_snapshot_says_the_new_target(tmp_path, smol_threads):
 
 
 VAL = DATA.parent / "counterfact-val.json"
-TRAIN = DATA.parent / "counterfact-train.json"
 # What the defaults reach on counterfact-val, each fact edited alone, its own rephrase and
 # locality prompts held out, the ledger holding counterfact-train's wordings minus the facts'
-# own rephrase wordings: on val[0:10], reliability 1.0, generalisation 0.95, locality 1.0
-# (docs/quality.md, session 4). Each metric is 0 or 1 per fact here (one prompt each, mostly
-# one token), so a margin of 0.2 is two facts. Without the wordings, generalisation was 0.45.
-REACHED = {"reliability": 1.0, "generalization": 0.95, "locality": 1.0}
-MARGIN = {"reliability": 0.05, "generalization": 0.2, "locality": 0.2}
+# What the defaults reach on val[0:10], single edits on a new ledger with the built-in
+# wordings, every evaluated rephrase wording held out of the table (under every relation),
+# the fact's own rephrases and locality prompts never trained on: see REACHED_NOTE. Each
+# metric is 0 or 1 per fact here (one prompt each), so a margin of 0.2 is two facts.
+REACHED = {"reliability": 1.0, "generalization": 0.9, "gen_generalization": 0.9, "gen_locality": 0.9}
+MARGIN = {"reliability": 0.05, "generalization": 0.2, "gen_generalization": 0.2, "gen_locality": 0.2}
+# Repetition (share of generations looping on a word) may exceed the base model's by this much.
+REPETITION_MARGIN = 0.1
 
 
-@pytest.mark.skipif(not (VAL.exists() and TRAIN.exists()), reason=f"CounterFact val/train splits not found at {VAL.parent}")
+@pytest.mark.skipif(not VAL.exists(), reason=f"CounterFact val split not found at {VAL.parent}")
 def test_single_edit_quality_does_not_regress(tmp_path, smol_threads):
+    """Teacher-forced and free-generation quality of single edits at the defaults of a new
+    ledger, on prompts the edits never trained on."""
     from ledger import BaftConfig, InputError
     from ledger.evaluate import mean_metrics
     from ledger.facts import facts_from_records
-    from ledger.wordings import pairs_of_fact
+    from ledger.wordings import BUILTIN, DATA_DIR, read_pairs, template_of
     facts = facts_from_records(json.loads(VAL.read_text())[:10])
     cfg = BaftConfig(train_on_rephrases=False, train_on_locality=False)
+    evaluated = {template_of(p, f.subject) for f in facts for p in f.rephrase_prompts}
     rows = []
-    with Ledger.init(f"sqlite:///{tmp_path / 'ledger.db'}") as lg:
-        held_out = {p for f in facts for p in pairs_of_fact(f)}
-        assert lg.import_wordings(TRAIN, exclude=held_out).added > 1000
+    with Ledger.init(f"sqlite:///{tmp_path / 'ledger.db'}", wordings=False) as lg:
+        for name in BUILTIN:        # the tables `ledger init` starts with, less what is evaluated
+            path = DATA_DIR / name
+            held_out = [(r, w) for r, w in read_pairs(path)[0] if r in evaluated or w in evaluated]
+            lg.import_wordings(path, exclude=held_out)
         for fact in facts:
             lg.checkout("rev-1")
             try:
                 [res] = lg.add([fact], cfg)
             except InputError:      # the model already says target_new
                 continue
-            rows.append(res.metrics)
+            rows.append(lg.evaluate([fact], res.revision).per_fact[0])
     got = mean_metrics(rows)
     assert len(rows) >= 8
     for key, reached in REACHED.items():
         assert got[key] >= reached - MARGIN[key], (key, got)
+    assert got["repetition"] <= got["base_repetition"] + REPETITION_MARGIN, got
 
 
 def test_two_first_loads_at_once_both_succeed(tmp_path):
