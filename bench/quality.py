@@ -28,9 +28,9 @@ model already answers with target_new is refused by `Ledger.add`; it is skipped 
 CounterFact probability scores are not reported (its locality prompts are unrelated NQ
 questions, so "P(true) > P(new)" on them means nothing); its true answer is not used.
 BaFT/ReFT rows also carry the free-generation metrics of `ledger eval` (gen_reliability,
-gen_generalization, gen_locality, repetition: ledger.evaluate.generation_metrics, greedy
-generations at the edited model and at the base) with the base model's values beside them
-(base_gen_reliability, base_gen_generalization, base_repetition).
+gen_generalization, gen_locality, repetition, gen_entropy: ledger.evaluate.generation_metrics,
+greedy generations at the edited model and at the base) with the base model's values beside
+them (base_gen_reliability, base_gen_generalization, base_repetition, base_gen_entropy).
 
 Prints one JSON line per (dataset, method, setting[, T or K]) to stdout (and --out), a
 progress line per edit to stderr.
@@ -83,8 +83,8 @@ METHODS = ("baft", "reft", "ftm")
 SETTINGS = ("single", "sequential", "batch")
 CF_ONLY = ("efficacy_score", "paraphrase_score", "neighborhood_score")
 METRICS = ("reliability", "generalization", "locality") + CF_ONLY
-GEN_METRICS = ("gen_reliability", "gen_generalization", "gen_locality", "repetition",
-               "base_gen_reliability", "base_gen_generalization", "base_repetition")
+GEN_METRICS = ("gen_reliability", "gen_generalization", "gen_locality", "repetition", "gen_entropy",
+               "base_gen_reliability", "base_gen_generalization", "base_repetition", "base_gen_entropy")
 
 
 # --- inputs ------------------------------------------------------------------------------------

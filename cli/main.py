@@ -257,7 +257,7 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
 @click.option("--limit", type=click.IntRange(1), default=None, help="Evaluate at most N records.")
 @click.option("--fluency", is_flag=True, help="Also n-gram entropy of greedy generations (slower).")
 @click.option("--generation/--no-generation", default=True, show_default=True,
-              help="Free-generation metrics (gen_reliability, gen_generalization, gen_locality, repetition) "
+              help="Free-generation metrics (gen_reliability, gen_generalization, gen_locality, repetition, gen_entropy) "
                    "at the revision and at the base model.")
 @click.option("--label", default=None, help="A note stored with the evaluation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole evaluation, per fact too.")

@@ -10,7 +10,7 @@
   scores, comparing mean per-token log-probabilities on the prompt / the rephrases
 - neighborhood_score: P(target_true) > P(target_new) on the locality prompts
 - fluency (on request): ROME's n-gram entropy of greedy generations, see `ngram_entropy`
-- gen_reliability / gen_generalization / gen_locality / repetition: free greedy generation
+- gen_reliability / gen_generalization / gen_locality / repetition / gen_entropy: free greedy generation
   (see `generation_scores`): teacher forcing feeds the model the target's own tokens, which
   overstates what an edited model says on its own ("The Mirage of Model Editing",
   arXiv 2502.11177)
@@ -371,7 +371,10 @@ def generation_scores(fact: Fact, gen: Generations, ref: Generations | None) -> 
                           equal ref's (an end token within them counts: both must stop at the same place);
                           only with ref
     - repetition:         share of all the fact's generations (prompt, rephrases, locality prompts)
-                          in which a word repeats REPEAT_RUN times in a row (`repeats`)"""
+                          in which a word repeats REPEAT_RUN times in a row (`repeats`)
+    - gen_entropy:        mean n-gram entropy (`ngram_entropy`, ROME's fluency measure) of those
+                          generations: the continuations only, GEN_NEW_TOKENS tokens each, so
+                          lower than ROME's figures on 100-token texts; compare with the base's"""
     r: dict[str, float] = {"gen_reliability": float(starts_with_target(gen.prompt, fact.target_new))}
     if gen.rephrases:
         r["gen_generalization"] = _mean([float(starts_with_target(g, fact.target_new)) for g in gen.rephrases])
@@ -379,13 +382,15 @@ def generation_scores(fact: Fact, gen: Generations, ref: Generations | None) -> 
         n = GEN_LOCALITY_TOKENS
         r["gen_locality"] = _mean([float(a[:n] == b[:n]) for a, b in zip(gen.locality_ids, ref.locality_ids)])
     r["repetition"] = _mean([float(repeats(t)) for t in gen.texts()])
+    r["gen_entropy"] = _mean([ngram_entropy(t) for t in gen.texts()])
     return r
 
 
 def generation_metrics(fact: Fact, gen: Generations, base: Generations) -> dict[str, float]:
     """generation_scores of the edited model's generations, gen_locality against the base
-    model's, and the base model's own gen_reliability, gen_generalization and repetition as
-    base_gen_reliability, base_gen_generalization and base_repetition, to put beside them."""
+    model's, and the base model's own gen_reliability, gen_generalization, repetition and
+    gen_entropy as base_gen_reliability, base_gen_generalization, base_repetition and
+    base_gen_entropy, to put beside them."""
     r = generation_scores(fact, gen, base)
     r.update({f"base_{k}": v for k, v in generation_scores(fact, base, None).items()})
     return r

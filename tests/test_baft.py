@@ -562,3 +562,35 @@ def test_rows_of_the_subject_itself_are_read_after_the_target_and_are_no_key_neg
         assert not bool(problem.key_neg[:n_edit].any())
     finally:
         problem.close()
+
+
+def test_after_target_rows_cover_the_prompt_and_some_of_its_wordings(tiny_llama):
+    """after_target_wordings: besides the prompt, that many of the relation's other wordings
+    get a row continued after the new target, each read from the position after the target."""
+    from ledger.baft.trainer import EditProblem
+    from ledger.text import prompt_ids
+    base = load_base(str(tiny_llama))
+    fact = _facts()[0]
+    extra = [f"Everyone knows that {fact.subject} is in", f"{fact.subject} lies in", f"{fact.subject} sits in"]
+    tok = base.tokenizer
+
+    def after_rows(n: int) -> list[str]:
+        cfg = BaftConfig(rank=2, n_prefixes=0, after_target_tokens=2, after_target_wordings=n)
+        problem = EditProblem(base.model, tok, {}, base.layers, [fact], cfg, layer=EDITED, extra_prompts=[extra])
+        try:
+            real = problem.batch.attention_mask.bool()
+            texts = []
+            for row in range(problem.n_edit, problem.n_edit + problem.n_unrelated):
+                if problem.stop_row[row - problem.n_edit]:
+                    continue
+                text = tok.decode(problem.batch.input_ids[row][real[row]], skip_special_tokens=True)
+                read = problem.read[row].nonzero().squeeze(1).tolist()
+                said = next(w for w in [fact.prompt, *extra] if text.startswith(w + " " + fact.target_new))
+                assert read[0] == len(prompt_ids(tok, said + " " + fact.target_new)) - 1
+                texts.append(said)
+            return texts
+        finally:
+            problem.close()
+    assert after_rows(0) == [fact.prompt]
+    assert after_rows(2) == [fact.prompt, *extra[:2]]
+    assert after_rows(8) == [fact.prompt, *extra]

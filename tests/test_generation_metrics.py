@@ -2,6 +2,7 @@
 their base_* values) against toy models whose greedy output is known by construction, and
 through `Ledger.evaluate` and `ledger eval` on a tiny ledger."""
 import json
+import math
 
 import pytest
 from click.testing import CliRunner
@@ -16,8 +17,8 @@ from ledger.facts import facts_from_records
 from conftest import FACT, FACT2, FACT3, FAST
 from test_evaluate import TOK, Oracle
 
-GEN_KEYS = {"gen_reliability", "gen_generalization", "gen_locality", "repetition",
-            "base_gen_reliability", "base_gen_generalization", "base_repetition"}
+GEN_KEYS = {"gen_reliability", "gen_generalization", "gen_locality", "repetition", "gen_entropy",
+            "base_gen_reliability", "base_gen_generalization", "base_repetition", "base_gen_entropy"}
 
 # Toy models (a next-token lookup from the last 3 byte tokens; an unknown context ends the
 # text): the edited one and the base one. Each locality prompt's continuation is 9 tokens,
@@ -56,7 +57,13 @@ def test_generation_metrics_of_the_toy_models():
     edited = generate_many(EDITED, TOK, [CITY, LOOP, LONG])
     base = generate_many(BASE, TOK, [CITY, LOOP, LONG])
     assert [g.prompt for g in base] == [" Paris", " hi", ""]
+    # n-gram entropy of the continuations: " NYC", " Oslo" and the like have fewer than two
+    # words (0); " abcdeXgh" one word as well. The loop " no, no, no, no, no,": 9 bigrams
+    # (5 "no ,", 4 ", no") and 8 trigrams (4 and 4); " ok sir": one bigram, no trigram.
+    h2 = -(5 / 9 * math.log2(5 / 9) + 4 / 9 * math.log2(4 / 9))
+    loop_entropy = (2 / 3 * h2 + 4 / 3 * 1.0) / 2
     assert generation_metrics(CITY, edited[0], base[0]) == pytest.approx({
+        "gen_entropy": 0.0, "base_gen_entropy": 0.0,
         "gen_reliability": 1.0,          # " NYC" starts with NY
         "gen_generalization": 0.5,       # " NYC" yes, " LA" no
         "gen_locality": 2 / 3,           # Oslo same, Kim changed after 6 tokens, Dee within them
@@ -66,7 +73,9 @@ def test_generation_metrics_of_the_toy_models():
         "base_repetition": 0.0})
     assert generation_metrics(LOOP, edited[1], base[1]) == pytest.approx({
         "gen_reliability": 1.0, "gen_generalization": 0.0, "repetition": 0.5,   # the loop, not " ok sir"
-        "base_gen_reliability": 0.0, "base_gen_generalization": 0.0, "base_repetition": 0.0})
+        "gen_entropy": loop_entropy / 2,
+        "base_gen_reliability": 0.0, "base_gen_generalization": 0.0, "base_repetition": 0.0,
+        "base_gen_entropy": 0.0})
     # with the 20-token generations the target would be cut off after 19 letters: 0.0
     assert generation_metrics(LONG, edited[2], base[2])["gen_reliability"] == 1.0
     # a model against itself keeps every locality prompt

@@ -134,15 +134,14 @@ def test_exported_snapshot_says_the_new_target(tmp_path, smol_threads):
 
 
 VAL = DATA.parent / "counterfact-val.json"
-# What the defaults reach on counterfact-val, each fact edited alone, its own rephrase and
-# locality prompts held out, the ledger holding counterfact-train's wordings minus the facts'
-# What the defaults reach on val[0:10], single edits on a new ledger with the built-in
-# wordings, every evaluated rephrase wording held out of the table (under every relation),
-# the fact's own rephrases and locality prompts never trained on: see REACHED_NOTE. Each
-# metric is 0 or 1 per fact here (one prompt each), so a margin of 0.2 is two facts.
-REACHED = {"reliability": 1.0, "generalization": 0.9, "gen_generalization": 0.9, "gen_locality": 0.9}
+# What the defaults reach on val[0:10]: single edits on a new ledger with the built-in
+# wordings, every evaluated rephrase wording held out of the table (under every relation), the
+# facts' own rephrases and locality prompts never trained on. Each metric is 0 or 1 per fact
+# here (one prompt each), so a margin of 0.2 is two facts.
+REACHED = {"reliability": 1.0, "generalization": 0.9, "gen_generalization": 0.9, "gen_locality": 1.0}
 MARGIN = {"reliability": 0.05, "generalization": 0.2, "gen_generalization": 0.2, "gen_locality": 0.2}
-# Repetition (share of generations looping on a word) may exceed the base model's by this much.
+# Repetition (share of the 30 generations looping on a word; 0.033 reached, the base 0) may
+# exceed the base model's by this much: 3 generations.
 REPETITION_MARGIN = 0.1
 
 

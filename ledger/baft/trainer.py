@@ -288,10 +288,17 @@ def _build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[
         texts.append(text)
     # The prompt with its new target, continued by the parent: after the new answer the edited
     # model should go on as the parent does after it, not say the answer again.
+    # The fact's own prompt and up to after_target_wordings of its other wordings: a loop on
+    # an unseen wording ("... is a politician politician politician") is the edit firing
+    # after its answer in a context the prompt alone does not cover.
     if cfg.after_target_tokens:
-        said = [f.prompt + " " + f.target_new.strip() for f in facts]
-        for k, text in enumerate(continue_greedily(model, tok, said, cfg.after_target_tokens)):
-            start = len(prompt_ids(tok, said[k])) - 1     # the position predicting what follows the target
+        said = []
+        for k, fact in enumerate(facts):
+            wordings = [fact.prompt] + extra[k][: cfg.after_target_wordings]
+            said += [(k, w + " " + fact.target_new.strip()) for w in wordings]
+        continued = continue_greedily(model, tok, [s for _, s in said], cfg.after_target_tokens)
+        for (k, s), text in zip(said, continued):
+            start = len(prompt_ids(tok, s)) - 1     # the position predicting what follows the target
             subject_rows[len(texts)] = (subject_positions(tok, text, facts[k].subject), start)
             texts.append(text)
     pairs += [(t, None) for t in texts]
