@@ -1,7 +1,8 @@
 """Edit quality: BaFT vs ReFT vs FT-M, single and sequential editing, CounterFact and zsRE.
 
 One process, one model load. Per dataset (the first N records from --offset of
-counterfact/counterfact-edit-1k.json and zsre/zsre_mend_train-1k.json under --data-dir):
+counterfact/counterfact-edit-1k.json and zsre/zsre_mend_train-1k.json under --data-dir, and of
+bench/data/everyday-dev.json, hand-written everyday facts):
 
 - single:     each fact edited alone from the base model. BaFT/ReFT: one SQLite ledger,
               `checkout rev-1` then `Ledger.add` per fact (the full product path), the fact
@@ -424,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", type=name_list(METHODS), default=list(METHODS), metavar="M,...",
                     help="of baft,reft,ftm (default all)")
     ap.add_argument("--datasets", type=name_list(tuple(DATASETS)), default=list(DATASETS), metavar="D,...",
-                    help="of counterfact,zsre (default both)")
+                    help="of counterfact,zsre,everyday (default all three)")
     ap.add_argument("--settings", type=name_list(SETTINGS), default=["single", "sequential"], metavar="S,...",
                     help="of single,sequential,batch (default single,sequential; batch is added by --batch-K)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("LEDGER_THREADS") or 2),
