@@ -183,6 +183,13 @@ class _Bar(_PhaseBar):
 @click.option("--wordings-related", type=click.IntRange(0), default=BaftConfig.wordings_related, show_default=True,
               help="When the relation has fewer than N wordings, borrow from relations sharing at least this "
                    "many wordings with it (0: never).")
+@click.option("--other-relations", type=click.IntRange(0, 16), default=BaftConfig.other_relations, show_default=True,
+              help="Keep what the model says of the subject in up to N other catalogued relations "
+                   "(more steps; fewer changed neighbours that share the subject).")
+@click.option("--after-target-wordings", type=click.IntRange(0, 32), default=BaftConfig.after_target_wordings,
+              show_default=True, help="Train N of the fact's wordings, not only its prompt, to go on as the model "
+                                      "did after the new answer (fewer loops on the answer, less carry-over to "
+                                      "other wordings).")
 @click.option("--prefixes", "n_prefixes", type=click.IntRange(0, MAX_PREFIXES), default=BaftConfig.n_prefixes,
               show_default=True, help="Also train on the prompt behind N short fixed contexts.")
 @click.option("--train-dtype", type=click.Choice(list(TRAIN_DTYPES)), default=BaftConfig.train_dtype,
@@ -202,7 +209,7 @@ class _Bar(_PhaseBar):
 def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int, rotation_init: str,
         steps: int, lr: float, stop_prob: float,
         locality_weight: float, gate_weight: float, gate_floor: float, n_wordings: int, wordings_related: int,
-        n_prefixes: int, train_dtype: str, fmt: str, offset: int,
+        other_relations: int, after_target_wordings: int, n_prefixes: int, train_dtype: str, fmt: str, offset: int,
         limit: int | None, skip_bad: bool, batch: int, seed: int, message: str | None, as_json: bool) -> None:
     """Train one BaFT edit per fact in FILE and commit each as a new revision (with --batch K,
     K facts per revision, trained together).
@@ -214,7 +221,8 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
     """
     cfg = BaftConfig(method=method, layer=layer, rank=rank, rotation_init=rotation_init, steps=steps, lr=lr,
                      stop_prob=stop_prob, locality_weight=locality_weight, gate_weight=gate_weight, gate_floor=gate_floor,
-                     wordings=n_wordings, wordings_related=wordings_related, n_prefixes=n_prefixes,
+                     wordings=n_wordings, wordings_related=wordings_related, other_relations=other_relations,
+                     after_target_wordings=after_target_wordings, n_prefixes=n_prefixes,
                      train_dtype=train_dtype, seed=seed)
     loaded = load_facts(file, fmt=fmt, offset=offset, limit=limit, skip_bad=skip_bad)
     facts, problems = loaded if skip_bad else (loaded, [])

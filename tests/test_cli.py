@@ -87,6 +87,13 @@ def test_add_stop_prob_is_stored_with_the_edit(initialised, db_url, fact_file):
         assert lg.edit("edit-1").config["stop_prob"] == 0.5
 
 
+def test_add_neighbour_and_loop_options_are_stored_with_the_edit(initialised, db_url, fact_file):
+    initialised("add", str(fact_file), *FAST_ARGS, "--other-relations", "2", "--after-target-wordings", "3")
+    with Ledger.open(db_url) as lg:
+        config = lg.edit("edit-1").config
+    assert (config["other_relations"], config["after_target_wordings"]) == (2, 3)
+
+
 @pytest.mark.parametrize("content, needle", [
     (b"{not json", "not JSON"),
     (b'{"prompt": "Alice lives in"}', "missing required field 'target_new'"),
@@ -111,6 +118,7 @@ def test_malformed_fact_file_exit_2_and_nothing_written(initialised, db_url, tmp
     (["checkout", "x;DROP TABLE refs"], 2), (["log", "--rev", "../../etc"], 2),
     (["add", "/nonexistent/fact.json"], 2), (["add", "f.json", "--rank", "0"], 2), (["add", "f.json", "--prefixes", "9"], 2),
     (["add", "f.json", "--rotation-init", "sideways"], 2), (["add", "f.json", "--stop-prob", "1"], 2),
+    (["add", "f.json", "--other-relations", "-1"], 2), (["add", "f.json", "--after-target-wordings", "33"], 2),
     (["generate", "   "], 2), (["--threads", "0", "log"], 2), (["wordings", "import"], 2),
 ])
 def test_bad_arguments_are_one_line_errors(initialised, db_url, tmp_path, monkeypatch, args, code):
