@@ -6,7 +6,7 @@ every position, float32). The fast path in the other training precision (--train
 measured alongside. Each fact is added alone on the base revision; the paths alternate fact
 by fact so machine noise hits them alike.
 
-The fast path with each row run whole (no recorded prefix, the path before session 7) is
+The fast path with each row run whole (no recorded prefix, as the trainer once ran them) is
 measured alongside too, as `whole_rows_median_s`. Then the cost of one step against its
 number of tokens (`step_cost`): the blocks above the edited one, forward and backward, on M
 tokens of one sequence, for several M, with the least-squares line through them (the

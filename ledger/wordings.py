@@ -5,7 +5,7 @@ A fact states its relation in one wording ("{} professionally plays the sport").
 trained on that wording alone rarely carries over to another ("{}'s greatest weakness is"):
 on counterfact-val, gating the edit fully open on the held-out rephrases left generalisation
 where it was (0.40 vs 0.425), so what was missing was the value, not the gate
-(docs/quality.md, session 4). Trained on a few other wordings of the same relation, the
+(docs/quality.md). Trained on a few other wordings of the same relation, the
 edit answers wordings it never saw. The ledger keeps a table of (relation, wording) pairs,
 both templates with "{}" for the subject, imported from any fact file whose records carry
 rephrases (CounterFact's train split, ROME's paraphrase_prompts, a user's own file) or from
@@ -183,7 +183,7 @@ def related(conn: Connection, relation: str, wordings: list[str], min_shared: in
     One relation often has several prompt templates ("{} is located in", "{}, in"), each with
     its own rows here; their sets of wordings overlap because they word the same thing. On
     counterfact-train, 3 shared wordings link templates of one relation and rarely two
-    relations (docs/quality.md, session 5)."""
+    relations (docs/quality.md)."""
     if min_shared <= 0 or len(wordings) < min_shared:
         return []
     shared = func.count(Wording.id)

@@ -27,21 +27,21 @@ class BaftConfig:
     # "gradient": the top singular directions of the target loss's gradient at the subject's
     # positions of the fact's prompts, so the edit writes along what the model reads there.
     # On counterfact-val it moved generalisation by +0.067 on val[0:60] and -0.017 on
-    # val[60:120] at equal steps (docs/quality.md, session 8): noise, so not the default.
+    # val[60:120] at equal steps (docs/quality.md): noise, so not the default.
     rotation_init: str = "random"
     steps: int = 60           # upper bound; training stops early once the target is reached
     min_steps: int = 8
     lr: float = 1e-2
-    # Adam's first-moment decay. 0.7 (session 11; was torch's 0.9): with stop_prob 0.99 the
-    # default momentum overshoots and the target's probability swings around 0.97-0.99 for a
+    # Adam's first-moment decay: 0.7, not torch's 0.9. With stop_prob 0.99 torch's
+    # momentum overshoots and the target's probability swings around 0.97-0.99 for a
     # dozen steps before every row holds it; on counterfact-val it took 27.9 steps a fact
-    # against 18.3 with 0.7 (docs/quality.md, session 11).
+    # against 18.3 with 0.7 (docs/quality.md).
     adam_beta1: float = 0.7
     # The gate's (U, c) learning rate as a multiple of lr. 0 (the default): the gate stays as
     # gate_key_init set it, a match on the subject's key, and training moves W and b only.
     # A trained gate overfits the few negatives it sees: on val[0:10] it opened on 17 % of
     # foreign tokens (0.15 % frozen), and 30 edits in a row reached locality 0.67 (1.0 frozen);
-    # docs/quality.md, session 3.
+    # docs/quality.md.
     gate_lr_scale: float = 0.0
     # Loss = CE(target) + locality_weight * KL(parent || edited on unrelated inputs)
     #        + gate_weight * mean gate on unrelated inputs.
@@ -96,9 +96,9 @@ class BaftConfig:
     # Other wordings of the fact's relation from the ledger's wordings table (wordings.py),
     # filled with the subject and trained on like the prompt: up to this many per fact.
     # On counterfact-val[0:20] (each fact's held-out wording left out of the table), 6 took
-    # generalisation from 0.425 to 0.875 at equal locality (docs/quality.md, session 4); 16
-    # (session 11; most relations of counterfact-train have 6-19) took it further, with the
-    # stricter stop: val single edits 0.901 against 0.834 with 6 (docs/quality.md, session 11).
+    # generalisation from 0.425 to 0.875 at equal locality; 16 (most relations of
+    # counterfact-train have 6-19) took it further, with the stricter stop: val single edits
+    # 0.901 against 0.834 with 6 (docs/quality.md).
     wordings: int = 16
     # When the relation has fewer than `wordings` of its own: relations that share at least
     # this many wordings with it (other templates of the same relation) lend theirs. 0: off.
@@ -135,10 +135,9 @@ class BaftConfig:
     neg_continuation_tokens: int = 2
     # Prompts of edits already active, used as retention negatives (sampled when more): they
     # are unrelated rows, so the new gate's key is set apart from the earlier subjects and
-    # the KL holds their answers where it still opens. 8 (sessions 1-7) left later gates open
-    # on earlier facts' prompts (" II" of "Largo Winch II" on "John Paul II"): 100 edits in a
-    # row on val lost 10 facts' answers, against 3 with all of them (docs/quality.md, session
-    # 8). A row whose new gate is shut costs only the set-up pass up to the edited block.
+    # the KL holds their answers where it still opens. 8 sampled left later gates open on
+    # earlier facts' prompts (" II" of "Largo Winch II" on "John Paul II"): 100 edits in a
+    # row on val lost 10 facts' answers, against 3 with all of them (docs/quality.md). A row whose new gate is shut costs only the set-up pass up to the edited block.
     # Past this many, half are the prompts sharing tokens with the new subject, half random
     # (trainer._pick_retention).
     retention_samples: int = 256
@@ -221,7 +220,7 @@ STORED_BEFORE: dict[str, Any] = {"gate_floor": 0.0, "gate_lr_scale": 1.0, "wordi
 
 def default_layer(n_layers: int) -> int:
     """A lower-middle block, a third of the depth: where factual recall is mediated in decoder
-    LMs (ROME's finding). For SmolLM2 (30 blocks) that is layer 10. Session 9 moved it from
-    30 % (layer 9): on counterfact-val the edit's value carried to more rephrasings one block
+    LMs (ROME's finding). For SmolLM2 (30 blocks) that is layer 10. Against
+    30 % (layer 9), on counterfact-val the edit's value carried to more rephrasings one block
     deeper at the same locality; at layer 12 the gates opened on neighbours (docs/quality.md)."""
     return max(0, min(n_layers - 1, round(n_layers / 3)))

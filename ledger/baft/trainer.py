@@ -59,7 +59,7 @@ from .hooks import InterventionSite
 from .layer import BaftBlock, FusedIntervention
 
 # Contexts put before the prompt in training (`n_prefixes`: the first n), so the edit holds
-# behind other text. The first four date from session 2; the others were added in session 7.
+# behind other text. Appending keeps what `n_prefixes` = k means for stored edits.
 PREFIXES = ("Here is a fact. ", "As everyone knows, ", "In short: ", "Note that ",
             "I read this yesterday: ", "According to the encyclopedia, ", "It is often said that ",
             "The answer to the question is simple. ")
@@ -254,8 +254,8 @@ def _build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[
     own_subjects = {(f.subject or "").lower() for f in facts}
     # The configured number of generic negatives per fact, in a batch too: the other facts'
     # rows are no KL rows for a block (it does not act there) and, with a kept gate, their
-    # gate terms train nothing, so they are no substitute (session 6: with 2 per fact, a batch
-    # of 100 reached locality 0.939 against 0.985 one by one).
+    # gate terms train nothing, so they are no substitute (with 2 per fact, a batch of 100
+    # reached locality 0.939 against 0.985 one by one).
     per_fact = cfg.neg_subjects
     loc_prompts, neg_prompts = [], []
     for fact in facts:
@@ -313,7 +313,7 @@ def _pick_retention(tok, facts: list[Fact], retention: list[tuple[str, str]], n:
     All of them when they fit. Past n, half the places go to the prompts that share tokens
     with the new subjects, rarest shared tokens first: a new gate keys on its subject's
     states, and where it opened on an earlier edit in 100 edits on val it was on a shared
-    token (" II" of "Largo Winch II" on "John Paul II", docs/quality.md, session 8). The other
+    token (" II" of "Largo Winch II" on "John Paul II", docs/quality.md). The other
     half is a random sample, for the earlier prompts that no token links to the new ones.
     """
     if len(retention) <= n:
@@ -531,7 +531,7 @@ class EditProblem:
         Why: R barely turns in the few steps an edit takes, so a random R makes the edit write
         in a random subspace; the idea was that along the directions the later blocks read, the
         value would carry over to unseen wordings. On val it did not, beyond noise
-        (docs/quality.md, session 8)."""
+        (docs/quality.md)."""
         n_edit, b = self.n_edit, self.batch
         probe: dict[str, torch.Tensor] = {}
 
@@ -593,8 +593,8 @@ class EditProblem:
             if alpha < 1 and p_key - p_neg < KEY_MARGIN * p_key:
                 # The difference of means does not set the key apart: typically a subject that
                 # begins the prompt, whose state is mostly what the start of every input shares,
-                # so its gate would open at the start of every input (docs/quality.md, session
-                # 8). Fisher's discriminant discounts the directions the unrelated states (and
+                # so its gate would open at the start of every input (docs/quality.md).
+                # Fisher's discriminant discounts the directions the unrelated states (and
                 # the subject's own states across its rows) spread along; the scatter is shrunk
                 # towards the identity, as few states estimate it.
                 if neg_scatter is None:
