@@ -137,7 +137,8 @@ class BaftConfig:
     # are unrelated rows, so the new gate's key is set apart from the earlier subjects and
     # the KL holds their answers where it still opens. 8 sampled left later gates open on
     # earlier facts' prompts (" II" of "Largo Winch II" on "John Paul II"): 100 edits in a
-    # row on val lost 10 facts' answers, against 3 with all of them (docs/quality.md). A row whose new gate is shut costs only the set-up pass up to the edited block.
+    # row on val lost 10 facts' answers, against 3 with all of them (docs/quality.md). A row
+    # whose new gate is shut costs only the set-up pass up to the edited block.
     # Past this many, half are the prompts sharing tokens with the new subject, half random
     # (trainer._pick_retention).
     retention_samples: int = 256

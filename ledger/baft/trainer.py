@@ -286,11 +286,9 @@ def _build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[
     for (k, p), text in zip(own, continue_greedily(model, tok, [p for _, p in own], cfg.neg_continuation_tokens)):
         subject_rows[len(texts)] = (subject_positions(tok, text, facts[k].subject), 0)
         texts.append(text)
-    # The prompt with its new target, continued by the parent: after the new answer the edited
-    # model should go on as the parent does after it, not say the answer again.
-    # The fact's own prompt and up to after_target_wordings of its other wordings: a loop on
-    # an unseen wording ("... is a politician politician politician") is the edit firing
-    # after its answer in a context the prompt alone does not cover.
+    # The prompt (and up to after_target_wordings of its other wordings) with its new target,
+    # continued by the parent: after the new answer the edited model should go on as the
+    # parent does after it, not say the answer again.
     if cfg.after_target_tokens:
         said = []
         for k, fact in enumerate(facts):
