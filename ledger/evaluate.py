@@ -22,7 +22,6 @@ generation.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import re
 from collections import Counter
@@ -32,7 +31,7 @@ from typing import Callable, Iterable
 import torch
 
 from .facts import Fact
-from .text import Batch, batch_of, encode_pair, prompt_ids, scored_logits, target_ids
+from .text import Batch, batch_of, cache_keyword, encode_pair, prompt_ids, scored_logits, target_ids
 
 # A batch holds at most this many sequence positions (rows x padded length). Where the head
 # cannot run at the scored positions alone (text.scored_logits) the logits are
@@ -127,6 +126,12 @@ def measure(model, tok, fact: Fact) -> Measurement:
     return measure_many(model, tok, [fact])[0]
 
 
+def answers(m: Measurement) -> bool:
+    """The model already gives the fact's new target on its prompt (every target token is the
+    argmax): `ledger add` refuses such a fact, there is nothing to edit."""
+    return m.accuracy["rel"][0] == 1.0
+
+
 def _mean(xs: list[float]) -> float:
     return float(sum(xs) / len(xs))
 
@@ -190,13 +195,6 @@ def fluency_prompts(fact: Fact) -> list[str]:
     return [fact.prompt, *fact.rephrase_prompts]
 
 
-def _cache_argument(model) -> str | None:
-    """The name under which this model's forward takes and returns its KV cache, if any
-    (`cache` in transformers 5, `past_key_values` before)."""
-    params = inspect.signature(model.forward).parameters
-    return next((n for n in ("cache", "past_key_values") if n in params), None)
-
-
 @torch.no_grad()
 def greedy_token_ids(model, tok, prompts: list[str], *, max_length: int = FLUENCY_MAX_LENGTH,
                      max_new_tokens: int | list[int] | None = None, max_rows: int = 32,
@@ -219,7 +217,7 @@ def greedy_token_ids(model, tok, prompts: list[str], *, max_length: int = FLUENC
             raise ValueError("max_new_tokens needs one number per prompt")
     eos = tok.eos_token_id
     device = next(model.parameters()).device
-    cache_arg = _cache_argument(model)
+    cache_arg = cache_keyword(model)
     by_len: dict[int, list[int]] = {}
     for i, s in enumerate(ids):
         by_len.setdefault(len(s), []).append(i)

@@ -52,8 +52,8 @@ import torch
 from ..errors import StateError
 from ..facts import Fact
 from ..models import hidden_size
-from ..text import (Batch, PrefixKV, cache_kwarg, head_matches_logits, make_batch, packed_inputs, packing_works,
-                    prefix_split_works, prompt_ids, split_inputs)
+from ..text import Batch, cache_keyword, head_matches_logits, make_batch, prompt_ids
+from .packing import PrefixKV, packed_inputs, packing_works, prefix_split_works, split_inputs
 from .config import MAX_PREFIXES, BaftConfig
 from .hooks import InterventionSite
 from .layer import BaftBlock, FusedIntervention
@@ -480,7 +480,7 @@ class EditProblem:
             first = torch.minimum(first, torch.where(apply[..., 0] > 0, cols, big).amin(1))
         self.first_free = first
         self.split = self.packed and cfg.fast_path and prefix_split_works(model)
-        self._cache_kw = cache_kwarg(model) if self.split else None
+        self._cache_kw = cache_keyword(model.base_model) if self.split else None
         self._replay = _ReplayBelow(layers, layer, self.site, self._site_out)
         # train_dtype bfloat16: the fast steps run the blocks above the edited one in bfloat16.
         self._low = _LowPrecisionAbove(layers, layer) \
