@@ -141,3 +141,24 @@ def cache_keyword(module) -> str | None:
     (`cache` in transformers 5, `past_key_values` before); None when it takes none."""
     params = inspect.signature(module.forward).parameters
     return next((n for n in ("cache", "past_key_values") if n in params), None)
+
+
+@torch.no_grad()
+def continue_greedily(model, tok, prompts: list[str], n_tokens: int | list[int]) -> list[str]:
+    """Each prompt followed by the model's greedy continuation of n_tokens (one count for all,
+    or one per prompt), as text, all prompts in one left-padded generate call."""
+    counts = list(n_tokens) if isinstance(n_tokens, (list, tuple)) else [n_tokens] * len(prompts)
+    if not prompts or max(counts) <= 0:
+        return list(prompts)
+    device = next(model.parameters()).device
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = tok(list(prompts), return_tensors="pt", padding=True).to(device)
+    finally:
+        tok.padding_side = side
+    gen = model.generate(**enc, max_new_tokens=max(counts), do_sample=False, pad_token_id=tok.pad_token_id)
+    new = gen[:, enc["input_ids"].shape[1]:]
+    # Greedy: the first k tokens of a longer continuation are the continuation of k tokens.
+    return [p + tok.decode(row[:k], skip_special_tokens=True) if k > 0 else p
+            for p, row, k in zip(prompts, new, counts)]

@@ -1,11 +1,11 @@
 """The intervention's algebra: BaFT reduces to LoReFT with a constant gate, and the fused
 stack of k blocks equals the sum of the k blocks applied one by one."""
-from contextlib import nullcontext
-
 import torch
 
 from ledger.baft import BaftBlock, BaftConfig, FusedIntervention, InterventionSite
+from ledger.baft.fast import FastLogits
 from ledger.baft.layer import REFT_GATE_BIAS, block_delta
+from ledger.baft.plain import PlainLogits
 from ledger.models import load_base
 
 import pytest
@@ -102,6 +102,10 @@ def test_config_rejects_bad_values():
 EDITED = 1
 
 
+def _path(problem, fast: bool):
+    return FastLogits(problem) if fast else PlainLogits(problem)
+
+
 def _parent_sites(base):
     """A frozen parent edit at a lower layer and one at the edited layer, as in a real ledger."""
     sites = {0: InterventionSite(0, FusedIntervention([_random_block(base.hidden_size, 2, 5).tensors()], base.hidden_size)),
@@ -129,7 +133,7 @@ def test_fast_path_gives_the_same_gradients(family, method, n_facts, floor, gate
     """The optimised training path (lower blocks replayed from cache, output head only where the
     loss reads, rows packed without pads, and with a gate floor only the rows where a new gate
     is open) gives the same loss and gradients as the plain full forward, to 1e-5."""
-    from ledger.baft.trainer import EditProblem
+    from ledger.baft.objective import EditProblem
     if method == "reft" and (floor or not gate_lr):
         pytest.skip("a ReFT gate is constant: no floor, nothing to freeze")
     base = load_base(str(request.getfixturevalue(family)))
@@ -146,30 +150,31 @@ def test_fast_path_gives_the_same_gradients(family, method, n_facts, floor, gate
             for p in problem.parameters():
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
         grads, losses = {}, {}
+        fast_path = FastLogits(problem)
         for fast in (False, True):
             for p in problem.parameters():
                 p.grad = None
-            with (problem.fast() if fast else nullcontext()):
-                res = problem.step()
+            with (fast_path if fast else PlainLogits(problem)) as path:
+                res = problem.step(path)
                 res.backward()
             losses[fast] = res.parts
             grads[fast] = [p.grad.clone() for p in problem.parameters()]
         run = {fast: parts.pop("rows_run") for fast, parts in losses.items()}
         tokens = {fast: parts.pop("tokens_run") for fast, parts in losses.items()}
-        assert problem.packed                        # both families run the rows packed
-        live = problem.needed
+        assert fast_path.packed                      # both families run the rows packed
+        live = fast_path.needed
         cols = torch.arange(live.shape[1])
-        frozen = live & (cols[None, :] < problem.first_free[:, None])
+        frozen = live & (cols[None, :] < fast_path.first_free[:, None])
         if floor:   # the floored path really left rows out
-            assert run[True] < run[False] == problem.batch.input_ids.shape[0]
-            with problem.fast():
-                rows = problem._rows_to_run(problem._step_gates()[1])
+            assert run[True] < run[False] == problem.rows.batch.input_ids.shape[0]
+            with fast_path:
+                rows = fast_path.rows_to_run(fast_path.live_rows(problem.raw_gates()), problem.active())
             live, frozen = live[rows], frozen[rows]
         # packed: exactly the needed tokens of the rows run (no pad, no edit row's last token),
         # less the frozen prefixes before the subject (BaFT) that the steps read from a record
-        assert problem.split and (int(frozen.sum()) > 0) == (method == "baft")
-        assert tokens[True] == int(live.sum()) - int(frozen.sum()) and tokens[False] == problem.batch.input_ids.numel()
-        assert int(problem.needed.sum()) == int(problem.batch.attention_mask.sum()) - problem.n_edit
+        assert fast_path.split and (int(frozen.sum()) > 0) == (method == "baft")
+        assert tokens[True] == int(live.sum()) - int(frozen.sum()) and tokens[False] == problem.rows.batch.input_ids.numel()
+        assert int(fast_path.needed.sum()) == int(problem.rows.batch.attention_mask.sum()) - problem.rows.n_edit
         for k in losses[True]:
             assert abs(losses[True][k] - losses[False][k]) <= 1e-5, k
         assert any(g.abs().max() > 1e-6 for g in grads[False])
@@ -182,15 +187,15 @@ def test_fast_path_gives_the_same_gradients(family, method, n_facts, floor, gate
     assert all(type(m).__name__ not in ("_Skip", "_Replay") for m in base.layers)
 
 
-def _grads_of(problem):
-    res = problem.step()
+def _grads_of(problem, path):
+    res = problem.step(path)
     res.backward()
     problem.drop_done_gradients()
     return res.parts, [None if p.grad is None else p.grad.clone() for p in problem.parameters()]
 
 
 def _moved_problem(base, cfg, n_facts=2):
-    from ledger.baft.trainer import EditProblem
+    from ledger.baft.objective import EditProblem
     problem = EditProblem(base.model, base.tokenizer, _parent_sites(base), base.layers, _facts()[:n_facts], cfg,
                           layer=EDITED, retention=[("Paris is in", "France")])
     with torch.no_grad():
@@ -208,13 +213,13 @@ def test_a_step_in_groups_of_rows_gives_the_same_gradients(family, floor, gate_l
     problem = _moved_problem(base, BaftConfig(rank=2, n_prefixes=1, gate_floor=floor, gate_lr_scale=gate_lr))
     try:
         out, groups = {}, {}
-        with problem.fast():
+        with FastLogits(problem) as path:
             for tokens in (10_000, 8):
-                problem.chunk_tokens = tokens
-                groups[tokens] = len(problem._chunks(problem._rows_to_run(problem._step_gates()[1])))
+                path.chunk_tokens = tokens
+                groups[tokens] = len(path.row_groups(path.live_rows(problem.raw_gates()), problem.active()))
                 for p in problem.parameters():
                     p.grad = None
-                out[tokens] = _grads_of(problem)
+                out[tokens] = _grads_of(problem, path)
         assert groups[10_000] == 1 and groups[8] > 2          # 8 tokens: several groups really ran
         (pa, ga), (pb, gb) = out[10_000], out[8]
         for k in ("loss", "ce", "kl", "gate", "gate_open", "worst_kl", "tokens_run", "rows_run"):
@@ -234,12 +239,12 @@ def test_a_finished_fact_leaves_the_other_blocks_gradients_alone(family, fast, r
     base = load_base(str(request.getfixturevalue(family)))
     problem = _moved_problem(base, BaftConfig(rank=2, n_prefixes=1, gate_floor=0.3))
     try:
-        with (problem.fast() if fast else nullcontext()):
-            before, g_before = _grads_of(problem)
+        with _path(problem, fast) as path:
+            before, g_before = _grads_of(problem, path)
             for p in problem.parameters():
                 p.grad = None
             problem.finish(0)
-            after, g_after = _grads_of(problem)
+            after, g_after = _grads_of(problem, path)
         own = [id(p) for p in problem.blocks[0].parameters() if p.requires_grad]
         for p, a, b in zip(problem.parameters(), g_before, g_after):
             if id(p) in own:
@@ -247,7 +252,7 @@ def test_a_finished_fact_leaves_the_other_blocks_gradients_alone(family, fast, r
             else:
                 assert (a - b).abs().max() <= 1e-6
         if fast:
-            n0 = sum(1 for o in problem.row_owner.tolist() if o == 0)
+            n0 = sum(1 for o in problem.rows.row_owner.tolist() if o == 0)
             assert after["rows_run"] <= before["rows_run"] - n0   # and the rows live for block 0 only
     finally:
         problem.close()
@@ -279,7 +284,7 @@ def test_gradient_rotation_spans_the_top_directions_of_the_loss_gradient(family,
     """rotation_init="gradient": each block's R starts as the top-r right singular vectors of
     dCE/dh at the positions it acts on (its own fact's edit rows), here computed apart with a
     plain forward of the whole model; the block still starts as the identity."""
-    from ledger.baft.trainer import EditProblem
+    from ledger.baft.objective import EditProblem
     base = load_base(str(request.getfixturevalue(family)))
     sites = _parent_sites(base)
     r = 2
@@ -292,7 +297,7 @@ def test_gradient_rotation_spans_the_top_directions_of_the_loss_gradient(family,
     random_start.close()
     problem = make("gradient")
     try:
-        b, n = problem.batch, problem.n_edit
+        b, n = problem.rows.batch, problem.rows.n_edit
         probe = {}
 
         def add(module, args, out):
@@ -310,9 +315,9 @@ def test_gradient_rotation_spans_the_top_directions_of_the_loss_gradient(family,
         tm = b.target_mask[:n]
         ce = -torch.log_softmax(logits[tm], -1).gather(-1, b.next_ids[:n][tm][:, None]).sum()
         [grad] = torch.autograd.grad(ce, probe["d"])
-        owner = problem.row_owner[:n]
+        owner = problem.rows.row_owner[:n]
         for k, blk in enumerate(problem.blocks):
-            g = grad[(problem.apply_masks[k][:n, :, 0] > 0) & (owner == k)[:, None]]
+            g = grad[(problem.rows.apply_masks[k][:n, :, 0] > 0) & (owner == k)[:, None]]
             top = torch.linalg.svdvals(g)[:r].square().sum()
             R = blk.R.detach()
             assert torch.allclose(R @ R.T, torch.eye(r), atol=1e-5)
@@ -334,13 +339,13 @@ def test_a_key_at_the_shared_start_of_every_input_opens_only_under_fishers_direc
     (key - mean of the unrelated states) then opens the gate at the start of every unrelated
     row; Fisher's direction, which discounts what the unrelated states vary along, opens it at
     the key only."""
-    from ledger.baft.trainer import EditProblem
+    from ledger.baft.objective import EditProblem
     base = load_base(str(tiny_llama))
     cfg = BaftConfig(rank=2, n_prefixes=1, gate_key_shrinkage=shrinkage)
     problem = EditProblem(base.model, base.tokenizer, {}, base.layers, _facts()[:1], cfg, layer=EDITED)
     try:
         g = torch.Generator().manual_seed(0)
-        B, T = problem.batch.input_ids.shape
+        B, T = problem.rows.batch.input_ids.shape
         d = base.hidden_size
         h = torch.randn(B, T, d, generator=g)
         sink = torch.randn(d, generator=g)
@@ -348,19 +353,19 @@ def test_a_key_at_the_shared_start_of_every_input_opens_only_under_fishers_direc
         unique = torch.randn(d, generator=g)
         unique = 10 * unique / unique.norm()
         h[:, 0] += sink                                    # every row's first position
-        key_at = problem.open_masks[0]
+        key_at = problem.rows.open_masks[0]
         h[key_at] = sink + unique                          # the subject is the first token
         block = problem.blocks[0]
         with torch.no_grad():
             block.U.zero_()
             problem._init_gates(h)
             gate = block.gate(block.raw_gate(h)).amax(-1)
-        real = problem.batch.attention_mask.bool()
+        real = problem.rows.batch.attention_mask.bool()
         assert float(gate[key_at].min()) > 0.9
-        unrelated_start = gate[problem.n_edit:, 0]
+        unrelated_start = gate[problem.rows.n_edit:, 0]
         assert bool((unrelated_start > 0).any()) == opens_on_sink
         if not opens_on_sink:
-            assert float(gate[problem.n_edit:][real[problem.n_edit:]].max()) == 0.0
+            assert float(gate[problem.rows.n_edit:][real[problem.rows.n_edit:]].max()) == 0.0
         # A key the plain direction sets apart (no shared start) gets the plain direction
         # whatever the shrinkage: the same gate as before this option existed.
         h[:, 0] -= sink
@@ -383,7 +388,7 @@ def test_packed_reference_pass_equals_the_padded_model(family, request):
     full forward does; the parent's distributions taken on the fast path (replayed, packed,
     head only where read, the new blocks set aside) equal the plain padded forward's, and are
     taken only for the rows asked for."""
-    from ledger.baft.trainer import EditProblem
+    from ledger.baft.objective import EditProblem
     base = load_base(str(request.getfixturevalue(family)))
     sites = _parent_sites(base)
     captured = {}
@@ -395,7 +400,7 @@ def test_packed_reference_pass_equals_the_padded_model(family, request):
     problem = EditProblem(base.model, base.tokenizer, sites, base.layers, _facts(), BaftConfig(rank=2), layer=EDITED,
                           retention=[("Paris is in", "France")])
     try:
-        assert problem.packed and problem.head_ok
+        assert FastLogits(problem).packed and problem.head_ok
         assert len(problem._ref_logp) == 0                  # nothing above the edited block ran yet
         with torch.no_grad():
             for p in problem.parameters():          # the blocks off the identity: set aside, they must not count
@@ -403,16 +408,16 @@ def test_packed_reference_pass_equals_the_padded_model(family, request):
         captured.clear()
         trainable, problem.site.trainable = problem.site.trainable, torch.nn.ModuleList()
         with torch.no_grad():
-            plain = torch.log_softmax(problem._logits_plain().float(), -1)[problem.n_tgt:]
+            plain = torch.log_softmax(PlainLogits(problem).logits(None).float(), -1)[problem.rows.n_tgt:]
         problem.site.trainable = trainable
         out = captured["out"][0] if isinstance(captured["out"], tuple) else captured["out"]
-        real = problem.batch.attention_mask.bool()
-        assert (out[real] - problem._site_h[real]).abs().max() <= 1e-5
-        first = problem.row_of_pos == 0                     # the first unrelated row only
-        with problem.fast():
-            part = problem.reference(first)
+        real = problem.rows.batch.attention_mask.bool()
+        assert (out[real] - problem.site_h[real]).abs().max() <= 1e-5
+        first = problem.rows.row_of_pos == 0                     # the first unrelated row only
+        with FastLogits(problem) as path:
+            part = problem.reference(path, first)
             assert len(problem._ref_logp) == int(first.sum())
-            full = problem.reference()
+            full = problem.reference(path)
         assert (part - plain[first]).abs().max() <= 1e-5
         assert (full - plain).abs().max() <= 1e-5
     finally:
@@ -425,7 +430,8 @@ def test_bfloat16_steps_stay_close_and_leave_the_model_float32(family, request):
     """train_dtype bfloat16: the fast steps' gradients point where the float32 plain path's do
     (bfloat16 rounding only), the parent's reference is taken the same way (an untrained edit
     changes no distribution), and the model's weights are float32 and unchanged afterwards."""
-    from ledger.baft.trainer import EditProblem, train_edits
+    from ledger.baft.objective import EditProblem
+    from ledger.baft.trainer import train_edits
     base = load_base(str(request.getfixturevalue(family)))
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
     sites = _parent_sites(base)
@@ -436,13 +442,14 @@ def test_bfloat16_steps_stay_close_and_leave_the_model_float32(family, request):
         problem = EditProblem(base.model, base.tokenizer, sites, base.layers, _facts(), cfg, layer=EDITED,
                               retention=[("Paris is in", "France")])
         try:
-            assert (problem._low is not None) == (dtype == "bfloat16")
-            with problem.fast():
-                assert problem.step().parts["worst_kl"] <= 1e-6        # the identity start changes nothing
+            path = FastLogits(problem)
+            assert (path.low is not None) == (dtype == "bfloat16")
+            with path:
+                assert problem.step(path).parts["worst_kl"] <= 1e-6        # the identity start changes nothing
                 with torch.no_grad():
                     for p in problem.parameters():
                         p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
-                problem.step().backward()
+                problem.step(path).backward()
             grads[dtype] = torch.cat([p.grad.flatten() for p in problem.parameters()])
         finally:
             problem.close()
@@ -462,7 +469,7 @@ def test_retention_past_the_cap_keeps_the_prompts_that_share_the_new_subjects_to
     import json
     import random
     from transformers import AutoTokenizer
-    from ledger.baft.trainer import _pick_retention
+    from ledger.baft.rows import pick_retention
     from ledger.facts import parse_facts_text
     from conftest import FACT
     tok = AutoTokenizer.from_pretrained(str(tiny_llama))
@@ -470,21 +477,22 @@ def test_retention_past_the_cap_keeps_the_prompts_that_share_the_new_subjects_to
     pool = [(f"Edit number {i} is about", "France") for i in range(200)]
     pool[37] = ("The Xqz tower is in", "Spain")          # shares " Xqz"'s rare tokens
     pool[150] = ("Old Vault stands in", "Italy")        # shares "Vault"
-    kept = _pick_retention(tok, [fact], pool, 8, random.Random(0))
+    kept = pick_retention(tok, [fact], pool, 8, random.Random(0))
     assert len(kept) == 8 and len(set(kept)) == 8 and set(kept) <= set(pool)
     assert pool[37] in kept and pool[150] in kept
     assert kept == [p for p in pool if p in kept]     # the ledger's order
-    assert _pick_retention(tok, [fact], pool[:8], 8, random.Random(0)) == pool[:8]
+    assert pick_retention(tok, [fact], pool[:8], 8, random.Random(0)) == pool[:8]
     # a fact without a subject: a plain random sample
     bare = parse_facts_text(json.dumps([{k: v for k, v in FACT.items() if k != "subject"}]))[0]
-    assert len(_pick_retention(tok, [bare], pool, 8, random.Random(0))) == 8
+    assert len(pick_retention(tok, [bare], pool, 8, random.Random(0))) == 8
 
 
 def test_rows_of_the_subject_itself_are_read_after_the_target_and_are_no_key_negatives(tiny_llama):
     """The prompt continued after its new target is read from the position that predicts what
     follows the target; the subject in another relation is read whole. In both, the subject's
     own states are no negatives for the gate's key, and the stop rule does not wait for them."""
-    from ledger.baft.trainer import EditProblem, subject_positions
+    from ledger.baft.objective import EditProblem
+    from ledger.baft.rows import subject_positions
     from ledger.text import prompt_ids
     base = load_base(str(tiny_llama))
     fact = _facts()[0]
@@ -492,20 +500,20 @@ def test_rows_of_the_subject_itself_are_read_after_the_target_and_are_no_key_neg
     problem = EditProblem(base.model, base.tokenizer, {}, base.layers, [fact], cfg, layer=EDITED,
                           other_prompts=[[f"{fact.subject} was born in"]])
     try:
-        n_edit, tok = problem.n_edit, base.tokenizer
-        other, after = n_edit + problem.n_unrelated - 2, n_edit + problem.n_unrelated - 1
-        real = problem.batch.attention_mask.bool()
-        assert bool(problem.read[other][real[other]].all())
+        n_edit, tok = problem.rows.n_edit, base.tokenizer
+        other, after = n_edit + problem.rows.n_unrelated - 2, n_edit + problem.rows.n_unrelated - 1
+        real = problem.rows.batch.attention_mask.bool()
+        assert bool(problem.rows.read[other][real[other]].all())
         start = len(prompt_ids(tok, fact.prompt + " " + fact.target_new)) - 1
-        read_cols = problem.read[after].nonzero().squeeze(1).tolist()
+        read_cols = problem.rows.read[after].nonzero().squeeze(1).tolist()
         assert read_cols == list(range(start, int(real[after].sum())))
         for row in (other, after):
-            text = tok.decode(problem.batch.input_ids[row][real[row]], skip_special_tokens=True)
+            text = tok.decode(problem.rows.batch.input_ids[row][real[row]], skip_special_tokens=True)
             pos = subject_positions(tok, text, fact.subject)
-            assert pos and not bool(problem.key_neg[row, pos].any())
-            assert bool(problem.key_neg[row][real[row]].sum() == int(real[row].sum()) - len(pos))
-        assert problem.stop_row.tolist() == [True] * (problem.n_unrelated - 2) + [False, False]
-        assert not bool(problem.key_neg[:n_edit].any())
+            assert pos and not bool(problem.rows.key_neg[row, pos].any())
+            assert bool(problem.rows.key_neg[row][real[row]].sum() == int(real[row].sum()) - len(pos))
+        assert problem.rows.stop_row.tolist() == [True] * (problem.rows.n_unrelated - 2) + [False, False]
+        assert not bool(problem.rows.key_neg[:n_edit].any())
     finally:
         problem.close()
 
@@ -513,7 +521,7 @@ def test_rows_of_the_subject_itself_are_read_after_the_target_and_are_no_key_neg
 def test_after_target_rows_cover_the_prompt_and_some_of_its_wordings(tiny_llama):
     """after_target_wordings: besides the prompt, that many of the relation's other wordings
     get a row continued after the new target, each read from the position after the target."""
-    from ledger.baft.trainer import EditProblem
+    from ledger.baft.objective import EditProblem
     from ledger.text import prompt_ids
     base = load_base(str(tiny_llama))
     fact = _facts()[0]
@@ -524,13 +532,13 @@ def test_after_target_rows_cover_the_prompt_and_some_of_its_wordings(tiny_llama)
         cfg = BaftConfig(rank=2, n_prefixes=0, after_target_tokens=2, after_target_wordings=n)
         problem = EditProblem(base.model, tok, {}, base.layers, [fact], cfg, layer=EDITED, extra_prompts=[extra])
         try:
-            real = problem.batch.attention_mask.bool()
+            real = problem.rows.batch.attention_mask.bool()
             texts = []
-            for row in range(problem.n_edit, problem.n_edit + problem.n_unrelated):
-                if problem.stop_row[row - problem.n_edit]:
+            for row in range(problem.rows.n_edit, problem.rows.n_edit + problem.rows.n_unrelated):
+                if problem.rows.stop_row[row - problem.rows.n_edit]:
                     continue
-                text = tok.decode(problem.batch.input_ids[row][real[row]], skip_special_tokens=True)
-                read = problem.read[row].nonzero().squeeze(1).tolist()
+                text = tok.decode(problem.rows.batch.input_ids[row][real[row]], skip_special_tokens=True)
+                read = problem.rows.read[row].nonzero().squeeze(1).tolist()
                 said = next(w for w in [fact.prompt, *extra] if text.startswith(w + " " + fact.target_new))
                 assert read[0] == len(prompt_ids(tok, said + " " + fact.target_new)) - 1
                 texts.append(said)

@@ -1,0 +1,406 @@
+"""The BaFT objective of one training run: the loss of a step, the gate's starting key, and the
+rule that says when a fact is done.
+
+The model arrives with the parent revision's fused interventions attached and frozen; each new
+block (one per fact) is added beside them at its layer, so an edit is trained in exactly the
+composition it will be deployed in. Only the new blocks' parameters receive gradients.
+
+Loss of one step, over the rows of rows.py:
+
+    CE(target_new | edit rows)                                   make the edit
+  + locality_weight * KL(parent || edited) over unrelated rows    leave the rest alone
+  + gate_weight * mean gate s where the edit must not fire        keep the gate shut there
+  + gate_open_weight * -log s at the subject's last token         ... and open on the subject
+
+The parent's distributions on the unrelated rows are taken with the new blocks set aside, once
+per row, on first need. The gate terms read the gate before its floor (see layer.py), from the
+edited block's input, which nothing trained changes: it is computed once, in a set-up pass.
+
+A fact is done when each of its target tokens is the argmax with probability at least
+`stop_prob` and its unrelated rows are back to the parent (KL at most `stop_kl`).
+
+The objective reads the model through `Logits`, "the logits at the read positions of these
+rows": `plain.PlainLogits` runs the whole model forward; `fast.FastLogits` computes the same
+values faster (tests/test_baft.py holds the two equal in loss and gradients).
+"""
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import torch
+
+from ..facts import Fact
+from ..models import hidden_size
+from ..text import head_matches_logits
+from .config import BaftConfig
+from .hooks import InterventionSite
+from .layer import BaftBlock, FusedIntervention
+from .packing import block_output, map_hidden, packing_works
+from .rows import TrainingRows, build_rows
+
+# The gate's key init: the gate is ~0.95 at the key and ~0.05 this share of the key's distance
+# closer to the unrelated states' mean, or at the closest unrelated state if that is further.
+KEY_MARGIN = 0.25
+
+
+class Logits(Protocol):
+    """How a step reads the model: the logits at the read positions of some rows."""
+
+    tokens_run: int     # the positions the last `logits` call ran through the model
+
+    def live_rows(self, raw_gates: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Per block, the rows where it can change anything this step (None: every row)."""
+
+    def row_groups(self, live: list[torch.Tensor] | None, active: list[int]) -> list[torch.Tensor | None]:
+        """The rows a step runs, in the groups it runs and back-propagates them in (None: all
+        rows), for the blocks still training (`active`)."""
+
+    def logits(self, rows: torch.Tensor | None, *, parent: bool = False) -> torch.Tensor:
+        """(read positions of `rows`, vocabulary): the logits at the read positions of these
+        rows (None: all rows), row-major. parent: the new blocks are set aside."""
+
+
+@dataclass
+class Step:
+    """One evaluation of the loss (EditProblem.step)."""
+    loss: float
+    parts: dict[str, float]
+    reached: list[bool]                 # per fact
+    pending: torch.Tensor | None        # the loss graph not yet back-propagated
+
+    def backward(self) -> None:
+        if self.pending is not None and self.pending.requires_grad:
+            self.pending.backward()
+        self.pending = None
+
+
+class EditProblem:
+    """The rows, new blocks and parent distributions of one training run, and its loss."""
+
+    def __init__(self, model, tok, sites: dict[int, InterventionSite], layers, facts: list[Fact],
+                 cfg: BaftConfig, *, layer: int, retention: list[tuple[str, str]] = (),
+                 extra_prompts: list[list[str]] | None = None, other_prompts: list[list[str]] | None = None):
+        self.model, self.cfg, self.layer, self.layers = model, cfg, layer, layers
+        self.device = device = next(model.parameters()).device
+        rng = random.Random(cfg.seed)
+        extra = [list(x) for x in extra_prompts] if extra_prompts is not None else [[] for _ in facts]
+        if len(extra) != len(facts):
+            raise ValueError("extra_prompts needs one list per fact")
+        self.n_extra = sum(len(x) for x in extra)
+        others = [list(x) for x in other_prompts] if other_prompts is not None else [[] for _ in facts]
+        self.rows = rows = TrainingRows(tok, build_rows(model, tok, facts, cfg, list(retention), rng, extra, others),
+                                        cfg, len(facts), device)
+
+        self.own_site = layer not in sites
+        if self.own_site:
+            site = InterventionSite(layer, FusedIntervention([], hidden_size(model)))
+            site.attach(layers[layer])
+            sites = {**sites, layer: site}
+        self.site = sites[layer]
+
+        # The edited block's raw output for every row, from one no-grad pass of the parent that
+        # ends there; run packed where the model gives the same results so (checked once per
+        # model, packing.py). Its hidden state is the h every new block and gate reads.
+        self.head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.head_ok = self.head is not None and head_matches_logits(model)
+        batch = rows.batch
+        self.site_out = block_output(model, layers[layer], batch.input_ids, batch.attention_mask,
+                                     packed=self.head_ok and packing_works(model), base=self.head_ok)
+        self.site_h = (self.site_out[0] if isinstance(self.site_out, tuple) else self.site_out).detach()
+        # The parent's log-probabilities at the unrelated read positions, filled row by row
+        # on first need: _ref_index[i] is position i's row in _ref_logp, -1 until computed.
+        vocab = self.head.weight.shape[0] if self.head is not None else model.config.vocab_size
+        self._ref_logp = torch.empty(0, vocab, device=device)
+        self._ref_index = torch.full((len(rows.row_of_pos),), -1, dtype=torch.long, device=device)
+        # Facts whose block has reached its target and is frozen (a batch: see step()).
+        self.done = [False] * len(facts)
+        # A BaFT block acts on its own fact's rows only; a ReFT block on every row.
+        self.separable = cfg.method == "baft"
+        # A kept gate (gate_lr_scale 0) never changes: its raw values are computed once.
+        self.gate_kept = cfg.method == "baft" and cfg.gate_lr_scale == 0
+        self._raw: list[torch.Tensor] | None = None
+
+        # The orthogonal parametrisation draws from torch's global generator when it is set
+        # up: seed it too (in a fork, leaving the caller's state alone) so edits reproduce.
+        gen = torch.Generator().manual_seed(cfg.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.blocks = [BaftBlock(hidden_size(model), cfg.rank, method=cfg.method,
+                                     gate_bias_init=cfg.gate_bias_init, gate_floor=cfg.gate_floor,
+                                     generator=gen).to(device)
+                           for _ in facts]
+        self.key_fisher = [False] * len(facts)     # per block: its gate's key by Fisher's direction
+        if cfg.gate_key_init and cfg.method == "baft":
+            self._init_gates(self.site_h)
+        if cfg.rotation_init == "gradient":
+            for block, q in zip(self.blocks, self._gradient_rotations(gen)):
+                block.start_rotation(q)
+        if cfg.gate_lr_scale == 0:
+            for block in self.blocks:       # the gate stays as initialised: no gradient at all
+                block.U.requires_grad_(False)
+                block.c.requires_grad_(False)
+        for block, mask in zip(self.blocks, rows.apply_masks):
+            block.train_mask = mask
+            self.site.trainable.append(block)
+
+    # --- how a block starts -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _init_gates(self, h: torch.Tensor) -> None:
+        """Each gate starts as a match on its subject's key: U along the direction that sets
+        the key (the mean state at the subject's last token of its edit rows) apart from the
+        unrelated states, c so that the gate is ~0.95 at the key and ~0.05 at the closest
+        unrelated state (or KEY_MARGIN of the way to the unrelated states' mean)."""
+        h = h.float()
+        neg = h[self.rows.key_neg]
+        mu = neg.mean(0)
+        alpha = self.cfg.gate_key_shrinkage
+        neg_scatter = None      # d x d, computed only if some key needs Fisher's direction
+
+        def separation(direction, key):
+            """(unit direction, the key's projection, the closest unrelated state's), from mu."""
+            e = direction / direction.norm()
+            return e, float((key - mu) @ e), float(((neg - mu) @ e).max())
+
+        for k, (block, om) in enumerate(zip(self.blocks, self.rows.open_masks)):
+            if not om.any():
+                continue
+            pos = h[om]
+            key = pos.mean(0)
+            if (key - mu).norm() == 0:
+                continue
+            e, p_key, p_neg = separation(key - mu, key)
+            if alpha < 1 and p_key - p_neg < KEY_MARGIN * p_key:
+                # The difference of means does not set the key apart: typically a subject that
+                # begins the prompt, whose state is mostly what the start of every input shares,
+                # so its gate would open at the start of every input (docs/design.md).
+                # Fisher's discriminant discounts the directions the unrelated states (and
+                # the subject's own states across its rows) spread along; the scatter is shrunk
+                # towards the identity, as few states estimate it.
+                if neg_scatter is None:
+                    neg_scatter = (neg - mu).T @ (neg - mu)
+                scatter = (neg_scatter + (pos - key).T @ (pos - key)) / max(1, len(neg) + len(pos) - 2)
+                eye = torch.eye(len(key), dtype=h.dtype, device=h.device)
+                shrunk = (1 - alpha) * scatter + alpha * float(scatter.diagonal().mean()) * eye
+                fisher = separation(torch.linalg.solve(shrunk, key - mu), key)
+                if (fisher[1] - fisher[2]) / fisher[1] > (p_key - p_neg) / p_key:
+                    e, p_key, p_neg = fisher
+                    self.key_fisher[k] = True
+            width = max(p_key - p_neg, KEY_MARGIN * p_key)
+            beta = 6.0 / width                      # sigmoid(+-3) at the two ends
+            mid = p_key - width / 2
+            block.U.copy_(block.U + (beta * e)[None, :])
+            block.c.fill_(float(-beta * (mid + mu @ e)))
+
+    def _gradient_rotations(self, gen: torch.Generator) -> list[torch.Tensor]:
+        """rotation_init="gradient": per fact, r orthonormal directions, the top right singular
+        vectors of the gradient of its target loss with respect to the edited block's output
+        at the positions its block acts on (its edit rows' subject tokens), from one pass of
+        the parent over the edit rows with the blocks below replayed. Where there are fewer
+        than r such directions, random ones complete the basis."""
+        from .fast import ReplayBelow      # the same replayed pass the fast steps run
+        rows, n_edit = self.rows, self.rows.n_edit
+        b = rows.batch
+        probe: dict[str, torch.Tensor] = {}
+
+        def add_probe(module, args, out):
+            def f(h):
+                probe["d"] = torch.zeros_like(h, requires_grad=True)
+                return h + probe["d"]
+            return map_hidden(out, f)
+
+        tm = b.target_mask[:n_edit]
+        replay = ReplayBelow(self.layers, self.layer, self.site, map_hidden(self.site_out, lambda h: h[:n_edit]))
+        replay.enter()
+        hook = replay.replay.register_forward_hook(add_probe)    # after the site's own
+        try:
+            with torch.enable_grad():
+                inputs = {"input_ids": b.input_ids[:n_edit], "attention_mask": b.attention_mask[:n_edit],
+                          "use_cache": False}
+                logits = self.head(self.model.base_model(**inputs).last_hidden_state[tm]) if self.head_ok \
+                    else self.model(**inputs).logits[tm]
+                logp = torch.log_softmax(logits.float(), -1)
+                ce = -logp.gather(-1, b.next_ids[:n_edit][tm][:, None]).sum()
+                [grad] = torch.autograd.grad(ce, probe["d"])
+        finally:
+            hook.remove()
+            replay.exit()
+        d, r = grad.shape[-1], self.cfg.rank
+        out = []
+        for k, apply in enumerate(rows.apply_masks):
+            own = rows.row_owner[:n_edit] == k
+            g = grad[(apply[:n_edit, :, 0] > 0) & own[:, None]].float()
+            vecs = torch.linalg.svd(g, full_matrices=False).Vh[:r] if len(g) else g.new_zeros(0, d)
+            if vecs.shape[0] < r:
+                vecs = torch.cat([vecs, torch.randn(r - vecs.shape[0], d, generator=gen).to(vecs)])
+            out.append(torch.linalg.qr(vecs.T).Q.T.contiguous())    # orthonormal rows, same span
+        return out
+
+    # --- the loss -------------------------------------------------------------------------------
+
+    def raw_gates(self) -> list[torch.Tensor]:
+        """Per block, its gate s before the floor at every position (none for ReFT), from the
+        edited block's input (the same h the blocks see in the forward pass)."""
+        if self._raw is not None:
+            return self._raw
+        raw = [block.raw_gate(self.site_h) for block in self.blocks] if self.cfg.method == "baft" else []
+        if self.gate_kept:
+            self._raw = raw
+        return raw
+
+    def active(self) -> list[int]:
+        """The blocks still training (every block for ReFT: each acts on every fact's rows)."""
+        return [k for k, d in enumerate(self.done) if not d] if self.separable else list(range(len(self.blocks)))
+
+    @torch.no_grad()
+    def reference(self, path: Logits, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The parent's log-probabilities at the unrelated read positions marked by `keep`
+        (all when None), taken through `path` on first need, whole rows at a time, with the
+        new blocks set aside."""
+        rows = self.rows
+        n_unrel = len(self._ref_index)
+        need = torch.ones(n_unrel, dtype=torch.bool, device=self.device) if keep is None else keep
+        missing = need & (self._ref_index < 0)
+        if bool(missing.any()):
+            run = torch.unique(rows.row_of_pos[missing]) + rows.n_edit
+            keep_all = rows.keep_pos(run)
+            with self.parent():
+                logits = path.logits(run, parent=True)
+            fresh = keep_all[rows.n_tgt:].nonzero().squeeze(1)
+            self._ref_index[fresh] = torch.arange(len(fresh), device=self.device) + len(self._ref_logp)
+            self._ref_logp = torch.cat([self._ref_logp, torch.log_softmax(logits.float(), -1)])
+        return self._ref_logp[self._ref_index[need]]
+
+    @contextmanager
+    def parent(self) -> Iterator[None]:
+        """While entered, the new blocks are set aside: the model is the parent."""
+        trainable, self.site.trainable = self.site.trainable, torch.nn.ModuleList()
+        try:
+            yield
+        finally:
+            self.site.trainable = trainable
+
+    def _gate_terms(self, raw: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(close, open) gate terms. Both read s, before the floor: a gate already below the
+        floor is still pushed further down (a margin for neighbours never seen in training),
+        and one below it on the subject still gets a gradient back up."""
+        close = torch.zeros((), device=self.device)
+        opened = torch.zeros((), device=self.device)
+        if self.cfg.method != "baft":
+            return close, opened
+        for s, cm, om in zip(raw, self.rows.close_masks, self.rows.open_masks):
+            if cm.any():
+                if self.cfg.gate_close_pool == "max":
+                    rows_c = cm.any(1)
+                    masked = s.masked_fill(~cm[..., None], 0.0)[rows_c]
+                    close = close + masked.amax(dim=(1, 2)).mean()
+                else:
+                    close = close + s[cm].mean()
+            if om.any():
+                opened = opened - torch.log(s[om].clamp_min(1e-6)).mean()
+        return close / len(self.blocks), opened / len(self.blocks)
+
+    def step(self, path: Logits) -> Step:
+        """The loss of one step over the facts still training, and per fact whether it has
+        reached its target with margin with its unrelated rows back to the parent.
+
+        One group of rows (path.row_groups): the loss stays a graph, and Step.backward() runs
+        its backward pass (left out on the last step). Several: each group's backward pass
+        runs as soon as its forward pass is done, accumulating the same gradient in .grad."""
+        cfg, rows = self.cfg, self.rows
+        raw = self.raw_gates()
+        live = path.live_rows(raw)
+        close, opened = self._gate_terms(raw)
+        pending = cfg.gate_weight * close + cfg.gate_open_weight * opened
+        groups = path.row_groups(live, self.active())
+        n_tgt = rows.n_tgt
+        tgt_logp = torch.full((n_tgt,), float("nan"), device=self.device)
+        tgt_hit = torch.zeros(n_tgt, dtype=torch.bool, device=self.device)
+        row_kl = torch.zeros(max(1, rows.n_unrelated), device=self.device)
+        active_tgt = self._active_targets()
+        ce_total = kl_total = 0.0
+        rows_run = tokens_run = 0
+        for group in groups:
+            keep = None if group is None else rows.keep_pos(group)
+            out = path.logits(group).float()
+            tokens_run += path.tokens_run
+            rows_run += rows.batch.input_ids.shape[0] if group is None else len(group)
+            logp = torch.log_softmax(out, -1)
+            tkeep = torch.ones(n_tgt, dtype=torch.bool, device=self.device) if keep is None else keep[:n_tgt]
+            n_t = int(tkeep.sum())
+            tok_logp = logp[:n_t].gather(-1, rows.target_ids[tkeep][:, None]).squeeze(-1)
+            # CE over the targets of the facts still training, each token weighing 1/n_tgt
+            # whichever facts are done, so a block's gradient does not depend on the others'.
+            ce = -(tok_logp * active_tgt[tkeep]).sum() / max(1, n_tgt)
+            tgt_logp[tkeep] = tok_logp.detach()
+            tgt_hit[tkeep] = logp[:n_t].detach().argmax(-1) == rows.target_ids[tkeep]
+            ukeep = None if keep is None else keep[n_tgt:]
+            ref = self.reference(path, ukeep)
+            pos_weight = rows.pos_weight if ukeep is None else rows.pos_weight[ukeep]
+            row_of_pos = rows.row_of_pos if ukeep is None else rows.row_of_pos[ukeep]
+            kl_pos = (ref.exp() * (ref - logp[n_t:])).sum(-1)
+            kl = (kl_pos * pos_weight).sum()
+            row_kl.index_add_(0, row_of_pos, kl_pos.detach() * pos_weight * rows.n_unrelated)
+            part = ce + cfg.locality_weight * kl
+            ce_total += ce.item()
+            kl_total += kl.item()
+            pending = part if pending is None else pending + part
+            if len(groups) > 1:
+                if pending.requires_grad:
+                    pending.backward()
+                pending = None
+        gate_part = cfg.gate_weight * close.item() + cfg.gate_open_weight * opened.item()
+        loss = ce_total + cfg.locality_weight * kl_total + gate_part
+        parts = {"loss": loss, "ce": ce_total, "kl": kl_total, "gate": close.item(),
+                 "gate_open": opened.item(), "worst_kl": float(row_kl.max()),
+                 "rows_run": rows_run, "tokens_run": tokens_run}
+        return Step(loss, parts, self._reached(tgt_hit, tgt_logp, row_kl, live), pending)
+
+    def _reached(self, tgt_hit: torch.Tensor, tgt_logp: torch.Tensor, row_kl: torch.Tensor,
+                 live: list[torch.Tensor] | None) -> list[bool]:
+        """The stop rule, per fact: every one of its target tokens is the argmax with
+        probability at least stop_prob AND its unrelated rows (those its block is live on,
+        where the path knows them) are back to the parent's distribution: stopping on the
+        target alone leaves gates open."""
+        rows, cfg = self.rows, self.cfg
+        reached = []
+        for k in range(len(self.blocks)):
+            mine = rows.tgt_owner == k
+            ok = bool(tgt_hit[mine].all()) and float(tgt_logp[mine].exp().min()) >= cfg.stop_prob \
+                if bool(mine.any()) else True
+            rows_k = rows.stop_row if live is None else live[k][rows.n_edit:] & rows.stop_row
+            worst = row_kl[: rows.n_unrelated][rows_k]
+            reached.append(ok and (len(worst) == 0 or float(worst.max()) <= cfg.stop_kl))
+        if not self.separable:      # a ReFT block acts on every fact's rows: all or none
+            reached = [all(reached)] * len(reached)
+        return reached
+
+    def _active_targets(self) -> torch.Tensor:
+        done = torch.tensor(self.done, dtype=torch.bool, device=self.device)
+        return (~done[self.rows.tgt_owner]).float()
+
+    # --- the run --------------------------------------------------------------------------------
+
+    def finish(self, k: int) -> None:
+        """Freeze fact k's block as it is: its edit rows leave the steps."""
+        self.done[k] = True
+
+    def drop_done_gradients(self) -> None:
+        for k, d in enumerate(self.done):
+            if d:
+                for p in self.blocks[k].parameters():
+                    p.grad = None           # Adam leaves a parameter without a gradient alone
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for b in self.blocks for p in b.parameters() if p.requires_grad]
+
+    def close(self) -> None:
+        self.site.trainable = torch.nn.ModuleList()
+        for b in self.blocks:
+            b.last_gate = None
+            b.train_mask = None
+        if self.own_site:
+            self.site.detach()
