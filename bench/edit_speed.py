@@ -1,7 +1,7 @@
 """Edit speed: seconds per `ledger add` of one CounterFact fact inside an open ledger (the
 product path: precheck, training, measurement, database commit), with `ledger add`'s default
 settings, against the plain training path measured in the same run on the same facts
-(fast_path=False: the whole model forward and backward at every step, the output head at
+(plain.PlainLogits: the whole model forward and backward at every step, the output head at
 every position, float32). The fast path in the other training precision (--train-dtype) is
 measured alongside. Each fact is added alone on the base revision; the paths alternate fact
 by fact so machine noise hits them alike.
@@ -32,7 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ledger import BaftConfig, InputError, Ledger  # noqa: E402
-from ledger.baft import default_layer, trainer  # noqa: E402
+from ledger.baft import default_layer, fast as fast_path, trainer  # noqa: E402
+from ledger.baft.plain import PlainLogits  # noqa: E402
 from ledger.facts import facts_from_records  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "counterfact-edit-1k.json"
@@ -47,12 +48,23 @@ def timed_add(lg: Ledger, facts, cfg: BaftConfig, batch: int = 1):
 @contextmanager
 def whole_rows():
     """The trainer as it was before the recorded prefix: every row run from its first token."""
-    found = trainer.prefix_split_works
-    trainer.prefix_split_works = lambda model: False
+    found = fast_path.prefix_split_works
+    fast_path.prefix_split_works = lambda model: False
     try:
         yield
     finally:
-        trainer.prefix_split_works = found
+        fast_path.prefix_split_works = found
+
+
+@contextmanager
+def plain_path():
+    """The trainer on its plain path: the whole model forward and backward at every step."""
+    found = trainer.FastLogits
+    trainer.FastLogits = PlainLogits
+    try:
+        yield
+    finally:
+        trainer.FastLogits = found
 
 
 def step_cost(model, layer: int, sizes=(20, 40, 60, 80, 120, 160, 240), repeats: int = 5) -> dict:
@@ -102,7 +114,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     records = json.loads(Path(args.data).read_text())
     facts = facts_from_records(records[args.offset: args.offset + args.n])
-    fast, plain = BaftConfig(), BaftConfig(fast_path=False, train_dtype="float32")
+    fast, plain = BaftConfig(), BaftConfig(train_dtype="float32")
     # The other precision of the fast path, measured alongside (a --train-dtype choice).
     other_dtype = "bfloat16" if fast.train_dtype == "float32" else "float32"
     paths = {"fast": fast, f"fast_{other_dtype}": BaftConfig(train_dtype=other_dtype), "plain": plain,
@@ -126,7 +138,8 @@ def main() -> None:
             for name, cfg in paths.items():
                 lg.checkout("rev-1")
                 try:
-                    with whole_rows() if name == "fast_whole_rows" else nullcontext():
+                    with whole_rows() if name == "fast_whole_rows" else plain_path() if name == "plain" \
+                            else nullcontext():
                         s, [r] = timed_add(lg, [fact], cfg)
                 except InputError:
                     break      # the model already says target_new: nothing to edit

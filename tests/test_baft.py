@@ -96,6 +96,14 @@ def test_config_rejects_bad_values():
             BaftConfig(**bad)
 
 
+def test_a_stored_config_with_a_field_no_longer_kept_still_loads():
+    """Edits stored while the config held `fast_path` (a test switch, now a trainer argument)
+    load as the same config, so verify and rebase read them."""
+    stored = {**BaftConfig().to_dict(), "fast_path": False}
+    assert BaftConfig.from_dict(stored, stored=True) == BaftConfig()
+    assert "fast_path" not in BaftConfig().to_dict()
+
+
 # The edited layer of the trainer tests: with a block above it, so that a change at the
 # subject's tokens reaches the target's positions (through attention) and the edit's loss has
 # a real gradient, not rounding noise that Adam would magnify.
@@ -267,9 +275,9 @@ def test_fast_path_learns_exactly_the_same(family, floor, request):
     sites = _parent_sites(base)
     out = {}
     for fast in (False, True):
-        cfg = BaftConfig(steps=4, min_steps=4, rank=2, fast_path=fast, n_prefixes=1, gate_floor=floor)
+        cfg = BaftConfig(steps=4, min_steps=4, rank=2, n_prefixes=1, gate_floor=floor)
         out[fast] = [t.tensors for t in train_edits(base.model, base.tokenizer, sites, base.layers, _facts(), cfg,
-                                                    layer=EDITED)]
+                                                    layer=EDITED, fast=fast)]
     for a, b in zip(out[True], out[False]):
         for name in a:
             assert (a[name] - b[name]).abs().max() <= 1e-5, name

@@ -142,10 +142,6 @@ class BaftConfig:
     # Past this many, half are the prompts sharing tokens with the new subject, half random
     # (trainer._pick_retention).
     retention_samples: int = 256
-    # Replay the edited block's cached output instead of recomputing the blocks below it, and
-    # run the output head only where the loss reads (same loss and gradients; off only to
-    # test that they are).
-    fast_path: bool = True
     # Precision of the blocks above the edited one in the fast steps: "bfloat16" runs their
     # matmuls in bfloat16 (autocast, weights cast once per edit), several times faster on a CPU
     # with bfloat16 units; the edited block, the loss and the output head stay float32, and the

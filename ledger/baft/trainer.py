@@ -34,11 +34,12 @@ class TrainedEdit:
 def train_edits(model, tok, sites: dict[int, InterventionSite], layers, facts: list[Fact],
                 cfg: BaftConfig, *, layer: int, retention: list[tuple[str, str]] = (),
                 extra_prompts: list[list[str]] | None = None, other_prompts: list[list[str]] | None = None,
-                progress: Callable[[int, int], None] | None = None) -> list[TrainedEdit]:
+                progress: Callable[[int, int], None] | None = None, fast: bool = True) -> list[TrainedEdit]:
     """Train one block per fact at `layer`, together, with every site in `sites` active and
     frozen. extra_prompts: per fact, more prompts that must give its target (the relation's
     other wordings, filled with the subject); other_prompts: per fact, prompts of its subject
-    in other relations, whose continuations must stay the parent's."""
+    in other relations, whose continuations must stay the parent's. fast: the fast path
+    (fast.py); False, the plain one (plain.py), which gives the same edit, slower."""
     started = time.perf_counter()
     problem = EditProblem(model, tok, sites, layers, facts, cfg, layer=layer, retention=retention,
                           extra_prompts=extra_prompts, other_prompts=other_prompts)
@@ -50,7 +51,7 @@ def train_edits(model, tok, sites: dict[int, InterventionSite], layers, facts: l
     steps_of = [cfg.steps] * len(facts)       # per fact, the steps its block was trained for
     steps_run, last = 0, {}
     try:
-        path = FastLogits(problem) if cfg.fast_path else PlainLogits(problem)
+        path = FastLogits(problem) if fast else PlainLogits(problem)
         model.train(False)
         with path:
             for step in range(cfg.steps):
