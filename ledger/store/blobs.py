@@ -140,3 +140,14 @@ def get(conn: Connection, address: str) -> dict[str, torch.Tensor]:
     if data is None:
         raise IntegrityError(f"blob {address[:12]} is missing from the database")
     return decode(bytes(data), address)
+
+
+def orphans(conn: Connection) -> list[tuple[str, int]]:
+    """(address, size) of every blob no edit refers to."""
+    from .schema import Edit
+    return [tuple(r) for r in conn.execute(select(Blob.sha256, Blob.size)
+                                           .where(Blob.sha256.not_in(select(Edit.blob_sha256)))).all()]
+
+
+def delete(conn: Connection, addresses: list[str]) -> None:
+    conn.execute(Blob.__table__.delete().where(Blob.sha256.in_(addresses)))
