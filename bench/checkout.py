@@ -42,8 +42,8 @@ PHASES = [
     ("ledger.models", None, "load_base", "model_load"),
     ("ledger.models", None, "fingerprint", "model_load.fingerprint"),
     ("ledger.api", "Ledger", "checkout", "checkout_db"),
-    ("ledger.revisions", None, "active_set", "active_set"),
-    ("ledger.api", "Ledger", "_load_blocks", "load_blocks"),
+    ("ledger.store.revisions", None, "active_set", "active_set"),
+    ("ledger.session", "Session", "load_blocks", "load_blocks"),
     ("ledger.store.blobs", None, "decode", "load_blocks.blob_decode"),
     ("ledger.compose", None, "fuse", "fuse"),
     ("ledger.compose", None, "attach_sites", "attach"),
@@ -139,7 +139,8 @@ def main() -> None:
     import torch
     torch.set_num_threads(args.threads)
     from ledger import Ledger
-    from ledger import revisions as revs
+    from ledger import names
+    from ledger.store import revisions as revs
     from ledger.models import cache_dir
     from synthetic import write_edits
 
@@ -153,7 +154,7 @@ def main() -> None:
         with lg.engine.connect() as conn:
             assert len(revs.active_set(conn, last)) == args.edits
         lg.close()
-        args.rev = revs.rev_name(last)
+        args.rev = names.rev_name(last)
         print(json.dumps({"op": "build", "edits": args.edits, "revision": args.rev,
                           "seconds": round(time.perf_counter() - t, 1)}), flush=True)
         run_child("ledger", args)                # warm-up: the OS page cache of model and database

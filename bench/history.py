@@ -27,7 +27,7 @@ from sqlalchemy import create_engine, text
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ledger import Ledger  # noqa: E402
 from ledger.api import tensor_norm  # noqa: E402
-from ledger import revisions as revs  # noqa: E402
+from ledger.store import edits, refs, revisions as revs  # noqa: E402
 from ledger.store import blobs  # noqa: E402
 from ledger.store.engine import make_engine, upgrade, write_transaction  # noqa: E402
 from ledger.store.schema import Edit  # noqa: E402
@@ -44,8 +44,8 @@ def build(url: str, n_revisions: int, n_edits: int, seed: int = 0) -> float:
     d, r = 64, 2
     with write_transaction(engine) as conn:
         root = revs.append(conn, parent_id=None, operation="init", author="bench", message="base", changes=[])
-        revs.set_ref(conn, "main", "branch", root.id, "bench", "init")
-        revs.set_head(conn, branch="main", rev_id=root.id, actor="bench", reason="init")
+        refs.set_ref(conn, "main", "branch", root.id, "bench", "init")
+        refs.set_head(conn, branch="main", rev_id=root.id, actor="bench", reason="init")
     active: set[int] = set()
     inactive: list[int] = []
     parent = root.id
@@ -72,7 +72,7 @@ def build(url: str, n_revisions: int, n_edits: int, seed: int = 0) -> float:
                         {c.name: getattr(e, c.name) for c in Edit.__table__.columns if c.name != "id"})
                     ).inserted_primary_key[0]
                     e.id = eid
-                    conn.execute(Edit.__table__.update().where(Edit.id == eid).values(content_hash=revs.edit_hash(e)))
+                    conn.execute(Edit.__table__.update().where(Edit.id == eid).values(content_hash=edits.edit_hash(e)))
                     n_edits_made += 1
                     changes = [(eid, "add")]
                 elif inactive and (rng.random() < 0.5 or len(active) <= n_edits // 2):
@@ -90,7 +90,7 @@ def build(url: str, n_revisions: int, n_edits: int, seed: int = 0) -> float:
                         active.discard(e_)
                         inactive.append(e_)
                 parent = rev.id
-            revs.set_ref(conn, "main", "branch", parent, "bench", "bench")
+            refs.set_ref(conn, "main", "branch", parent, "bench", "bench")
     engine.dispose()
     return time.perf_counter() - started
 

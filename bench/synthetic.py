@@ -12,7 +12,8 @@ import random
 
 import torch
 
-from ledger import revisions as revs
+from ledger import names
+from ledger.store import edits, refs, revisions as revs
 from ledger.api import tensor_norm
 from ledger.baft import default_layer
 from ledger.store import blobs
@@ -67,7 +68,7 @@ def write_edits(engine, n: int, d: int, n_layers: int, *, rank: int = 4, seed: i
     """Append n edits to `branch`, one `add` revision each; return the last revision id."""
     g = torch.Generator().manual_seed(seed)
     with engine.connect() as conn:
-        parent = revs.resolve(conn, branch)
+        parent = refs.resolve(conn, branch)
         active = revs.active_set(conn, parent)
     done = 0
     while done < n:
@@ -87,12 +88,12 @@ def write_edits(engine, n: int, d: int, n_layers: int, *, rank: int = 4, seed: i
                     {c.name: getattr(e, c.name) for c in Edit.__table__.columns
                      if c.name != "id" and getattr(e, c.name) is not None})).inserted_primary_key[0]
                 e.id = eid
-                conn.execute(Edit.__table__.update().where(Edit.id == eid).values(content_hash=revs.edit_hash(e)))
+                conn.execute(Edit.__table__.update().where(Edit.id == eid).values(content_hash=edits.edit_hash(e)))
                 rev = revs.append(conn, parent_id=parent, operation="add", author="bench",
-                                  message=f"add {revs.edit_name(eid)}", changes=[(eid, "add")],
+                                  message=f"add {names.edit_name(eid)}", changes=[(eid, "add")],
                                   parent_active=active)
                 active.add(eid)
                 parent = rev.id
                 done += 1
-            revs.set_ref(conn, branch, "branch", parent, "bench", "bench")
+            refs.set_ref(conn, branch, "branch", parent, "bench", "bench")
     return parent

@@ -12,9 +12,9 @@ from typing import Any
 
 import click
 
-from ledger import BaftConfig, InputError, Ledger, LedgerError, load_facts
+from ledger import BaftConfig, InputError, Ledger, LedgerError, ProgressEvent, load_facts
+from ledger import maintenance
 from ledger.baft.config import MAX_PREFIXES, ROTATION_INITS, TRAIN_DTYPES
-from ledger.store import engine as store_engine
 
 
 # Bare `ledger` raises this to show the help (click >= 8.2); it is no error.
@@ -117,44 +117,30 @@ def init(ctx: click.Context, model: str | None, no_wordings: bool, as_json: bool
                    + (" (--no-wordings: edits train on their own prompts only)" if no_wordings else " (built in)"))
 
 
-class _PhaseBar:
-    """One progress bar on stderr over every phase of an evaluation."""
+class _Bar:
+    """One progress bar on stderr over a whole command, drawn from its progress events. With
+    `fill`, finishing fills the bar (training stops early once every target is reached)."""
 
-    def __init__(self):
+    def __init__(self, fill: bool = False):
         self.bar = None   # drawn at the first report, so a refused command prints only its error
         self.pos = 0
+        self.total = 0
+        self.fill = fill
 
-    def __call__(self, label: str, done: int, total: int) -> None:
+    def __call__(self, event: ProgressEvent) -> None:
         if self.bar is None:
-            self.bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
-        self.bar.label = label
-        if done > self.pos:
-            self.bar.update(done - self.pos)
-            self.pos = done
+            self.bar = click.progressbar(length=event.total, label=event.label, file=sys.stderr, show_pos=True)
+            self.total = event.total
+        self.bar.label = event.label
+        if event.done > self.pos:
+            self.bar.update(event.done - self.pos)
+            self.pos = event.done
 
     def finish(self) -> None:
         if self.bar is not None:
+            if self.fill:
+                self.bar.update(self.total - self.pos)
             self.bar.render_finish()
-
-
-class _Bar(_PhaseBar):
-    """One progress bar on stderr over all training steps of all facts."""
-
-    def __init__(self, n_facts: int, steps: int):
-        super().__init__()
-        self.steps = steps
-        self.length = n_facts * steps
-
-    def __call__(self, label: str, done: int, total: int) -> None:
-        # "edit 3/10", or "edits 11-20/100" for a batch trained together
-        first, _, last = label.split()[1].split("/")[0].partition("-")
-        idx, size = int(first) - 1, (int(last) - int(first) + 1) if last else 1
-        super().__call__(label, idx * self.steps + done * size, self.length)
-
-    def finish(self) -> None:
-        if self.bar is not None:
-            self.bar.update(self.length - self.pos)
-        super().finish()
 
 
 @cli.command()
@@ -231,7 +217,7 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
     if not facts:
         raise InputError("no good records to add")
     with _open(ctx) as lg:
-        bar = _Bar(len(facts), cfg.steps)
+        bar = _Bar(fill=True)
         started = time.perf_counter()
         try:
             results = lg.add(facts, cfg, message=message, batch=batch, progress=bar)
@@ -281,7 +267,7 @@ def eval_(ctx: click.Context, file: str, rev: str, fmt: str, offset: int, limit:
     """
     facts = load_facts(file, fmt=fmt, offset=offset, limit=limit)
     with _open(ctx) as lg:
-        bar = _PhaseBar()
+        bar = _Bar()
         try:
             report = lg.evaluate(facts, rev, fluency=fluency, generation=generation, label=label, progress=bar)
         finally:
@@ -437,13 +423,11 @@ def rebase(ctx: click.Context, as_json: bool) -> None:
     """Retrain the edits at HEAD whose training composition changed since (after a revert or
     supersede), each as a new revision that replaces the old edit."""
     with _open(ctx) as lg:
-        stale = lg.stale_edits()
-        bar = _Bar(len(stale), BaftConfig.steps) if stale else None
+        bar = _Bar(fill=True)
         try:
             results = lg.rebase(progress=bar)
         finally:
-            if bar:
-                bar.finish()
+            bar.finish()
     if as_json:
         _dump([r.to_dict() for r in results])
         return
@@ -642,13 +626,8 @@ def db() -> None:
 @click.pass_context
 def db_upgrade(ctx: click.Context, target: str) -> None:
     """Migrate the database schema (to head by default)."""
-    engine = store_engine.make_engine(store_engine.database_url(ctx.obj["db"]))
-    store_engine.check_reachable(engine)
-    if not store_engine.has_ledger_tables(engine):
-        raise LedgerError("no ledger in this database: run `ledger init`")
-    before = store_engine.current_revision(engine)
-    store_engine.upgrade(engine, target)
-    click.echo(f"schema {before} -> {store_engine.current_revision(engine)}")
+    before, after = maintenance.db_upgrade(ctx.obj["db"], target)
+    click.echo(f"schema {before} -> {after}")
 
 
 @db.command("current")
@@ -656,9 +635,7 @@ def db_upgrade(ctx: click.Context, target: str) -> None:
 @click.pass_context
 def db_current(ctx: click.Context, as_json: bool) -> None:
     """The schema revision of the database and the one this version needs."""
-    engine = store_engine.make_engine(store_engine.database_url(ctx.obj["db"]))
-    store_engine.check_reachable(engine)
-    info = {"current": store_engine.current_revision(engine), "head": store_engine.head_revision()}
+    info = maintenance.db_current(ctx.obj["db"]).to_dict()
     if as_json:
         _dump(info)
     else:

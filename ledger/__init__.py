@@ -13,7 +13,8 @@ from .baft.config import BaftConfig  # noqa: E402
 from .errors import InputError, LedgerError, StateError  # noqa: E402
 from .export import load_snapshot, verify_snapshot  # noqa: E402
 from .facts import Fact, LocalityPrompt, PortabilityPrompt, load_facts, parse_facts_text  # noqa: E402
+from .progress import ProgressEvent  # noqa: E402
 
 __all__ = ["Ledger", "AddResult", "EditInfo", "EvalReport", "RevisionInfo", "BaftConfig", "Fact", "LocalityPrompt",
-           "PortabilityPrompt",
+           "PortabilityPrompt", "ProgressEvent",
            "load_facts", "parse_facts_text", "load_snapshot", "verify_snapshot", "LedgerError", "InputError", "StateError", "__version__"]

@@ -29,6 +29,12 @@ import torch
 
 from .baft.hooks import InterventionSite
 from .errors import InputError, IntegrityError, StateError
+from .history import active_edits
+from .models import DEFAULT_MODEL, default_model_dir
+from .names import rev_name
+from .session import Session, library_versions
+from .store import audit, refs, revisions
+from .store.engine import write_transaction
 
 MANIFEST = "ledger.json"
 MODELING = "modeling_ledger.py"
@@ -187,6 +193,30 @@ def write_snapshot(base, sites: dict[int, InterventionSite], out: Path, manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return manifest
+
+
+def export_revision(s: Session, rev: str, out: str | os.PathLike, *, force: bool = False,
+                    base_ref: bool = False) -> dict[str, Any]:
+    """Write a snapshot of `rev` that plain transformers loads, and audit it; the manifest.
+    With base_ref, the snapshot refers to the base model's directory instead of copying it."""
+    with s.engine.connect() as conn:
+        rid = refs.resolve(conn, rev)
+        chain_hash = revisions.chain_hash(conn, rid)
+    composed = s.model_at(rev_name(rid))
+    settings = s.settings()
+    manifest = {"revision": rev_name(rid), "chain_hash": chain_hash, "base_model": settings["base_model"],
+                "base_fingerprint": settings["base_fingerprint"], "versions": library_versions(),
+                "edits": [{"edit": e.id, "fact": e.fact, "metrics": e.metrics, "method": e.method,
+                           "layer": e.layer, "rank": e.rank} for e in active_edits(s, rev_name(rid))]}
+    base_dir = None
+    if base_ref:
+        spec = settings["base_model"]
+        base_dir = default_model_dir() if spec == DEFAULT_MODEL else Path(spec)
+    manifest = write_snapshot(s.base, composed.sites, Path(out), manifest, force=force, base_ref=base_dir)
+    with write_transaction(s.engine) as conn:
+        audit.record(conn, s.author, "export", rid, None, {"out": str(Path(out).resolve()), "force": force,
+                                                           "files": manifest["files"]})
     return manifest
 
 

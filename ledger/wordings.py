@@ -22,6 +22,7 @@ Ledger calls them, the trainer only ever sees prompts.
 """
 from __future__ import annotations
 
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -29,11 +30,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection
 
 from .errors import InputError
 from .facts import Fact, fact_from_record, read_text, records_of_text, detect_format, to_native
-from .store.schema import Wording
+from .session import Session
+from .store import audit, blobs
+from .store import wordings as table
+from .store.engine import write_transaction
 
 # The tables a new ledger starts with (`ledger init`, unless --no-wordings), in ledger/data:
 # relation templates of CounterFact's train split (scripts/build_wordings.py; MIT licence) and
@@ -148,33 +152,7 @@ def read_pairs(path: str | Path) -> tuple[list[tuple[str, str]], int, list[str]]
     return pairs, len(records), skipped
 
 
-# --- the table ------------------------------------------------------------------------------
-
-def insert(conn: Connection, pairs: list[tuple[str, str]], source: str, now: str) -> int:
-    """Add the pairs the ledger does not hold yet; returns how many were new."""
-    relations = sorted({r for r, _ in pairs})
-    have: set[tuple[str, str]] = set()
-    for k in range(0, len(relations), 500):     # bounded IN lists on every engine
-        have |= {(r, w) for r, w in conn.execute(
-            select(Wording.relation, Wording.wording).where(Wording.relation.in_(relations[k: k + 500])))}
-    new = [{"relation": r, "wording": w, "source": source, "created_at": now} for r, w in pairs if (r, w) not in have]
-    if new:
-        conn.execute(Wording.__table__.insert(), new)
-    return len(new)
-
-
-def of_relations(conn: Connection, relations: Iterable[str]) -> dict[str, list[str]]:
-    """Each relation's wordings, in the order they were imported."""
-    wanted = sorted(set(relations))
-    out: dict[str, list[str]] = {r: [] for r in wanted}
-    if not wanted:
-        return out
-    rows = conn.execute(select(Wording.relation, Wording.wording)
-                        .where(Wording.relation.in_(wanted)).order_by(Wording.id))
-    for r, w in rows:
-        out[r].append(w)
-    return out
-
+# --- the table ---------------------------------------------------------------------------------
 
 def related(conn: Connection, relation: str, wordings: list[str], min_shared: int) -> list[str]:
     """The wordings of the relations that share at least `min_shared` wordings with this one
@@ -186,20 +164,14 @@ def related(conn: Connection, relation: str, wordings: list[str], min_shared: in
     relations (docs/quality.md)."""
     if min_shared <= 0 or len(wordings) < min_shared:
         return []
-    shared = func.count(Wording.id)
-    # Bounded IN list: the relation's own wordings (a few dozen at most in practice).
-    mine = sorted(set(wordings))[:1000]
-    rows = conn.execute(select(Wording.relation, shared).where(Wording.wording.in_(mine), Wording.relation != relation)
-                        .group_by(Wording.relation).having(shared >= min_shared)
-                        .order_by(shared.desc(), Wording.relation))
-    lenders = [r for r, _ in rows]
+    lenders = table.sharing(conn, relation, wordings, min_shared)
     if not lenders:
         return []
-    table = of_relations(conn, lenders)
+    lent = table.of_relations(conn, lenders)
     own = set(wordings) | {relation}
     out: dict[str, None] = {}
     for r in lenders:
-        for w in table[r]:
+        for w in lent[r]:
             if w not in own:
                 out.setdefault(w, None)
     return list(out)
@@ -237,7 +209,7 @@ def nearest(conn: Connection, template: str, min_overlap: float = NEAREST_MIN_OV
     if not mine:
         return []
     groups: dict[str, list[str]] = {}
-    for r, w in conn.execute(select(Wording.relation, Wording.wording).order_by(Wording.id)):
+    for r, w in table.all_pairs(conn):
         groups.setdefault(r, [r]).append(w)
     best, best_key = None, (-1.0, 0)
     for r, ts in groups.items():
@@ -283,13 +255,6 @@ def builtin_pairs() -> list[tuple[str, str]]:
     return list(pairs)
 
 
-def summary(conn: Connection) -> list[tuple[str, int]]:
-    """(relation, number of wordings), most wordings first."""
-    n = func.count(Wording.id)
-    rows = conn.execute(select(Wording.relation, n).group_by(Wording.relation).order_by(n.desc(), Wording.relation))
-    return [(r, int(k)) for r, k in rows]
-
-
 def training_prompts(fact: Fact, wordings: list[str], n: int, seed: int,
                      borrowed: list[str] = ()) -> list[str]:
     """Up to n of the relation's wordings, filled with the fact's subject: a fixed sample per
@@ -314,3 +279,31 @@ def training_prompts(fact: Fact, wordings: list[str], n: int, seed: int,
     if not extra:
         return prompts
     return prompts + (extra if len(extra) <= n - len(prompts) else rng.sample(extra, n - len(prompts)))
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+def import_file(s: Session, path: str | Path, *, exclude: Iterable[tuple[str, str]] = ()) -> ImportResult:
+    """Add the (relation, wording) pairs of a wordings or fact file to the ledger's table
+    (pairs it holds already are kept once). `exclude` leaves pairs out, e.g. the wordings a
+    benchmark holds out. The file is read whole before anything is written."""
+    pairs, n_records, skipped = read_pairs(path)
+    drop = set(exclude)
+    kept = [p for p in pairs if p not in drop]
+    source = os.path.basename(str(path))
+    with write_transaction(s.engine) as conn:
+        added = table.insert(conn, kept, source, blobs.now())
+        audit.record(conn, s.author, "wordings", None, None, {"source": source, "pairs": len(kept), "added": added})
+    return ImportResult(source=source, records=n_records, pairs=len(pairs), added=added,
+                        excluded=len(pairs) - len(kept), skipped=len(skipped), skipped_examples=skipped[:5])
+
+
+def listing(s: Session, relation: str | None = None) -> dict[str, Any]:
+    """With a relation (a template with "{}" for the subject, as `import_file` stores it):
+    its wordings. Without: every relation and how many wordings it has."""
+    with s.engine.connect() as conn:
+        if relation is not None:
+            return {"relation": relation, "wordings": table.of_relations(conn, [relation])[relation]}
+        rows = table.summary(conn)
+    return {"relations": len(rows), "wordings": sum(k for _, k in rows),
+            "by_relation": [{"relation": r, "wordings": k} for r, k in rows]}

@@ -137,7 +137,7 @@ def test_evaluate_stores_generation_metrics_at_the_revision_and_the_base(db_url,
     calls = []
     with Ledger.init(db_url, model=str(tiny_llama)) as lg:
         lg.add(facts[:1], BaftConfig(**FAST))
-        rep = lg.evaluate(facts, "rev-2", fluency=True, progress=lambda *a: calls.append(a))
+        rep = lg.evaluate(facts, "rev-2", fluency=True, progress=calls.append)
         assert rep.options["generation"] is True
         assert rep.options["generation_new_tokens"] == 20 and rep.options["generation_locality_tokens"] == 6
         assert GEN_KEYS <= set(rep.means) and {"fluency", "base_fluency"} <= set(rep.means)
@@ -158,9 +158,9 @@ def test_evaluate_stores_generation_metrics_at_the_revision_and_the_base(db_url,
         n_gen, n_flu = n_generations(facts), 2 + 1 + 1
         assert n_gen == 3 + 2 + 1
         total = n_ref + n_all + 2 * n_gen + 2 * n_flu   # generation and fluency at the base and at rev-2
-        assert {c[2] for c in calls} == {total} and calls[-1][1] == total
-        assert [c[1] for c in calls] == sorted(c[1] for c in calls)
-        assert {c[0] for c in calls} >= {"base model generation", "base model fluency", "generation", "fluency"}
+        assert {c.total for c in calls} == {total} and calls[-1].done == total
+        assert [c.done for c in calls] == sorted(c.done for c in calls)
+        assert {c.phase for c in calls} >= {"base model generation", "base model fluency", "generation", "fluency"}
         [stored] = lg.evaluations("rev-2")
         assert stored.means == rep.means and stored.per_fact == rep.per_fact and stored.options == rep.options
         [audit] = lg.audit(command="eval")

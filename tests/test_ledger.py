@@ -9,7 +9,7 @@ import torch
 from sqlalchemy import func, select, text, update
 
 from ledger import BaftConfig, Ledger, parse_facts_text
-from ledger import revisions as revs
+from ledger.store import revisions as revs
 from ledger.baft.layer import block_delta
 from ledger.errors import InputError, IntegrityError, NotFoundError, SchemaError, StateError
 from ledger.store import blobs

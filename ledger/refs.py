@@ -1,0 +1,72 @@
+"""Moving HEAD and naming revisions: checkout, branch, tag, and listing refs and their moves."""
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import InputError
+from .history import head
+from .names import check_ref_name, rev_name
+from .session import Session
+from .store import audit, refs
+from .store.engine import write_transaction
+
+
+def checkout(s: Session, rev: str) -> dict[str, Any]:
+    """Move HEAD: to a branch (attached) or to a revision (detached, unless it is the tip
+    of the branch HEAD is on). Later adds commit on top of where HEAD points."""
+    with write_transaction(s.engine) as conn:
+        branch = rev if refs.kind_of(conn, rev) == "branch" else None
+        rid = refs.resolve(conn, rev)
+        state = refs.head(conn)
+        if branch is None and state.branch is not None and state.revision == rid:
+            branch = state.branch
+        refs.set_head(conn, branch=branch, rev_id=rid, actor=s.author, reason=f"checkout {rev}")
+        audit.record(conn, s.author, "checkout", rid, None, {"target": rev, "branch": branch})
+    return head(s)
+
+
+def branch(s: Session, name: str, rev: str | None = None) -> dict[str, Any]:
+    """Create a branch at REV (default HEAD); an existing ref of that name is refused."""
+    check_ref_name(name)
+    with write_transaction(s.engine) as conn:
+        if refs.kind_of(conn, name) is not None:
+            raise InputError(f"a ref named {name!r} already exists")
+        rid = refs.resolve(conn, rev or "HEAD")
+        refs.set_ref(conn, name, "branch", rid, s.author, f"branch {name}")
+        audit.record(conn, s.author, "branch", rid, None, {"name": name})
+    return {"name": name, "kind": "branch", "revision": rev_name(rid)}
+
+
+def tag(s: Session, name: str, rev: str) -> dict[str, Any]:
+    """Name a revision for good: tags never move."""
+    check_ref_name(name)
+    with write_transaction(s.engine) as conn:
+        existing = refs.kind_of(conn, name)
+        if existing == "tag":
+            raise InputError(f"tag {name!r} already exists and tags do not move")
+        if existing:
+            raise InputError(f"a {existing} named {name!r} already exists")
+        rid = refs.resolve(conn, rev)
+        refs.set_ref(conn, name, "tag", rid, s.author, f"tag {name}")
+        audit.record(conn, s.author, "tag", rid, None, {"name": name})
+    return {"name": name, "kind": "tag", "revision": rev_name(rid)}
+
+
+def list_refs(s: Session) -> list[dict[str, Any]]:
+    """HEAD, then branches and tags by name."""
+    with s.engine.connect() as conn:
+        state = refs.head(conn)
+        out = [{"name": "HEAD", "kind": "head", "revision": rev_name(state.revision), "target": state.branch}]
+        for name, kind, rid in refs.named(conn):
+            out.append({"name": name, "kind": kind, "revision": rev_name(rid), "target": None})
+    return out
+
+
+def reflog(s: Session, ref: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    """Every move of a ref (or of all refs), newest first."""
+    with s.engine.connect() as conn:
+        return [{"ref": r.ref, "old": rev_name(r.old_revision) if r.old_revision else None,
+                 "new": rev_name(r.new_revision) if r.new_revision else None,
+                 "old_branch": r.old_symbolic, "new_branch": r.new_symbolic,
+                 "actor": r.actor, "time": r.created_at, "reason": r.reason}
+                for r in refs.reflog(conn, ref, limit)]
