@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from ledger import BaftConfig, InputError, Ledger, LedgerError, ProgressEvent, load_facts
+from ledger import BaftConfig, InputError, Ledger, LedgerError, ProgressEvent, load_facts, load_facts_skipping_bad
 from ledger import maintenance
 from ledger.baft.config import MAX_PREFIXES, ROTATION_INITS, TRAIN_DTYPES
 
@@ -210,8 +210,10 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
                      wordings=n_wordings, wordings_related=wordings_related, other_relations=other_relations,
                      after_target_wordings=after_target_wordings, n_prefixes=n_prefixes,
                      train_dtype=train_dtype, seed=seed)
-    loaded = load_facts(file, fmt=fmt, offset=offset, limit=limit, skip_bad=skip_bad)
-    facts, problems = loaded if skip_bad else (loaded, [])
+    if skip_bad:
+        facts, problems = load_facts_skipping_bad(file, fmt=fmt, offset=offset, limit=limit)
+    else:
+        facts, problems = load_facts(file, fmt=fmt, offset=offset, limit=limit), []
     for p in problems:
         click.echo(f"skipped {p}", err=True)
     if not facts:

@@ -12,9 +12,11 @@ from .api import AddResult, EditInfo, EvalReport, Ledger, RevisionInfo  # noqa: 
 from .baft.config import BaftConfig  # noqa: E402
 from .errors import InputError, LedgerError, StateError  # noqa: E402
 from .export import load_snapshot, verify_snapshot  # noqa: E402
-from .facts import Fact, LocalityPrompt, PortabilityPrompt, load_facts, parse_facts_text  # noqa: E402
+from .facts import (Fact, FactsRead, LocalityPrompt, PortabilityPrompt, load_facts,  # noqa: E402
+                    load_facts_skipping_bad, parse_facts_skipping_bad, parse_facts_text)
 from .progress import ProgressEvent  # noqa: E402
 
-__all__ = ["Ledger", "AddResult", "EditInfo", "EvalReport", "RevisionInfo", "BaftConfig", "Fact", "LocalityPrompt",
-           "PortabilityPrompt", "ProgressEvent",
-           "load_facts", "parse_facts_text", "load_snapshot", "verify_snapshot", "LedgerError", "InputError", "StateError", "__version__"]
+__all__ = ["Ledger", "AddResult", "EditInfo", "EvalReport", "RevisionInfo", "BaftConfig", "Fact", "FactsRead",
+           "LocalityPrompt", "PortabilityPrompt", "ProgressEvent", "load_facts", "load_facts_skipping_bad",
+           "parse_facts_text", "parse_facts_skipping_bad", "load_snapshot", "verify_snapshot", "LedgerError",
+           "InputError", "StateError", "__version__"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 from .errors import InputError
 
@@ -252,12 +252,14 @@ def records_of_text(text: str, what: str = "fact file") -> list[Any]:
     return records
 
 
-def parse_facts_text(text: str, *, fmt: str = "auto", offset: int = 0, limit: int | None = None,
-                     skip_bad: bool = False) -> list[Fact] | tuple[list[Fact], list[str]]:
-    """Parse and validate the records of a fact file (records [offset, offset + limit)).
+class FactsRead(NamedTuple):
+    """The good records of a fact file, and one line per record left out."""
 
-    Without skip_bad, the first bad record refuses the whole file (InputError naming its
-    index). With skip_bad, returns (facts, problems) and the good records go on."""
+    facts: list[Fact]
+    problems: list[str]
+
+
+def _parse(text: str, fmt: str, offset: int, limit: int | None, skip_bad: bool) -> FactsRead:
     if fmt not in FORMATS:
         raise InputError(f"unknown --format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if offset < 0 or (limit is not None and limit < 1):
@@ -272,11 +274,23 @@ def parse_facts_text(text: str, *, fmt: str = "auto", offset: int = 0, limit: in
             if not skip_bad:
                 raise
             problems.append(str(e))
-    if skip_bad:
-        return facts, problems
+    return FactsRead(facts, problems)
+
+
+def parse_facts_text(text: str, *, fmt: str = "auto", offset: int = 0, limit: int | None = None) -> list[Fact]:
+    """Parse and validate the records of a fact file (records [offset, offset + limit)); the
+    first bad record refuses the whole file (InputError naming its index)."""
+    facts = _parse(text, fmt, offset, limit, skip_bad=False).facts
     if not facts:
         raise InputError(f"no records in the range --offset {offset} --limit {limit}")
     return facts
+
+
+def parse_facts_skipping_bad(text: str, *, fmt: str = "auto", offset: int = 0,
+                             limit: int | None = None) -> FactsRead:
+    """As parse_facts_text, but a bad record is left out and named in `problems` while the
+    good ones go on (the file's JSON must still parse)."""
+    return _parse(text, fmt, offset, limit, skip_bad=True)
 
 
 def read_text(path: str | Path, what: str = "fact file") -> str:
@@ -296,10 +310,15 @@ def read_text(path: str | Path, what: str = "fact file") -> str:
         raise InputError(f"{p} is not valid UTF-8 (byte {e.start})") from None
 
 
-def load_facts(path: str | Path, **options) -> list[Fact] | tuple[list[Fact], list[str]]:
-    """Read and validate a fact file; raise InputError naming the first problem.
-    Options are those of parse_facts_text (fmt, offset, limit, skip_bad)."""
-    return parse_facts_text(read_text(path), **options)
+def load_facts(path: str | Path, *, fmt: str = "auto", offset: int = 0, limit: int | None = None) -> list[Fact]:
+    """Read and validate a fact file; raise InputError naming the first problem."""
+    return parse_facts_text(read_text(path), fmt=fmt, offset=offset, limit=limit)
+
+
+def load_facts_skipping_bad(path: str | Path, *, fmt: str = "auto", offset: int = 0,
+                            limit: int | None = None) -> FactsRead:
+    """Read a fact file, leaving bad records out: the good facts and a line per bad record."""
+    return parse_facts_skipping_bad(read_text(path), fmt=fmt, offset=offset, limit=limit)
 
 
 def facts_from_records(records: Iterable[Any]) -> list[Fact]:

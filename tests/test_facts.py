@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ledger.errors import InputError
-from ledger.facts import load_facts, parse_facts_text
+from ledger.facts import load_facts, parse_facts_skipping_bad, parse_facts_text
 
 from conftest import FACT
 
@@ -155,7 +155,7 @@ def test_importers_refuse_broken_records(rec, needle):
 
 def test_format_offset_limit_and_skip_bad():
     text = json.dumps([FACT, {"prompt": "x"}, ZSRE, KNOWEDIT])
-    facts, problems = parse_facts_text(text, skip_bad=True)
+    facts, problems = parse_facts_skipping_bad(text)
     assert len(facts) == 3 and problems == ["record 1: missing required field 'target_new'"]
     assert [f.target_new for f in parse_facts_text(text, offset=2, limit=1)] == ["unmanned aircraft"]
     with pytest.raises(InputError, match="record 0"):
