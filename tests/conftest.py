@@ -14,60 +14,28 @@ from pathlib import Path
 import pytest
 import torch
 
+from support import FACT, FACT2, FACT3, write_model
+
 # Tiny models: a second thread costs more in synchronisation than it gives.
 torch.set_num_threads(1)
 
 PG_ADMIN_URL = os.environ.get("LEDGER_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 
-def _byte_tokenizer():
-    """A byte-level tokenizer with no merges: every UTF-8 byte is a token, plus an end token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    vocab["<|end|>"] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|end|>", pad_token="<|end|>",
-                                   bos_token="<|end|>")
-
-
-def _write_model(path: Path, family: str, seed: int = 0) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-    tok = _byte_tokenizer()
-    torch.manual_seed(seed)
-    if family == "llama":
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                          bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                          pad_token_id=tok.eos_token_id, tie_word_embeddings=True)
-        model = LlamaForCausalLM(cfg)
-    else:
-        cfg = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=3, n_head=4, n_positions=512,
-                         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.eos_token_id)
-        model = GPT2LMHeadModel(cfg)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
-    return _write_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+    return write_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_other(tmp_path_factory) -> Path:
     """Same architecture, other weights: a different base model."""
-    return _write_model(tmp_path_factory.mktemp("tiny-llama-other"), "llama", seed=1)
+    return write_model(tmp_path_factory.mktemp("tiny-llama-other"), "llama", seed=1)
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> Path:
-    return _write_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
+    return write_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
 
 
 @pytest.fixture(autouse=True)
@@ -111,18 +79,6 @@ def db_url(request, tmp_path):
         with admin.connect() as c:
             c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
-
-
-# A fact the tiny models can learn in a few steps: short prompt, one-token-per-byte target.
-FACT = {"subject": "Alice", "prompt": "Alice lives in", "target_new": "Rome", "target_true": "Oslo",
-        "rephrase_prompts": ["The home of Alice is"],
-        "locality_prompts": [{"prompt": "Bob lives in", "answer": "Oslo"}]}
-FACT2 = {"subject": "Carol", "prompt": "Carol works at", "target_new": "a farm",
-         "locality_prompts": [{"prompt": "Dave works at", "answer": "a bank"}]}
-FACT3 = {"subject": "Erin", "prompt": "Erin plays", "target_new": "chess"}
-
-# Few steps keep the fast tests fast; these tests check plumbing and exactness, not quality.
-FAST = {"steps": 6, "min_steps": 0, "rank": 2, "layer": 1, "n_prefixes": 1}
 
 
 @pytest.fixture

@@ -127,7 +127,7 @@ def _parent_sites(base):
 def _facts():
     import json
     from ledger.facts import parse_facts_text
-    from conftest import FACT
+    from support import FACT
     other = {**FACT, "prompt": "Rome is the capital of", "subject": "Rome", "target_new": "Spain",
              "rephrase_prompts": ["Rome, a city, is the capital of"]}
     return parse_facts_text(json.dumps([FACT, other]))
@@ -479,7 +479,7 @@ def test_retention_past_the_cap_keeps_the_prompts_that_share_the_new_subjects_to
     from transformers import AutoTokenizer
     from ledger.baft.rows import pick_retention
     from ledger.facts import parse_facts_text
-    from conftest import FACT
+    from support import FACT
     tok = AutoTokenizer.from_pretrained(str(tiny_llama))
     fact = parse_facts_text(json.dumps([{**FACT, "subject": "Xqz Vault", "prompt": "Xqz Vault is in"}]))[0]
     pool = [(f"Edit number {i} is about", "France") for i in range(200)]

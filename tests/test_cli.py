@@ -8,8 +8,7 @@ from click.testing import CliRunner
 from cli.main import cli
 from ledger import Ledger
 
-from conftest import FACT
-from test_ledger import counts
+from support import FACT, counts
 
 FAST_ARGS = ["--steps", "6", "--rank", "2", "--layer", "1"]
 

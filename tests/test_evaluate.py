@@ -18,42 +18,10 @@ from ledger.evaluate import (fluency, greedy_generate, mean_metrics, measure, me
 from ledger.facts import facts_from_records
 from ledger.store.engine import make_engine
 
-from conftest import FACT, FACT2, FACT3, FAST, _byte_tokenizer
-from test_ledger import counts
+from support import FACT, FACT2, FACT3, FAST, TOK, V, Oracle, counts
 
-TOK = _byte_tokenizer()
-V = len(TOK)
 HI = 10.0 - math.log(math.exp(10.0) + V - 1)    # log-probability of the argmax token
 LO = -math.log(math.exp(10.0) + V - 1)          # of any other token
-
-
-class Oracle(torch.nn.Module):
-    """A causal LM whose next token is a fixed lookup from the last 3 tokens (the current one
-    and the two before), built from the strings it "knows"; an unknown context predicts the
-    end token. Logits are 10 at the predicted token and 0 elsewhere, so every argmax and
-    log-probability is known. With at=True it predicts the token AT each position instead
-    of the next one (the teacher-forcing off-by-one)."""
-
-    def __init__(self, strings, at=False, k=3):
-        super().__init__()
-        self.dummy = torch.nn.Parameter(torch.zeros(1))    # measure() reads the device from it
-        self.at, self.k, self.table = at, k, {}
-        for s in strings:
-            ids = TOK(s)["input_ids"]
-            for i in range(1, len(ids)):
-                ctx = tuple(ids[max(0, i - k):i])
-                assert self.table.get(ctx, ids[i]) == ids[i], f"the strings disagree after {TOK.decode(list(ctx))!r}"
-                self.table[ctx] = ids[i]
-
-    def forward(self, input_ids, attention_mask=None, **_):
-        B, T = input_ids.shape
-        out = torch.zeros(B, T, V)
-        for b in range(B):
-            ids = input_ids[b].tolist()
-            for t in range(T):
-                nxt = ids[t] if self.at else self.table.get(tuple(ids[max(0, t + 1 - self.k):t + 1]), TOK.eos_token_id)
-                out[b, t, nxt] = 10.0
-        return SimpleNamespace(logits=out)
 
 
 # The fact: "Ann is in" -> "NY" (true "LA"); every sequence is tokenised one byte per token,

@@ -2,8 +2,6 @@
 and gives the composed model's logits and greedy tokens; tampering is refused."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,40 +11,9 @@ from cli.main import cli
 from ledger import BaftConfig, Ledger, load_snapshot, parse_facts_text
 from ledger.errors import InputError, IntegrityError
 
-from conftest import FACT, FACT2, FACT3, FAST
+from support import FACT, FACT2, FACT3, FAST, run_isolated
 
 PROMPTS = ["Alice lives in", "Carol works at", "The weather is"]
-
-# Runs in a fresh interpreter from which this project's package cannot be imported.
-ISOLATED = r"""
-import importlib.util, json, sys
-sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
-sys.path = [p for p in sys.path if p and (p.rstrip("/") != sys.argv[3] and (
-    "site-packages" in p or not p.startswith(sys.argv[3])))]
-assert importlib.util.find_spec("ledger") is None, "ledger is importable"
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-out, prompts = sys.argv[1], json.loads(sys.argv[2])
-tok = AutoTokenizer.from_pretrained(out)
-model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
-res = {"class": type(model).__name__, "logits": [], "greedy": []}
-with torch.no_grad():
-    for p in prompts:
-        enc = tok(p, return_tensors="pt")
-        res["logits"].append(model(**enc).logits[0, -1].tolist())
-        g = model.generate(**enc, max_new_tokens=int(sys.argv[4]), do_sample=False, pad_token_id=tok.pad_token_id)
-        res["greedy"].append(g[0, enc["input_ids"].shape[1]:].tolist())
-print(json.dumps(res))
-"""
-
-
-def run_isolated(out, prompts, project_root, n_new=6):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(out.parent / "hf_modules"))
-    proc = subprocess.run([sys.executable, "-c", ISOLATED, str(out), json.dumps(prompts), str(project_root),
-                           str(n_new)], capture_output=True, text=True, env=env, cwd=str(out.parent))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def composed_outputs(lg, prompts, n_new=6):

@@ -14,8 +14,7 @@ from ledger.evaluate import (GEN_LOCALITY_TOKENS, GEN_NEW_TOKENS, Generations, f
                              mean_metrics, n_generations, repeats, starts_with_target)
 from ledger.facts import facts_from_records
 
-from conftest import FACT, FACT2, FACT3, FAST
-from test_evaluate import TOK, Oracle
+from support import FACT, FACT2, FACT3, FAST, TOK, Oracle
 
 GEN_KEYS = {"gen_reliability", "gen_generalization", "gen_locality", "repetition", "gen_entropy",
             "base_gen_reliability", "base_gen_generalization", "base_repetition", "base_gen_entropy"}

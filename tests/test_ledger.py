@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, update
 
 from ledger import BaftConfig, Ledger, parse_facts_text
 from ledger.store import revisions as revs
@@ -16,24 +16,7 @@ from ledger.store import blobs
 from ledger.store.engine import downgrade, make_engine
 from ledger.store.schema import Blob, Edit, Revision, RevisionChange
 
-from conftest import FACT, FACT2, FACT3, FAST
-
-PROMPTS = ["Alice lives in", "Bob lives in", "The home of Alice is"]
-
-
-def counts(url):
-    eng = make_engine(url)
-    with eng.connect() as c:
-        out = {t: c.execute(text(f"SELECT count(*) FROM {t}")).scalar()
-               for t in ("blobs", "edits", "revisions", "revision_changes", "refs", "reflog", "audit_events")}
-        out["head"] = revs.head(c).revision
-    eng.dispose()
-    return out
-
-
-def logits_of(lg, rev=None):
-    m = lg.model_at(rev)
-    return torch.stack([m.logits(p)[-1] for p in PROMPTS])
+from support import FACT, FACT2, FACT3, FAST, PROMPTS, counts, logits_of
 
 
 def test_init_writes_root_revision(ledger):

@@ -119,7 +119,7 @@ def test_a_target_the_model_already_gives_is_refused(tmp_path, smol_threads):
 
 def test_exported_snapshot_says_the_new_target(tmp_path, smol_threads):
     """Export a real SmolLM2 edit and load it in a Python that cannot import ledger."""
-    from test_export import run_isolated
+    from support import run_isolated
     fact = json.loads(EXAMPLE.read_text())
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
     with Ledger.init(db) as lg:

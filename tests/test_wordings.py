@@ -15,7 +15,7 @@ from ledger.store.schema import AuditEvent, Wording
 from ledger.wordings import (builtin_pairs, content_words, fill, nearest, pairs_of_records, template_of,
                              training_prompts)
 
-from conftest import FACT, FAST
+from support import FACT, FAST
 
 CF = [  # CounterFact's form: rephrases carry an unrelated sentence before the subject
     {"prompt": "Alice lives in", "subject": "Alice", "target_new": "Rome", "ground_truth": "Oslo",
