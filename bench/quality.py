@@ -65,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ftm import FTMConfig, FTMEditor  # noqa: E402
 from ledger import BaftConfig, InputError, Ledger  # noqa: E402
 from ledger.baft import default_layer  # noqa: E402
-from ledger.evaluate import (Generations, Measurement, generate_many, generation_metrics,  # noqa: E402
+from ledger.evaluate import (Generations, Measurement, answers, generate_many, generation_metrics,  # noqa: E402
                              mean_metrics, measure, score)
 from ledger.facts import Fact, fact_from_record, to_native  # noqa: E402
 from ledger.models import BaseModel  # noqa: E402
@@ -194,7 +194,7 @@ def blob_bytes(lg: Ledger, edit: str) -> int:
 
 def already_answers(model, tok, fact: Fact) -> bool:
     """The rule `Ledger.add` refuses a fact by: the model gives target_new already."""
-    return measure(model, tok, Fact(prompt=fact.prompt, target_new=fact.target_new)).accuracy["rel"][0] == 1.0
+    return answers(measure(model, tok, Fact(prompt=fact.prompt, target_new=fact.target_new)))
 
 
 # --- one run -----------------------------------------------------------------------------------
@@ -503,7 +503,7 @@ def main(argv: list[str] | None = None) -> None:
             common_ds = {**common, "data": DATASETS[dataset][0]}
             # The bare base model: its measurement is every fact's locality reference.
             base_meas = {fid: measure(base.model, base.tokenizer, f) for fid, f in facts}
-            known = {fid for fid, f in facts if base_meas[fid].accuracy["rel"][0] == 1.0}
+            known = {fid for fid, f in facts if answers(base_meas[fid])}
             # Its greedy generations, made once: the reference of the BaFT/ReFT rows' free-generation metrics.
             unknown = [(fid, f) for fid, f in facts if fid not in known]
             base_gens = dict(zip([fid for fid, _ in unknown],
