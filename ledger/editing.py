@@ -219,7 +219,7 @@ def commit(s: Session, records: list[EditRecord], facts: list[Fact], *, parent: 
         edit_ids = []
         for record in records:
             blobs.put(conn, record.blob)
-            edit_ids.append(edits.insert(conn, record.columns))
+            edit_ids.append(edits.write(conn, record.columns))
         changes = [(e, "remove") for e in remove] + [(e, "add") for e in edit_ids]
         rev = revisions.append(conn, parent_id=parent, operation=operation, author=s.author,
                                message=message, changes=changes)

@@ -98,7 +98,7 @@ def evaluate(s: Session, facts: Iterable[Fact], rev: str = "HEAD", *, fluency: b
     sha = dataset_sha256(facts)
     created = blobs.now()
     with write_transaction(s.engine) as conn:
-        eid = stored.insert(conn, revision=rid, created_at=created, author=s.author, label=label,
+        eid = stored.write(conn, revision=rid, created_at=created, author=s.author, label=label,
                             dataset_sha256=sha, n=len(facts), means=means, per_fact=per_fact, options=options)
         audit.record(conn, s.author, "eval", rid, None, {"evaluation": eval_name(eid), "dataset_sha256": sha,
                                                          "n": len(facts), "label": label, "means": means,

@@ -1,6 +1,6 @@
 """Export: a deployable snapshot of a revision that loads with plain transformers.
 
-    OUT/config.json              the base config + auto_map to our modeling file + the edited layers
+    OUT/config.json              the base config + auto_map to the generated modeling file + the edited layers
     OUT/model.safetensors        base weights AND the fused interventions (as buffers)
     OUT/tokenizer files
     OUT/modeling_ledger.py       generated: the base class plus forward hooks, no ledger import

@@ -1,8 +1,9 @@
 """Facts: the one input of an edit, its validation, and the readers of fact files.
 
-A fact file holds one fact object, a JSON list of them, or JSON Lines. Records come in our
-native form or in the EasyEdit/MEND CounterFact form (`ground_truth`, `rephrase_prompt`,
-`locality_prompt`, `locality_ground_truth`), which is what ../shared/data ships.
+A fact file holds one fact object, a JSON list of them, or JSON Lines. Records come in the
+native form or in the forms of EasyEdit's CounterFact (`ground_truth`, `rephrase_prompt`,
+`locality_prompt`, `locality_ground_truth`), ROME's CounterFact, zsRE (MEND) and KnowEdit
+(`to_native` turns each into the native form).
 Every record is validated before anything is trained or written: a file with one bad record
 is refused whole, naming the record and the reason.
 """

@@ -42,7 +42,7 @@ def create(engine: Engine, spec: str, base: BaseModel, author: str, *, wordings:
         audit.record(conn, author, "init", root.id, None, {"model": spec, "fingerprint": base.fingerprint})
         if wordings:
             pairs = wd.builtin_pairs()
-            added = wording_table.insert(conn, pairs, "builtin", blobs.now())
+            added = wording_table.write(conn, pairs, "builtin", blobs.now())
             audit.record(conn, author, "wordings", None, None, {"source": "builtin", "files": list(wd.BUILTIN),
                                                                 "pairs": len(pairs), "added": added})
 
@@ -88,7 +88,7 @@ def gc(s: Session) -> dict[str, int]:
     with write_transaction(s.engine) as conn:
         orphans = blobs.orphans(conn)
         if orphans:
-            blobs.delete(conn, [a for a, _ in orphans])
+            blobs.remove(conn, [a for a, _ in orphans])
             audit.record(conn, s.author, "gc", None, None, {"blobs": [a for a, _ in orphans]})
     return {"blobs_removed": len(orphans), "bytes_removed": int(sum(n for _, n in orphans))}
 
@@ -192,7 +192,7 @@ def _revert(s: Session, target: str, message: str | None) -> RevertResult:
             raise StateError("the branch moved while re-measuring: nothing was written, run the revert again")
         rev = revisions.append(conn, parent_id=state.revision, operation="revert", author=s.author,
                                message=message or f"revert {target}", changes=changes)
-        evaluations.insert_remeasures(conn, rev.id, after)
+        evaluations.write_remeasures(conn, rev.id, after)
         refs.advance_head(conn, rev.id, s.author, f"revert {target}")
         audit.record(conn, s.author, "revert", rev.id, eid, {"target": target, "changes": [
             [edit_name(e), a] for e, a in changes], "remeasured": [edit_name(e) for e in deps]})

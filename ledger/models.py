@@ -51,7 +51,7 @@ def cache_dir() -> Path:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks whose outputs are the residual stream we intervene on."""
+    """The list of decoder blocks whose outputs are the residual stream the edits intervene on."""
     inner = getattr(model, "model", None)
     if inner is not None and isinstance(getattr(inner, "layers", None), nn.ModuleList):
         return inner.layers                       # Llama, Qwen2, Mistral, Gemma
@@ -98,7 +98,7 @@ def fingerprint(model: nn.Module) -> str:
 def _quiet_transformers():
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # weight-loading bars would bury our own progress output
+    hf_logging.disable_progress_bar()  # weight-loading bars would bury the ledger's own progress output
     warnings.filterwarnings("ignore", module="transformers")
 
 

@@ -3,9 +3,9 @@ and used by every later `ledger add`.
 
 A fact states its relation in one wording ("{} professionally plays the sport"). An edit
 trained on that wording alone rarely carries over to another ("{}'s greatest weakness is"):
-on counterfact-val, gating the edit fully open on the held-out rephrases left generalisation
-where it was (0.40 vs 0.425), so what was missing was the value, not the gate
-(docs/quality.md). Trained on a few other wordings of the same relation, the
+on counterfact-val, holding the edit's gate fully open on the held-out rephrases leaves
+generalisation where it is (0.40 against 0.425), so what is missing is the value, not the
+gate (docs/design.md). Trained on a few other wordings of the same relation, the
 edit answers wordings it never saw. The ledger keeps a table of (relation, wording) pairs,
 both templates with "{}" for the subject, imported from any fact file whose records carry
 rephrases (CounterFact's train split, ROME's paraphrase_prompts, a user's own file) or from
@@ -17,8 +17,9 @@ A fact whose relation is not in the table borrows the wordings of the relation w
 templates share most content words with its own (`nearest`), so "{} was painted by" finds
 the catalogue's painters without the user importing anything.
 
-Pure parsing here, and the reads and writes of the `wordings` table on a Connection; the
-Ledger calls them, the trainer only ever sees prompts.
+Here: parsing wordings out of files, choosing the prompts an edit trains on, and the
+`ledger wordings` commands (`import_file`, `listing`); the table's SQL is in
+store/wordings.py. The trainer only ever sees prompts.
 """
 from __future__ import annotations
 
@@ -161,7 +162,7 @@ def related(conn: Connection, relation: str, wordings: list[str], min_shared: in
     One relation often has several prompt templates ("{} is located in", "{}, in"), each with
     its own rows here; their sets of wordings overlap because they word the same thing. On
     counterfact-train, 3 shared wordings link templates of one relation and rarely two
-    relations (docs/quality.md)."""
+    relations (docs/design.md)."""
     if min_shared <= 0 or len(wordings) < min_shared:
         return []
     lenders = table.sharing(conn, relation, wordings, min_shared)
@@ -292,7 +293,7 @@ def import_file(s: Session, path: str | Path, *, exclude: Iterable[tuple[str, st
     kept = [p for p in pairs if p not in drop]
     source = os.path.basename(str(path))
     with write_transaction(s.engine) as conn:
-        added = table.insert(conn, kept, source, blobs.now())
+        added = table.write(conn, kept, source, blobs.now())
         audit.record(conn, s.author, "wordings", None, None, {"source": source, "pairs": len(kept), "added": added})
     return ImportResult(source=source, records=n_records, pairs=len(pairs), added=added,
                         excluded=len(pairs) - len(kept), skipped=len(skipped), skipped_examples=skipped[:5])

@@ -1,7 +1,7 @@
 """Tensor blobs: safetensors bytes, content-addressed, verified on every read.
 
 Never pickle: tensors are written with safetensors only, and before safetensors parses any
-stored bytes we check the sha256 against the address and the header against what a ledger
+stored bytes the sha256 is checked against the address and the header against what a ledger
 blob may contain (float32 only, sane shapes, offsets that tile the buffer exactly).
 """
 from __future__ import annotations
@@ -149,5 +149,5 @@ def orphans(conn: Connection) -> list[tuple[str, int]]:
                                            .where(Blob.sha256.not_in(select(Edit.blob_sha256)))).all()]
 
 
-def delete(conn: Connection, addresses: list[str]) -> None:
+def remove(conn: Connection, addresses: list[str]) -> None:
     conn.execute(Blob.__table__.delete().where(Blob.sha256.in_(addresses)))

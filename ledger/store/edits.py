@@ -29,7 +29,7 @@ def edit_hash(e: Any) -> str:
     return hashlib.sha256(canonical(edit_payload(e))).hexdigest()
 
 
-def insert(conn: Connection, columns: dict[str, Any]) -> int:
+def write(conn: Connection, columns: dict[str, Any]) -> int:
     """Write one edit (every column but id and content_hash) and its content hash; its id."""
     edit = Edit(**columns, content_hash="")
     edit_id = conn.execute(Edit.__table__.insert().values(

@@ -137,7 +137,7 @@ def check_reachable(engine: Engine) -> None:
 # --- migrations -------------------------------------------------------------------------------
 
 def alembic_config(url: str | None = None):
-    """An alembic Config that finds our packaged migrations, installed or not."""
+    """An alembic Config that finds the packaged migrations, installed or not."""
     from alembic.config import Config
     import migrations
     cfg = Config()
@@ -179,7 +179,7 @@ def has_ledger_tables(engine: Engine) -> bool:
 
 
 def check_schema(engine: Engine) -> None:
-    """Refuse to work on a database that is not at our head migration, changing nothing."""
+    """Refuse to work on a database that is not at this version's head migration, changing nothing."""
     check_reachable(engine)
     if not has_ledger_tables(engine):
         raise StateError(f"no ledger in {engine.url.render_as_string(hide_password=True)}: run `ledger init`")

@@ -12,7 +12,7 @@ from .engine import among
 from .schema import Evaluation, Measurement
 
 
-def insert(conn: Connection, *, revision: int, created_at: str, author: str, label: str | None,
+def write(conn: Connection, *, revision: int, created_at: str, author: str, label: str | None,
            dataset_sha256: str, n: int, means: dict[str, float], per_fact: list[dict[str, float]],
            options: dict[str, Any]) -> int:
     """Store one evaluation; its id."""
@@ -37,7 +37,7 @@ def summaries_at(conn: Connection, revisions: Iterable[int]) -> list[Row]:
                         .where(Evaluation.revision_id.in_(set(revisions))).order_by(Evaluation.id)).all()
 
 
-def insert_remeasures(conn: Connection, revision: int, metrics: dict[int, dict[str, float]]) -> None:
+def write_remeasures(conn: Connection, revision: int, metrics: dict[int, dict[str, float]]) -> None:
     """Metrics of edits measured again at `revision`."""
     if metrics:
         conn.execute(Measurement.__table__.insert(), [

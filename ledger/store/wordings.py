@@ -8,7 +8,7 @@ from sqlalchemy import Connection, func, select
 from .schema import Wording
 
 
-def insert(conn: Connection, pairs: list[tuple[str, str]], source: str, now: str) -> int:
+def write(conn: Connection, pairs: list[tuple[str, str]], source: str, now: str) -> int:
     """Add the pairs the ledger does not hold yet; returns how many were new."""
     relations = sorted({r for r, _ in pairs})
     have: set[tuple[str, str]] = set()
