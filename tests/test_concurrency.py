@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from ledger import Ledger
@@ -26,6 +27,7 @@ with Ledger.open(db, author=who) as lg:
 """
 
 
+@pytest.mark.slow
 def test_four_writers_25_edits_each(db_url, tiny_llama, tmp_path):
     Ledger.init(db_url, model=str(tiny_llama)).close()
     root = str(Path(__file__).resolve().parents[1])

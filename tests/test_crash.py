@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
@@ -17,7 +18,7 @@ from ledger import Ledger
 from ledger.store.engine import make_engine
 from ledger.store.schema import Blob, Edit, Revision, RevisionChange
 
-from conftest import FACT, FACT2, FACT3
+from support import FACT, FACT2, FACT3
 
 
 def _n_revisions(conn) -> int:
@@ -55,6 +56,7 @@ def _wait_for_commit(db_url, seen, proc, limit):
         eng.dispose()
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points(db_url, tiny_llama, tmp_path):
     Ledger.init(db_url, model=str(tiny_llama)).close()
     facts = tmp_path / "facts.jsonl"

@@ -1,39 +1,22 @@
 """The serving path: the fused stack's fast forward (in-place gate, transposed R), the batched
 blob load behind checkout, and that both give exactly what the plain formulas give."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from sqlalchemy import select, update
 
 from ledger import Ledger
-from ledger import revisions as revs
 from ledger.baft import FusedIntervention, InterventionSite
 from ledger.baft.layer import BaftBlock, block_delta
-from ledger.compose import Block, fuse
 from ledger.errors import IntegrityError
 from ledger.store import blobs
 from ledger.store.schema import Blob, Edit
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from synthetic import block_tensors, write_edits  # noqa: E402
-
-
-def _blocks(d, ranks, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for r in ranks:
-        t = block_tensors(d, r, g)
-        t["U"] = t["U"] * 50   # gates that really vary with h
-        t["W"] = t["W"] + 0.3 * torch.randn(t["W"].shape, generator=g)
-        out.append(t)
-    return out
+from support import add_edits, random_blocks
 
 
 def test_fast_forward_equals_graph_forward_and_the_formula():
     d = 48
-    ts = _blocks(d, [1, 4, 2, 3])
+    ts = random_blocks(d, [1, 4, 2, 3])
     f = FusedIntervention(ts, d)
     h = torch.randn(2, 5, d) * 3
     ref = sum(block_delta(t, h) for t in ts)
@@ -50,7 +33,7 @@ def test_fast_forward_equals_graph_forward_and_the_formula():
 def test_gradient_through_the_fused_stack_matches_the_formula():
     """Sites below a trained block see h that needs a gradient: the fast path must not run."""
     d = 32
-    ts = _blocks(d, [2, 3], seed=1)
+    ts = random_blocks(d, [2, 3], seed=1)
     f = FusedIntervention(ts, d)
     h1 = torch.randn(3, d, requires_grad=True)
     h2 = h1.detach().clone().requires_grad_(True)
@@ -73,7 +56,7 @@ def test_site_with_only_a_trainable_block_skips_the_empty_stack():
 
 def test_gate_floors_compose_exactly_and_shut_bases_are_skipped():
     d = 48
-    ts = _blocks(d, [2, 4, 3, 1], seed=3)
+    ts = random_blocks(d, [2, 4, 3, 1], seed=3)
     ts[0]["floor"] = torch.full((2,), 0.3)
     ts[2]["floor"] = torch.tensor([0.5, 0.2, 0.0])
     f = FusedIntervention(ts, d)                     # floored and unfloored blocks mixed
@@ -100,22 +83,9 @@ def test_gate_floors_compose_exactly_and_shut_bases_are_skipped():
         FusedIntervention([dict(ts[0], floor=torch.full((2,), 1.0))], d)
 
 
-def test_fuse_groups_by_layer_in_edit_order():
-    d = 24
-    ts = _blocks(d, [2, 2, 2], seed=2)
-    blocks = [Block(3, 1, ts[0]), Block(1, 1, ts[1]), Block(2, 0, ts[2])]
-    sites = fuse(blocks, d)
-    assert sorted(sites) == [0, 1]
-    assert torch.equal(sites[1].fused.R, torch.cat([ts[1]["R"], ts[0]["R"]]))
-    h = torch.randn(3, d)
-    with torch.no_grad():
-        assert (sites[1].fused(h) - block_delta(ts[1], h) - block_delta(ts[0], h)).abs().max() < 1e-5
-
-
 def test_get_many_reads_verified_blobs_and_refuses_missing_or_changed(db_url, tiny_llama):
     with Ledger.init(db_url, model=str(tiny_llama)) as lg:
-        d, n_layers = lg.base.hidden_size, len(lg.base.layers)
-        write_edits(lg.engine, 7, d, n_layers, rank=2, batch=3)
+        add_edits(lg, 7)
         with lg.engine.connect() as conn:
             addresses = [a for (a,) in conn.execute(select(Edit.blob_sha256).order_by(Edit.id))]
             got = blobs.get_many(conn, addresses, chunk=3)
@@ -133,28 +103,3 @@ def test_get_many_reads_verified_blobs_and_refuses_missing_or_changed(db_url, ti
         with lg.engine.connect() as conn:
             with pytest.raises(IntegrityError, match="does not match its sha256"):
                 blobs.get_many(conn, addresses)
-
-
-def test_checkout_of_many_edits_composes_exactly_what_the_blobs_hold(db_url, tiny_llama):
-    """The batched load gives the same model as decoding each edit's blob on its own, and a
-    changed blob stops the composition."""
-    with Ledger.init(db_url, model=str(tiny_llama)) as lg:
-        d, n_layers = lg.base.hidden_size, len(lg.base.layers)
-        last = write_edits(lg.engine, 40, d, n_layers, rank=3, batch=16)
-        lg.checkout(revs.rev_name(last))
-        got = lg.model_at().logits("Alice lives in")
-        with lg.engine.connect() as conn:
-            rows = conn.execute(select(Edit.id, Edit.layer, Edit.blob_sha256)).all()
-            one_by_one = [Block(e, layer, blobs.get(conn, a)) for e, layer, a in rows]
-        assert len({b.layer for b in one_by_one}) > 1
-        lg._composed.clear()
-        lg._composed.compose(one_by_one, last)
-        assert torch.equal(lg._composed.logits("Alice lives in"), got)
-        lg._composed.clear()
-        assert not torch.equal(lg._composed.logits("Alice lives in"), got)   # the edits did something
-    with lg.engine.begin() as conn:
-        conn.execute(update(Blob).where(Blob.sha256 == rows[7][2]).values(data=blobs.encode(
-            {k: v + 1 for k, v in one_by_one[7].tensors.items()})))
-    with Ledger.open(db_url) as lg2:
-        with pytest.raises(IntegrityError):
-            lg2.model_at()

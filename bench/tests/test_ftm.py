@@ -3,24 +3,31 @@ only the MLP down-projection of the BaFT default layer, makes the target the arg
 restores the original weights bit for bit in single mode."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import FACT, FACT2
+from ftm import FTMConfig, FTMEditor, down_proj
 from ledger.baft.config import default_layer
 from ledger.evaluate import measure
 from ledger.facts import fact_from_record
 from ledger.models import load_base
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from ftm import FTMConfig, FTMEditor, down_proj  # noqa: E402
+from support import FACT, FACT2, write_model
 
 # EasyEdit's lr (5e-4) is tuned for 7B models; the tiny random model needs a larger step to
 # move its near-uniform logits within 25 steps.
 TINY = FTMConfig(lr=1e-2, steps=25)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    return write_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    return write_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
