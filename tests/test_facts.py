@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 from ledger.errors import InputError
 from ledger.facts import load_facts, parse_facts_skipping_bad, parse_facts_text
 
-from conftest import FACT
+from support import FACT
 
 
 def test_native_object_list_and_jsonl():
@@ -99,10 +99,16 @@ def test_fuzz_parser_only_accepts_or_refuses_cleanly(value):
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=200))
 def test_fuzz_parser_on_arbitrary_text(text):
+    # Any text either parses into facts or is refused with a one-line InputError; no other
+    # exception escapes.
     try:
-        parse_facts_text(text)
-    except InputError:
-        pass
+        facts = parse_facts_text(text)
+    except InputError as e:
+        assert str(e) and "\n" not in str(e)
+        return
+    assert isinstance(facts, list)
+    for f in facts:
+        assert f.prompt.strip() and f.target_new.strip()
 
 
 ROME = {"case_id": 0, "requested_rewrite": {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",

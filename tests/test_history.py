@@ -10,8 +10,7 @@ from ledger import BaftConfig, Ledger, parse_facts_text
 from ledger.compose import fuse
 from ledger.errors import InputError
 
-from conftest import FACT, FACT2, FACT3, FAST
-from test_ledger import PROMPTS, logits_of
+from support import FACT, FACT2, FACT3, FAST, PROMPTS, logits_of
 
 FACT4 = {"subject": "Gina", "prompt": "Gina speaks", "target_new": "Welsh"}
 FACT5 = {"subject": "Hugo", "prompt": "Hugo drives a", "target_new": "tram"}
@@ -95,10 +94,12 @@ def test_diff_is_antisymmetric(five):
 
 def test_metric_deltas_follow_remeasurement(five):
     res = five.revert("edit-3")
+    assert [r.edit for r in res.remeasured] == ["edit-4", "edit-5"]
     d = five.diff("rev-6", res.revision)
-    changed = {r.edit: r.delta for r in res.remeasured}
-    for e, delta in d.metric_deltas.items():
-        assert {k: v for k, v in delta.items()} == {k: round(v, 6) for k, v in changed[e].items() if v != 0}
+    # The diff lists exactly the remeasured edits whose metrics moved, each with the metrics
+    # that moved, rounded; the edits trained before edit-3 were not remeasured and do not appear.
+    moved = {r.edit: {k: round(v, 6) for k, v in r.delta.items() if v != 0} for r in res.remeasured}
+    assert d.metric_deltas == {e: delta for e, delta in moved.items() if delta}
 
 
 def test_branch_from_old_revision_does_not_see_later_edits(five):
