@@ -73,10 +73,16 @@ def _text(rec: dict, key: str, *, required: bool, limit: int, where: str) -> str
         raise InputError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
     if required and not value.strip():
         raise InputError(f"{where}: field '{key}' is empty")
+    return check_length_and_nul(value, f"field '{key}'", where, limit)
+
+
+def check_length_and_nul(value: str, what: str, where: str, limit: int) -> str:
+    """The value, or an InputError when it is longer than `limit` or holds a NUL character
+    (which neither database stores in text)."""
     if len(value) > limit:
-        raise InputError(f"{where}: field '{key}' is {len(value)} characters (limit {limit})")
+        raise InputError(f"{where}: {what} is {len(value)} characters (limit {limit})")
     if "\x00" in value:
-        raise InputError(f"{where}: field '{key}' contains a NUL character")
+        raise InputError(f"{where}: {what} contains a NUL character")
     return value
 
 

@@ -34,7 +34,8 @@ from typing import Any, Iterable
 from sqlalchemy import Connection
 
 from .errors import InputError
-from .facts import Fact, fact_from_record, read_text, records_of_text, detect_format, to_native
+from .facts import (Fact, check_length_and_nul, detect_format, fact_from_record, read_text, records_of_text,
+                    to_native)
 from .session import Session
 from .store import audit, blobs
 from .store import wordings as table
@@ -92,11 +93,7 @@ def _check_template(t: Any, where: str) -> str:
     t = t.strip()
     if t.count("{}") != 1:
         raise InputError(f"{where}: a wording needs exactly one '{{}}' for the subject: {t!r}")
-    if len(t) > MAX_TEMPLATE_CHARS:
-        raise InputError(f"{where}: a wording is {len(t)} characters (limit {MAX_TEMPLATE_CHARS})")
-    if "\x00" in t:
-        raise InputError(f"{where}: a wording contains a NUL character")
-    return t
+    return check_length_and_nul(t, "a wording", where, MAX_TEMPLATE_CHARS)
 
 
 def pairs_of_fact(fact: Fact) -> list[tuple[str, str]]:
