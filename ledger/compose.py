@@ -1,5 +1,5 @@
 """The composer: the model at a revision is the base model plus, at each edited layer, one
-fused intervention stacking every active block of that layer (DESIGN.md "Composition").
+fused intervention stacking every active block of that layer (docs/design.md, "Composition").
 
 Blocks are stacked in edit-id order, so the same revision composes to the same tensors in
 every process, and reloading a ledger gives bit-identical logits.
@@ -13,6 +13,7 @@ import torch
 from .baft.hooks import InterventionSite, attach_sites, detach_sites
 from .baft.layer import FusedIntervention
 from .models import BaseModel
+from .text import greedy_token_ids
 
 
 # Id of a block not committed yet (being measured): sorts after every real edit id, as the
@@ -80,13 +81,10 @@ class ComposedModel:
         self.revision = None
         self.edit_ids = frozenset()
 
-    @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int = 20) -> str:
-        tok = self.tokenizer
-        enc = tok(prompt, return_tensors="pt").to(next(self.model.parameters()).device)
-        out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                  pad_token_id=tok.pad_token_id)
-        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        """The prompt's greedy continuation, as text (the prompt left out)."""
+        [ids] = greedy_token_ids(self.model, self.tokenizer, [prompt], max_new_tokens)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     @torch.no_grad()
     def logits(self, prompt: str) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Edit metrics, by EasyEdit's definitions (DESIGN.md section 7), so numbers compare.
+"""Edit metrics, by EasyEdit's definitions (docs/design.md, "Evaluation"), so numbers compare.
 
 - reliability:    teacher-forced token accuracy of target_new after the prompt
 - generalization: the same on the rephrase prompts
@@ -31,7 +31,7 @@ from typing import Callable, Iterable
 import torch
 
 from .facts import Fact
-from .text import Batch, batch_of, cache_keyword, encode_pair, prompt_ids, scored_logits, target_ids
+from .text import Batch, batch_of, encode_pair, greedy_token_ids, prompt_ids, scored_logits, target_ids
 
 # A batch holds at most this many sequence positions (rows x padded length). Where the head
 # cannot run at the scored positions alone (text.scored_logits) the logits are
@@ -132,12 +132,6 @@ def answers(m: Measurement) -> bool:
     return m.accuracy["rel"][0] == 1.0
 
 
-def answers(m: Measurement) -> bool:
-    """The model already gives the fact's new target on its prompt (every target token is the
-    argmax): `ledger add` refuses such a fact, there is nothing to edit."""
-    return m.accuracy["rel"][0] == 1.0
-
-
 def _mean(xs: list[float]) -> float:
     return float(sum(xs) / len(xs))
 
@@ -201,71 +195,15 @@ def fluency_prompts(fact: Fact) -> list[str]:
     return [fact.prompt, *fact.rephrase_prompts]
 
 
-@torch.no_grad()
-def greedy_token_ids(model, tok, prompts: list[str], *, max_length: int = FLUENCY_MAX_LENGTH,
-                     max_new_tokens: int | list[int] | None = None, max_rows: int = 32,
-                     progress: Callable[[int, int], None] | None = None) -> list[list[int]]:
-    """The token ids of each prompt's greedy continuation, cut at the end token. Length: up
-    to max_length tokens in all (prompt included, as ROME's generate_fast), or, where
-    max_new_tokens is given (one number, or one per prompt), that many new tokens. Prompts
-    of equal token length run as one batch, so nothing is padded and each result equals the
-    prompt's unbatched generation (a row with a lower limit is cut to it afterwards). Uses
-    the model's KV cache when it has one; a model without recomputes the whole sequence.
-    progress(done, total) counts prompts."""
-    ids = [prompt_ids(tok, p) for p in prompts]
-    if max_new_tokens is None:
-        limits = [max(max_length - len(s), 0) for s in ids]
-    elif isinstance(max_new_tokens, int):
-        limits = [max_new_tokens] * len(prompts)
-    else:
-        limits = list(max_new_tokens)
-        if len(limits) != len(prompts):
-            raise ValueError("max_new_tokens needs one number per prompt")
-    eos = tok.eos_token_id
-    device = next(model.parameters()).device
-    cache_arg = cache_keyword(model)
-    by_len: dict[int, list[int]] = {}
-    for i, s in enumerate(ids):
-        by_len.setdefault(len(s), []).append(i)
-    out: list[list[int]] = [[] for _ in prompts]
-    done = 0
-    for length, members in sorted(by_len.items()):
-        for k in range(0, len(members), max_rows):
-            rows = members[k:k + max_rows]
-            steps = max(limits[i] for i in rows)
-            seq = torch.tensor([ids[i] for i in rows], dtype=torch.long, device=device)
-            new = torch.empty((len(rows), 0), dtype=torch.long, device=device)
-            past = None
-            finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
-            for _ in range(steps):
-                if past is None:
-                    res = model(input_ids=torch.cat([seq, new], 1), use_cache=cache_arg is not None)
-                else:
-                    res = model(input_ids=new[:, -1:], use_cache=True, **{cache_arg: past})
-                past = getattr(res, cache_arg, None) if cache_arg else None
-                nxt = res.logits[:, -1].argmax(-1)
-                new = torch.cat([new, nxt[:, None]], 1)
-                if eos is not None:
-                    finished |= nxt == eos
-                    if bool(finished.all()):
-                        break
-            for r, i in enumerate(rows):
-                toks = new[r].tolist()[:limits[i]]
-                if eos is not None and eos in toks:
-                    toks = toks[:toks.index(eos)]
-                out[i] = toks
-            done += len(rows)
-            if progress:
-                progress(done, len(prompts))
-    return out
-
-
 def greedy_generate(model, tok, prompts: list[str], *, max_length: int = FLUENCY_MAX_LENGTH,
                     max_new_tokens: int | list[int] | None = None, max_rows: int = 32,
                     progress: Callable[[int, int], None] | None = None) -> list[str]:
-    """The text of each prompt's greedy continuation (see `greedy_token_ids`, which makes it)."""
-    gens = greedy_token_ids(model, tok, prompts, max_length=max_length, max_new_tokens=max_new_tokens,
-                            max_rows=max_rows, progress=progress)
+    """The text of each prompt's greedy continuation, cut at the end token (text.greedy_token_ids):
+    up to max_length tokens in all (prompt included, as ROME's generate_fast), or, where
+    max_new_tokens is given (one number, or one per prompt), that many new tokens."""
+    if max_new_tokens is None:
+        max_new_tokens = [max(max_length - len(prompt_ids(tok, p)), 0) for p in prompts]
+    gens = greedy_token_ids(model, tok, prompts, max_new_tokens, max_rows=max_rows, progress=progress)
     return [tok.decode(g, skip_special_tokens=True) for g in gens]
 
 
@@ -327,7 +265,7 @@ def generate_many(model, tok, facts: list[Fact], *,
     limits = [GEN_NEW_TOKENS if kind == "locality"
               else max(GEN_NEW_TOKENS, len(target_ids(tok, p, facts[fi].target_new)) + 2)
               for fi, kind, p in items]
-    ids = greedy_token_ids(model, tok, [p for _, _, p in items], max_new_tokens=limits, progress=progress)
+    ids = greedy_token_ids(model, tok, [p for _, _, p in items], limits, progress=progress)
     out = [Generations(prompt="") for _ in facts]
     for (fi, kind, _), g in zip(items, ids):   # items keep each fact's order
         text = tok.decode(g, skip_special_tokens=True)

@@ -1,4 +1,5 @@
-"""Tokenising prompts and targets the way EasyEdit does, and batching them for teacher forcing.
+"""Text in and out of a model: tokenising prompts and targets the way EasyEdit does, batching them
+for teacher forcing, and greedy generation.
 
 A target is tokenised on its own with a leading space (unless the prompt already ends in
 whitespace) and appended to the prompt's ids, so the target tokens are the same wherever they
@@ -88,7 +89,7 @@ def logits(model, batch: Batch) -> torch.Tensor:
 def scored_logits(model, batch: Batch) -> torch.Tensor:
     """The logits at the batch's scored positions (target_mask, row-major). Where the model's
     output head alone gives its logits (head_matches_logits) the head runs only there: a
-    49,152-word head at every padded position was most of a measurement's cost."""
+    49,152-word head at every padded position is most of a measurement's cost."""
     if not head_matches_logits(model):
         return logits(model, batch)[batch.target_mask]
     hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -143,22 +144,63 @@ def cache_keyword(module) -> str | None:
     return next((n for n in ("cache", "past_key_values") if n in params), None)
 
 
+# --- greedy generation ---------------------------------------------------------------------------
+
 @torch.no_grad()
-def continue_greedily(model, tok, prompts: list[str], n_tokens: int | list[int]) -> list[str]:
-    """Each prompt followed by the model's greedy continuation of n_tokens (one count for all,
-    or one per prompt), as text, all prompts in one left-padded generate call."""
-    counts = list(n_tokens) if isinstance(n_tokens, (list, tuple)) else [n_tokens] * len(prompts)
-    if not prompts or max(counts) <= 0:
-        return list(prompts)
+def greedy_token_ids(model, tok, prompts: list[str], max_new_tokens: int | list[int], *, max_rows: int = 32,
+                     progress: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """The token ids of each prompt's greedy continuation of max_new_tokens (one number, or one
+    per prompt), cut at the end token. Prompts of equal token length run as one batch, so
+    nothing is padded and each result equals the prompt's unbatched generation (a row with a
+    lower limit is cut to it afterwards). Uses the model's KV cache when it has one; a model
+    without recomputes the whole sequence. progress(done, total) counts prompts."""
+    ids = [prompt_ids(tok, p) for p in prompts]
+    if isinstance(max_new_tokens, int):
+        limits = [max_new_tokens] * len(prompts)
+    else:
+        limits = list(max_new_tokens)
+        if len(limits) != len(prompts):
+            raise ValueError("max_new_tokens needs one number per prompt")
+    eos = tok.eos_token_id
     device = next(model.parameters()).device
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        enc = tok(list(prompts), return_tensors="pt", padding=True).to(device)
-    finally:
-        tok.padding_side = side
-    gen = model.generate(**enc, max_new_tokens=max(counts), do_sample=False, pad_token_id=tok.pad_token_id)
-    new = gen[:, enc["input_ids"].shape[1]:]
-    # Greedy: the first k tokens of a longer continuation are the continuation of k tokens.
-    return [p + tok.decode(row[:k], skip_special_tokens=True) if k > 0 else p
-            for p, row, k in zip(prompts, new, counts)]
+    cache_arg = cache_keyword(model)
+    by_len: dict[int, list[int]] = {}
+    for i, s in enumerate(ids):
+        by_len.setdefault(len(s), []).append(i)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = 0
+    for length, members in sorted(by_len.items()):
+        for k in range(0, len(members), max_rows):
+            rows = members[k:k + max_rows]
+            steps = max(limits[i] for i in rows)
+            seq = torch.tensor([ids[i] for i in rows], dtype=torch.long, device=device)
+            new = torch.empty((len(rows), 0), dtype=torch.long, device=device)
+            past = None
+            finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
+            for _ in range(steps):
+                if past is None:
+                    res = model(input_ids=torch.cat([seq, new], 1), use_cache=cache_arg is not None)
+                else:
+                    res = model(input_ids=new[:, -1:], use_cache=True, **{cache_arg: past})
+                past = getattr(res, cache_arg, None) if cache_arg else None
+                nxt = res.logits[:, -1].argmax(-1)
+                new = torch.cat([new, nxt[:, None]], 1)
+                if eos is not None:
+                    finished |= nxt == eos
+                    if bool(finished.all()):
+                        break
+            for r, i in enumerate(rows):
+                toks = new[r].tolist()[:limits[i]]
+                if eos is not None and eos in toks:
+                    toks = toks[:toks.index(eos)]
+                out[i] = toks
+            done += len(rows)
+            if progress:
+                progress(done, len(prompts))
+    return out
+
+
+def continue_greedily(model, tok, prompts: list[str], max_new_tokens: int | list[int]) -> list[str]:
+    """Each prompt followed by the text of its greedy continuation (greedy_token_ids)."""
+    gens = greedy_token_ids(model, tok, prompts, max_new_tokens)
+    return [p + tok.decode(g, skip_special_tokens=True) for p, g in zip(prompts, gens)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layer import BaftBlock, FusedIntervention
+from .layer import FusedIntervention
 
 
 class InterventionSite(nn.Module):
@@ -64,11 +64,3 @@ def attach_sites(layers: nn.ModuleList, sites: dict[int, InterventionSite]) -> N
 def detach_sites(sites: dict[int, InterventionSite]) -> None:
     for site in sites.values():
         site.detach()
-
-
-def add_trainable(site: InterventionSite, block: BaftBlock) -> None:
-    site.trainable.append(block)
-
-
-def clear_trainable(site: InterventionSite) -> None:
-    site.trainable = nn.ModuleList()
