@@ -9,7 +9,7 @@ from ..errors import InputError
 METHODS = ("baft", "reft")
 TRAIN_DTYPES = ("float32", "bfloat16")
 ROTATION_INITS = ("random", "gradient")
-# How many fixed contexts the trainer has to put before a prompt (trainer.PREFIXES).
+# How many fixed contexts the trainer has to put before a prompt (rows.PREFIXES).
 MAX_PREFIXES = 8
 
 
@@ -26,22 +26,22 @@ class BaftConfig:
     # Where R (the subspace the edit writes in) starts. "random": a random orthonormal basis.
     # "gradient": the top singular directions of the target loss's gradient at the subject's
     # positions of the fact's prompts, so the edit writes along what the model reads there.
-    # On counterfact-val it moved generalisation by +0.067 on val[0:60] and -0.017 on
-    # val[60:120] at equal steps (docs/quality.md): noise, so not the default.
+    # On counterfact-val it moves generalisation by +0.067 on val[0:60] and -0.017 on
+    # val[60:120] at equal steps (docs/design.md): noise, so not the default.
     rotation_init: str = "random"
     steps: int = 60           # upper bound; training stops early once the target is reached
     min_steps: int = 8
     lr: float = 1e-2
     # Adam's first-moment decay: 0.7, not torch's 0.9. With stop_prob 0.99 torch's
     # momentum overshoots and the target's probability swings around 0.97-0.99 for a
-    # dozen steps before every row holds it; on counterfact-val it took 27.9 steps a fact
-    # against 18.3 with 0.7 (docs/quality.md).
+    # dozen steps before every row holds it; on counterfact-val it takes 27.9 steps a fact
+    # against 18.3 with 0.7 (docs/design.md).
     adam_beta1: float = 0.7
     # The gate's (U, c) learning rate as a multiple of lr. 0 (the default): the gate stays as
     # gate_key_init set it, a match on the subject's key, and training moves W and b only.
-    # A trained gate overfits the few negatives it sees: on val[0:10] it opened on 17 % of
-    # foreign tokens (0.15 % frozen), and 30 edits in a row reached locality 0.67 (1.0 frozen);
-    # docs/quality.md.
+    # A trained gate overfits the few negatives it sees: on val[0:10] it opens on 17 % of
+    # foreign tokens (0.15 % frozen), and 30 edits in a row reach locality 0.67 (1.0 frozen);
+    # docs/design.md.
     gate_lr_scale: float = 0.0
     # Loss = CE(target) + locality_weight * KL(parent || edited on unrelated inputs)
     #        + gate_weight * mean gate on unrelated inputs.
@@ -65,16 +65,16 @@ class BaftConfig:
     # Start the gate as a match on the subject's key (BaFT): U along (key - mean of the
     # unrelated rows' states), c set so the gate is ~0.95 at the key and ~0.05 at the closest
     # negative. Without it the gate learns "a subject is here" and fires on neighbours'
-    # subjects too (docs/quality.md: locality 0.70 -> 0.95 on val[0:20]).
+    # subjects too (docs/design.md: locality 0.70 -> 0.95 on val[0:20]).
     gate_key_init: bool = True
     # How the key's direction is found: the difference of the key and the unrelated states'
-    # mean; where that leaves the key within trainer.KEY_MARGIN of the closest unrelated state
+    # mean; where that leaves the key within objective.KEY_MARGIN of the closest unrelated state
     # and this is below 1, Fisher's discriminant instead, its scatter shrunk by this much
-    # towards the identity (trainer._init_gates). A subject that begins the prompt otherwise
+    # towards the identity (EditProblem._init_gates). A subject that begins the prompt otherwise
     # keys on what the start of every input shares, and its gate opens there on every input.
     gate_key_shrinkage: float = 0.3
     # Gate floor f: the weight used is max(0, (s - f) / (1 - f)), exactly 0 where the gate
-    # s < f (layer.py). Shut means shut: a thousand edits no longer each leak a little onto
+    # s < f (layer.py). Shut means shut: a thousand edits do not each leak a little onto
     # every token, the serving path skips shut bases, and training skips the rows where the
     # new gate is shut (their KL and gradient are exactly 0). 0 gives the plain sigmoid gate.
     gate_floor: float = 0.2
@@ -83,8 +83,8 @@ class BaftConfig:
     near_miss_negatives: bool = False
     # Early stop once every target token is the argmax and has at least this probability.
     # 0.9: trained on the built-in wordings, an edit carries to unseen wordings without the
-    # margin of 0.99, which took 1.6 times the steps for the same generalisation on
-    # everyday facts (docs/quality.md, "Out of the box").
+    # margin of 0.99, which takes 1.6 times the steps for the same generalisation on
+    # everyday facts (docs/design.md, "Out of the box").
     stop_prob: float = 0.9
     # ... and the KL on every unrelated row (mean over its tokens) is at most this.
     stop_kl: float = 0.01
@@ -95,10 +95,10 @@ class BaftConfig:
     train_on_locality: bool = True
     # Other wordings of the fact's relation from the ledger's wordings table (wordings.py),
     # filled with the subject and trained on like the prompt: up to this many per fact.
-    # On counterfact-val[0:20] (each fact's held-out wording left out of the table), 6 took
+    # On counterfact-val[0:20] (each fact's held-out wording left out of the table), 6 take
     # generalisation from 0.425 to 0.875 at equal locality; 16 (most relations of
-    # counterfact-train have 6-19) took it further, with the stricter stop: val single edits
-    # 0.901 against 0.834 with 6 (docs/quality.md).
+    # counterfact-train have 6-19) take it further, with the stricter stop: val single edits
+    # 0.901 against 0.834 with 6 (docs/design.md).
     wordings: int = 16
     # When the relation has fewer than `wordings` of its own: relations that share at least
     # this many wordings with it (other templates of the same relation) lend theirs. 0: off.
@@ -111,18 +111,18 @@ class BaftConfig:
     # of Russia is" for a fact about Russia's currency; wordings.other_relations), continued
     # by the parent for neg_continuation_tokens, as unrelated rows: the gate is open there, so
     # the KL makes the value change the edited relation and not everything said of the subject.
-    # Not the default: on 8 everyday facts whose neighbours changed, 4 of them raised locality
-    # from 0.67 to 0.78 at twice the steps (docs/quality.md, "Out of the box").
+    # Not the default: on 8 everyday facts whose neighbours change, 4 of them raise locality
+    # from 0.67 to 0.78 at twice the steps (docs/design.md, "Out of the box").
     other_relations: int = 0
     # The prompt with its new target, continued by the parent for this many tokens, as an
     # unrelated row whose KL starts after the target: after the new answer the edited model
     # goes on as the parent does after it, instead of repeating the answer. 0: off.
     after_target_tokens: int = 4
     # ... and the same for up to this many of the relation's other wordings the edit trains on.
-    # Not the default: on counterfact-val[0:42] 4 took looping generations from 10 of 126 to
+    # Not the default: on counterfact-val[0:42] 4 take looping generations from 10 of 126 to
     # 2 (base model: 0), but generalisation from 0.944 to 0.849 at 1.6 times the steps: the
     # KL after the answer in every wording holds back the value that carries the edit to
-    # unseen wordings (docs/quality.md, "Out of the box").
+    # unseen wordings (docs/design.md, "Out of the box").
     after_target_wordings: int = 0
     # Short fixed prefixes before the prompt, for generalisation (as ROME does).
     n_prefixes: int = 2
@@ -135,12 +135,12 @@ class BaftConfig:
     neg_continuation_tokens: int = 2
     # Prompts of edits already active, used as retention negatives (sampled when more): they
     # are unrelated rows, so the new gate's key is set apart from the earlier subjects and
-    # the KL holds their answers where it still opens. 8 sampled left later gates open on
+    # the KL holds their answers where it still opens. With 8 sampled, later gates open on
     # earlier facts' prompts (" II" of "Largo Winch II" on "John Paul II"): 100 edits in a
-    # row on val lost 10 facts' answers, against 3 with all of them (docs/quality.md). A row
+    # row on val lose 10 facts' answers, against 3 with all of them (docs/design.md). A row
     # whose new gate is shut costs only the set-up pass up to the edited block.
     # Past this many, half are the prompts sharing tokens with the new subject, half random
-    # (trainer._pick_retention).
+    # (rows.pick_retention).
     retention_samples: int = 256
     # Precision of the blocks above the edited one in the fast steps: "bfloat16" runs their
     # matmuls in bfloat16 (autocast, weights cast once per edit), several times faster on a CPU
@@ -199,15 +199,15 @@ class BaftConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, stored: bool = False) -> "BaftConfig":
         """A config from a dict; missing fields take the defaults. stored=True: d is the
-        config of an edit in the ledger, and a field it lacks (added after the edit was
-        trained) takes the value that reproduces how it was trained (STORED_BEFORE)."""
+        config of an edit in the ledger, and a field it lacks takes the value that reproduces
+        how it was trained (STORED_BEFORE); a field the config no longer has is ignored."""
         known = {f.name for f in fields(cls)}
         base = {k: v for k, v in STORED_BEFORE.items() if k not in d} if stored else {}
         return cls(**base, **{k: v for k, v in d.items() if k in known})
 
 
-# Fields added after edits were already being stored, with the value equal to the behaviour
-# before them: a rebase retrains an old edit as it was trained.
+# Fields that some stored edits lack, with the value that reproduces how those edits were
+# trained: a rebase retrains an old edit as it was trained.
 STORED_BEFORE: dict[str, Any] = {"gate_floor": 0.0, "gate_lr_scale": 1.0, "wordings": 0, "wordings_related": 0,
                                  "train_dtype": "float32", "rotation_init": "random", "gate_key_shrinkage": 1.0,
                                  "adam_beta1": 0.9, "wordings_nearest": False,
@@ -217,7 +217,7 @@ STORED_BEFORE: dict[str, Any] = {"gate_floor": 0.0, "gate_lr_scale": 1.0, "wordi
 
 def default_layer(n_layers: int) -> int:
     """A lower-middle block, a third of the depth: where factual recall is mediated in decoder
-    LMs (ROME's finding). For SmolLM2 (30 blocks) that is layer 10. Against
-    30 % (layer 9), on counterfact-val the edit's value carried to more rephrasings one block
-    deeper at the same locality; at layer 12 the gates opened on neighbours (docs/quality.md)."""
+    LMs (ROME's finding). For SmolLM2 (30 blocks) that is layer 10: on counterfact-val the
+    edit's value carries to more rephrasings there than at layer 9 at the same locality, and
+    at layer 12 the gates open on neighbours (docs/design.md)."""
     return max(0, min(n_layers - 1, round(n_layers / 3)))

@@ -1,14 +1,14 @@
-"""The BaFT intervention on a hidden state h (d wide), DESIGN.md section 2:
+"""The BaFT intervention on a hidden state h (d wide), docs/design.md "The BaFT block":
 
     s(h)    = sigmoid(U h + c)                       one weight per basis
     BaFT(h) = h + R^T [ s(h) * (W h + b - R h) ]     R: r x d with orthonormal rows
 
-with one addition of ours, the gate floor f (per basis, 0 <= f < 1, stored with the block):
-the weight used is g = max(0, (s - f) / (1 - f)). It is continuous, equals s when f = 0 (every
-edit stored before the floor existed composes bit for bit as before), and is exactly 0 where
-s < f. A sigmoid gate is never 0, so without a floor a thousand edits each leak a few percent
+with one addition to the paper's formula, the gate floor f (per basis, 0 <= f < 1, stored
+with the block): the weight used is g = max(0, (s - f) / (1 - f)). It is continuous, equals s
+when f = 0 (an edit stored without a floor composes bit for bit by the paper's formula), and
+is exactly 0 where s < f. A sigmoid gate is never 0, so without a floor a thousand edits each leak a few percent
 onto every token; with it, an edit whose gate is shut changes nothing at all, and the serving
-path skips its bases (docs/quality.md, "gate floor").
+path skips its bases (docs/design.md, "gate_floor").
 
 `BaftBlock` is one trainable edit. `FusedIntervention` is the frozen sum of many edits of one
 layer: stacking their (R, W, b, U, c) row-wise gives one intervention of rank sum(r_k) whose
@@ -121,7 +121,7 @@ class BaftBlock(nn.Module):
         out = {"R": self.R.detach().clone().contiguous(), "W": self.W.detach().clone(),
                "b": self.b.detach().clone(), "U": self.U.detach().clone(),
                "c": self.c.detach().clone()}
-        if self.has_floor:   # no floor: the blob stays as it always was
+        if self.has_floor:   # no floor: the blob holds the formula's five tensors only
             out["floor"] = self.floor.detach().clone()
         return out
 
