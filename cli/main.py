@@ -5,16 +5,19 @@ or input and 1 for a problem with stored state; never a traceback.
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import click
 
 from ledger import BaftConfig, InputError, Ledger, LedgerError, ProgressEvent, load_facts, load_facts_skipping_bad
 from ledger import maintenance
-from ledger.baft.config import MAX_PREFIXES, ROTATION_INITS, TRAIN_DTYPES
+from ledger.baft.config import MAX_PREFIXES
+from ledger.results import DiffResult, EvalReport, RevertResult, RevisionInfo
+from ledger.wordings import ImportResult
 
 
 # Bare `ledger` raises this to show the help (click >= 8.2); it is no error.
@@ -73,6 +76,40 @@ def _means(metrics: dict[str, float]) -> str:
 def _open(ctx: click.Context) -> Ledger:
     o = ctx.obj
     return Ledger.open(o["db"], author=o["author"], device=o["device"])
+
+
+def _as_json(result: Any) -> Any:
+    """A command's result in JSON form: results with a to_dict, lists of them, or plain data."""
+    if hasattr(result, "to_dict"):
+        return result.to_dict()
+    if isinstance(result, list):
+        return [_as_json(r) for r in result]
+    return result
+
+
+def reads(group: click.Group, name: str | None = None, *, text: Callable[[Any], None],
+          to_json: Callable[[Any], Any] = _as_json, fails: Callable[[Any], bool] | None = None,
+          json_help: str = "Print JSON.") -> Callable[[Callable[..., Any]], click.Command]:
+    """Make `fn(lg, **params)` the command `name` of `group`: it opens the ledger, calls fn,
+    closes the ledger and prints the result, as JSON with --json and through `text` otherwise;
+    where `fails(result)`, the command exits 1. fn's click arguments and options stay its own."""
+    def wrap(fn: Callable[..., Any]) -> click.Command:
+        @functools.wraps(fn)   # keeps the docstring (the help) and the click parameters declared on fn
+        @click.pass_context
+        def command(ctx: click.Context, as_json: bool, **params: Any) -> None:
+            with _open(ctx) as lg:
+                result = fn(lg, **params)
+            if as_json:
+                _dump(to_json(result))
+            else:
+                text(result)
+            if fails is not None and fails(result):
+                ctx.exit(1)
+        # --json goes last in the help, after fn's own parameters (click lists them in reverse).
+        command.__click_params__ = [click.Option(["--json", "as_json"], is_flag=True, help=json_help),
+                                    *getattr(fn, "__click_params__", [])]
+        return group.command(name)(command)
+    return wrap
 
 
 @click.group(cls=LedgerGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -149,9 +186,6 @@ class _Bar:
               help="baft: input-gated bases; reft: constant gate (the LoReFT ablation).")
 @click.option("--layer", type=int, default=None, help="Decoder block to edit [default: per model].")
 @click.option("--rank", type=int, default=BaftConfig.rank, show_default=True, help="Bases per edit.")
-@click.option("--rotation-init", type=click.Choice(list(ROTATION_INITS)), default=BaftConfig.rotation_init,
-              show_default=True, help="Where the edit's subspace starts: along the target loss's gradient at the "
-                                      "subject (gradient) or at random.")
 @click.option("--steps", type=int, default=BaftConfig.steps, show_default=True, help="Most training steps.")
 @click.option("--lr", type=float, default=BaftConfig.lr, show_default=True, help="Adam learning rate.")
 @click.option("--stop-prob", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=BaftConfig.stop_prob,
@@ -159,8 +193,6 @@ class _Bar:
                                       "training prompt (lower: fewer steps, less carry-over to other wordings).")
 @click.option("--locality-weight", type=float, default=BaftConfig.locality_weight, show_default=True,
               help="Weight of the KL term on unrelated inputs.")
-@click.option("--gate-weight", type=float, default=BaftConfig.gate_weight, show_default=True,
-              help="Weight of the gate-closing term on unrelated inputs.")
 @click.option("--gate-floor", type=click.FloatRange(0.0, 1.0, max_open=True), default=BaftConfig.gate_floor,
               show_default=True, help="A gate below this is exactly 0 (0: the plain sigmoid gate).")
 @click.option("--wordings", "n_wordings", type=click.IntRange(0, 32), default=BaftConfig.wordings, show_default=True,
@@ -178,9 +210,6 @@ class _Bar:
                                       "other wordings).")
 @click.option("--prefixes", "n_prefixes", type=click.IntRange(0, MAX_PREFIXES), default=BaftConfig.n_prefixes,
               show_default=True, help="Also train on the prompt behind N short fixed contexts.")
-@click.option("--train-dtype", type=click.Choice(list(TRAIN_DTYPES)), default=BaftConfig.train_dtype,
-              show_default=True, help="Precision of the blocks above the edited one while training "
-                                      "(the edit itself is always float32).")
 @click.option("--format", "fmt", type=click.Choice(["auto", "native", "counterfact", "rome", "zsre", "knowedit"]),
               default="auto", show_default=True, help="Record form of FILE (auto detects per record).")
 @click.option("--offset", type=click.IntRange(0), default=0, show_default=True, help="Skip the first N records.")
@@ -192,10 +221,9 @@ class _Bar:
 @click.option("-m", "--message", default=None, help="Revision message [default: the fact].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per new edit.")
 @click.pass_context
-def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int, rotation_init: str,
-        steps: int, lr: float, stop_prob: float,
-        locality_weight: float, gate_weight: float, gate_floor: float, n_wordings: int, wordings_related: int,
-        other_relations: int, after_target_wordings: int, n_prefixes: int, train_dtype: str, fmt: str, offset: int,
+def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int, steps: int, lr: float,
+        stop_prob: float, locality_weight: float, gate_floor: float, n_wordings: int, wordings_related: int,
+        other_relations: int, after_target_wordings: int, n_prefixes: int, fmt: str, offset: int,
         limit: int | None, skip_bad: bool, batch: int, seed: int, message: str | None, as_json: bool) -> None:
     """Train one BaFT edit per fact in FILE and commit each as a new revision (with --batch K,
     K facts per revision, trained together).
@@ -205,11 +233,10 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
     EasyEdit CounterFact form, ROME's CounterFact form, zsRE (MEND) or KnowEdit. Every record
     is checked before anything is trained.
     """
-    cfg = BaftConfig(method=method, layer=layer, rank=rank, rotation_init=rotation_init, steps=steps, lr=lr,
-                     stop_prob=stop_prob, locality_weight=locality_weight, gate_weight=gate_weight, gate_floor=gate_floor,
+    cfg = BaftConfig(method=method, layer=layer, rank=rank, steps=steps, lr=lr, stop_prob=stop_prob,
+                     locality_weight=locality_weight, gate_floor=gate_floor,
                      wordings=n_wordings, wordings_related=wordings_related, other_relations=other_relations,
-                     after_target_wordings=after_target_wordings, n_prefixes=n_prefixes,
-                     train_dtype=train_dtype, seed=seed)
+                     after_target_wordings=after_target_wordings, n_prefixes=n_prefixes, seed=seed)
     if skip_bad:
         facts, problems = load_facts_skipping_bad(file, fmt=fmt, offset=offset, limit=limit)
     else:
@@ -244,7 +271,14 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
                    f"{torch.get_num_threads()} threads)", err=True)
 
 
-@cli.command("eval")
+def _print_evaluation(report: EvalReport) -> None:
+    click.echo(f"{report.id}  {report.revision}  {report.n} facts  dataset {report.dataset_sha256[:12]}"
+               f"  {report.seconds:.1f}s" + (f"  {report.label}" if report.label else ""))
+    for k, v in report.means.items():
+        click.echo(f"  {k:<24}{v:.3f}")
+
+
+@reads(cli, "eval", text=_print_evaluation, json_help="Print the whole evaluation, per fact too.")
 @click.argument("file", type=click.Path(dir_okay=False, allow_dash=False))
 @click.option("--rev", default="HEAD", show_default=True, help="Revision to evaluate.")
 @click.option("--format", "fmt", type=click.Choice(["auto", "native", "counterfact", "rome", "zsre", "knowedit"]),
@@ -256,10 +290,8 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
               help="Free-generation metrics (gen_reliability, gen_generalization, gen_locality, repetition, gen_entropy) "
                    "at the revision and at the base model.")
 @click.option("--label", default=None, help="A note stored with the evaluation.")
-@click.option("--json", "as_json", is_flag=True, help="Print the whole evaluation, per fact too.")
-@click.pass_context
-def eval_(ctx: click.Context, file: str, rev: str, fmt: str, offset: int, limit: int | None, fluency: bool,
-          generation: bool, label: str | None, as_json: bool) -> None:
+def eval_(lg: Ledger, file: str, rev: str, fmt: str, offset: int, limit: int | None, fluency: bool,
+          generation: bool, label: str | None) -> EvalReport:
     """Measure the facts in FILE at a revision and store the result with it.
 
     Metrics as EasyEdit: reliability, generalization, locality (against the unedited base
@@ -268,33 +300,14 @@ def eval_(ctx: click.Context, file: str, rev: str, fmt: str, offset: int, limit:
     at the base model. FILE takes the forms of `ledger add`.
     """
     facts = load_facts(file, fmt=fmt, offset=offset, limit=limit)
-    with _open(ctx) as lg:
-        bar = _Bar()
-        try:
-            report = lg.evaluate(facts, rev, fluency=fluency, generation=generation, label=label, progress=bar)
-        finally:
-            bar.finish()
-    if as_json:
-        _dump(report.to_dict())
-        return
-    click.echo(f"{report.id}  {report.revision}  {report.n} facts  dataset {report.dataset_sha256[:12]}"
-               f"  {report.seconds:.1f}s" + (f"  {report.label}" if report.label else ""))
-    for k, v in report.means.items():
-        click.echo(f"  {k:<24}{v:.3f}")
+    bar = _Bar()
+    try:
+        return lg.evaluate(facts, rev, fluency=fluency, generation=generation, label=label, progress=bar)
+    finally:
+        bar.finish()
 
 
-@cli.command()
-@click.option("--rev", default="HEAD", show_default=True, help="Start from this revision.")
-@click.option("-n", "--limit", type=int, default=20, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def log(ctx: click.Context, rev: str, limit: int, as_json: bool) -> None:
-    """Revisions from REV back through its parents, newest first."""
-    with _open(ctx) as lg:
-        rows = lg.log(rev, limit)
-    if as_json:
-        _dump([r.to_dict() for r in rows])
-        return
+def _print_log(rows: list[RevisionInfo]) -> None:
     for r in rows:
         refs = f" ({', '.join(r.refs)})" if r.refs else ""
         change = " ".join([f"+{e}" for e in r.added] + [f"-{e}" for e in r.removed])
@@ -302,17 +315,15 @@ def log(ctx: click.Context, rev: str, limit: int, as_json: bool) -> None:
                    f"[{r.n_active} active] {change}\n    {r.message}")
 
 
-@cli.command()
-@click.argument("rev", default="HEAD")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def show(ctx: click.Context, rev: str, as_json: bool) -> None:
-    """One revision: its record, change set and the edits it added or removed."""
-    with _open(ctx) as lg:
-        info = lg.show(rev)
-    if as_json:
-        _dump(info.to_dict())
-        return
+@reads(cli, text=_print_log)
+@click.option("--rev", default="HEAD", show_default=True, help="Start from this revision.")
+@click.option("-n", "--limit", type=int, default=20, show_default=True)
+def log(lg: Ledger, rev: str, limit: int) -> list[RevisionInfo]:
+    """Revisions from REV back through its parents, newest first."""
+    return lg.log(rev, limit)
+
+
+def _print_revision(info: RevisionInfo) -> None:
     click.echo(f"revision   {info.revision}{' (' + ', '.join(info.refs) + ')' if info.refs else ''}\n"
                f"parent     {info.parent or '-'}\noperation  {info.operation}\nauthor     {info.author}\n"
                f"time       {info.created_at}\nactive     {info.n_active} edits\nchain      {info.chain_hash}\n"
@@ -330,92 +341,80 @@ def show(ctx: click.Context, rev: str, as_json: bool) -> None:
                    f"    {_means(ev.means)}")
 
 
-@cli.command()
-@click.argument("rev")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def checkout(ctx: click.Context, rev: str, as_json: bool) -> None:
-    """Move HEAD to a branch or revision; later adds build on it."""
-    with _open(ctx) as lg:
-        head = lg.checkout(rev)
-    if as_json:
-        _dump(head)
-    elif head["detached"]:
+@reads(cli, text=_print_revision)
+@click.argument("rev", default="HEAD")
+def show(lg: Ledger, rev: str) -> RevisionInfo:
+    """One revision: its record, change set and the edits it added or removed."""
+    return lg.show(rev)
+
+
+def _print_head(head: dict[str, Any]) -> None:
+    if head["detached"]:
         click.echo(f"HEAD detached at {head['revision']}")
     else:
         click.echo(f"HEAD -> {head['branch']} at {head['revision']}")
 
 
-@cli.command()
+@reads(cli, text=_print_head)
+@click.argument("rev")
+def checkout(lg: Ledger, rev: str) -> dict[str, Any]:
+    """Move HEAD to a branch or revision; later adds build on it."""
+    return lg.checkout(rev)
+
+
+@reads(cli, text=lambda out: click.echo(out["prompt"] + out["completion"]))
 @click.argument("prompt")
 @click.option("--rev", default=None, help="Revision to run [default: HEAD].")
 @click.option("--max-new-tokens", type=int, default=20, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def generate(ctx: click.Context, prompt: str, rev: str | None, max_new_tokens: int, as_json: bool) -> None:
+def generate(lg: Ledger, prompt: str, rev: str | None, max_new_tokens: int) -> dict[str, str]:
     """Greedy continuation of PROMPT by the model composed at a revision."""
-    with _open(ctx) as lg:
-        text = lg.generate(prompt, rev=rev, max_new_tokens=max_new_tokens)
-        revision = lg.model_at(rev).revision
-    if as_json:
-        _dump({"revision": f"rev-{revision}", "prompt": prompt, "completion": text})
-    else:
-        click.echo(prompt + text)
+    text = lg.generate(prompt, rev=rev, max_new_tokens=max_new_tokens)
+    return {"revision": f"rev-{lg.model_at(rev).revision}", "prompt": prompt, "completion": text}
 
 
-@cli.command()
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def verify(ctx: click.Context, as_json: bool) -> None:
+def _print_problems(out: dict[str, Any]) -> None:
+    for p in out["problems"]:
+        click.echo(p)
+    click.echo("ok: every hash matches" if out["ok"] else f"{len(out['problems'])} problem(s) found")
+
+
+@reads(cli, text=_print_problems, fails=lambda out: not out["ok"])
+def verify(lg: Ledger) -> dict[str, Any]:
     """Recompute every hash; exit 1 naming each revision, edit or blob that does not match."""
-    with _open(ctx) as lg:
-        problems = lg.verify()
-    if as_json:
-        _dump({"ok": not problems, "problems": problems})
-    else:
-        for p in problems:
-            click.echo(p)
-        click.echo("ok: every hash matches" if not problems else f"{len(problems)} problem(s) found")
-    if problems:
-        ctx.exit(1)
+    problems = lg.verify()
+    return {"ok": not problems, "problems": problems}
 
 
-@cli.command()
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def status(ctx: click.Context, as_json: bool) -> None:
+def _print_status(info: dict[str, Any]) -> None:
+    where = f"on {info['branch']}" if info["branch"] else "detached"
+    click.echo(f"HEAD {where} at {info['revision']}\nmodel {info['base_model']} "
+               f"(fingerprint {info['base_fingerprint'][:12]})")
+
+
+@reads(cli, text=_print_status)
+def status(lg: Ledger) -> dict[str, Any]:
     """Where HEAD is, and the ledger's base model."""
-    with _open(ctx) as lg:
-        info = {**lg.head(), **lg.settings()}
-    if as_json:
-        _dump(info)
-    else:
-        where = f"on {info['branch']}" if info["branch"] else "detached"
-        click.echo(f"HEAD {where} at {info['revision']}\nmodel {info['base_model']} "
-                   f"(fingerprint {info['base_fingerprint'][:12]})")
+    return {**lg.head(), **lg.settings()}
 
 
-@cli.command()
-@click.argument("target")
-@click.option("-m", "--message", default=None, help="Revision message [default: revert TARGET].")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def revert(ctx: click.Context, target: str, message: str | None, as_json: bool) -> None:
-    """Undo TARGET (a revision, or an edit as edit-N) in a new revision on HEAD.
-
-    Edits that were trained with the reverted state are re-measured; their metric changes
-    are stored and printed. `ledger rebase` retrains them.
-    """
-    with _open(ctx) as lg:
-        res = lg.revert(target, message=message)
-    if as_json:
-        _dump(res.to_dict())
-        return
+def _print_revert(res: RevertResult) -> None:
     parts = [f"-{e}" for e in res.removed] + [f"+{e}" for e in res.restored]
     click.echo(f"{res.revision}  revert {res.reverted}  {' '.join(parts)}")
     for r in res.remeasured:
         shown = "  ".join(f"{k} {r.before[k]:.2f}->{r.after[k]:.2f}" for k in r.after if k in r.before)
         click.echo(f"  re-measured {r.edit}: {shown}")
+
+
+@reads(cli, text=_print_revert)
+@click.argument("target")
+@click.option("-m", "--message", default=None, help="Revision message [default: revert TARGET].")
+def revert(lg: Ledger, target: str, message: str | None) -> RevertResult:
+    """Undo TARGET (a revision, or an edit as edit-N) in a new revision on HEAD.
+
+    Edits that were trained with the reverted state are re-measured; their metric changes
+    are stored and printed. `ledger rebase` retrains them.
+    """
+    return lg.revert(target, message=message)
 
 
 @cli.command()
@@ -439,18 +438,7 @@ def rebase(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"{r.revision}  {r.edit} replaces {', '.join(r.superseded)}  {_headline(r.metrics)}")
 
 
-@cli.command()
-@click.argument("a")
-@click.argument("b")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def diff(ctx: click.Context, a: str, b: str, as_json: bool) -> None:
-    """What changes from revision A to revision B."""
-    with _open(ctx) as lg:
-        d = lg.diff(a, b)
-    if as_json:
-        _dump(d.to_dict())
-        return
+def _print_diff(d: DiffResult) -> None:
     click.echo(f"{d.a} -> {d.b}")
     for e in d.added:
         click.echo(f"+ {e['edit']}  {e['prompt']} -> {e['target_new']}  (layer {e['layer']}, rank {e['rank']})")
@@ -467,64 +455,64 @@ def diff(ctx: click.Context, a: str, b: str, as_json: bool) -> None:
                    + "  ".join(f"{k} {v:+.3f}" for k, v in ev["deltas"].items()))
 
 
-@cli.command()
+@reads(cli, text=_print_diff)
+@click.argument("a")
+@click.argument("b")
+def diff(lg: Ledger, a: str, b: str) -> DiffResult:
+    """What changes from revision A to revision B."""
+    return lg.diff(a, b)
+
+
+@reads(cli, text=lambda out: click.echo(f"branch {out['name']} at {out['revision']}"))
 @click.argument("name")
 @click.argument("rev", required=False)
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def branch(ctx: click.Context, name: str, rev: str | None, as_json: bool) -> None:
+def branch(lg: Ledger, name: str, rev: str | None) -> dict[str, Any]:
     """Create branch NAME at REV (default HEAD)."""
-    with _open(ctx) as lg:
-        out = lg.branch(name, rev)
-    _dump(out) if as_json else click.echo(f"branch {out['name']} at {out['revision']}")
+    return lg.branch(name, rev)
 
 
-@cli.command()
+@reads(cli, text=lambda out: click.echo(f"tag {out['name']} at {out['revision']}"))
 @click.argument("name")
 @click.argument("rev")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def tag(ctx: click.Context, name: str, rev: str, as_json: bool) -> None:
+def tag(lg: Ledger, name: str, rev: str) -> dict[str, Any]:
     """Tag REV as NAME. Tags never move."""
-    with _open(ctx) as lg:
-        out = lg.tag(name, rev)
-    _dump(out) if as_json else click.echo(f"tag {out['name']} at {out['revision']}")
+    return lg.tag(name, rev)
 
 
-@cli.command()
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def refs(ctx: click.Context, as_json: bool) -> None:
-    """HEAD, branches and tags."""
-    with _open(ctx) as lg:
-        rows = lg.refs()
-    if as_json:
-        _dump(rows)
-        return
+def _print_refs(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         target = f" -> {r['target']}" if r["target"] else ""
         click.echo(f"{r['kind']:<7} {r['name']}{target}  {r['revision']}")
 
 
-@cli.command()
-@click.argument("ref", required=False)
-@click.option("-n", "--limit", type=int, default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def reflog(ctx: click.Context, ref: str | None, limit: int, as_json: bool) -> None:
-    """Every move of a ref (or of all refs), newest first."""
-    with _open(ctx) as lg:
-        rows = lg.reflog(ref, limit)
-    if as_json:
-        _dump(rows)
-        return
+@reads(cli, text=_print_refs)
+def refs(lg: Ledger) -> list[dict[str, Any]]:
+    """HEAD, branches and tags."""
+    return lg.refs()
+
+
+def _print_reflog(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         old = r["old_branch"] or r["old"] or "-"
         new = r["new_branch"] or r["new"] or "-"
         click.echo(f"{r['time']}  {r['ref']}: {old} -> {new}  by {r['actor']}  ({r['reason']})")
 
 
-@cli.command()
+@reads(cli, text=_print_reflog)
+@click.argument("ref", required=False)
+@click.option("-n", "--limit", type=int, default=50, show_default=True)
+def reflog(lg: Ledger, ref: str | None, limit: int) -> list[dict[str, Any]]:
+    """Every move of a ref (or of all refs), newest first."""
+    return lg.reflog(ref, limit)
+
+
+def _print_audit(rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        click.echo(f"{r['time']}  {r['actor']}  {r['command']}  {r['revision'] or '-'}  {r['edit'] or ''}  "
+                   + json.dumps(r["details"], ensure_ascii=False))
+
+
+@reads(cli, text=_print_audit)
 @click.option("--rev", default=None, help="Only events about this revision.")
 @click.option("--edit", default=None, help="Only events about this edit (edit-N).")
 @click.option("--actor", default=None)
@@ -532,47 +520,29 @@ def reflog(ctx: click.Context, ref: str | None, limit: int, as_json: bool) -> No
 @click.option("--since", default=None, help="ISO-8601 time, inclusive.")
 @click.option("--until", default=None, help="ISO-8601 time, inclusive.")
 @click.option("-n", "--limit", type=int, default=100, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def audit(ctx: click.Context, rev, edit, actor, command_, since, until, limit, as_json) -> None:
+def audit(lg: Ledger, rev: str | None, edit: str | None, actor: str | None, command_: str | None,
+          since: str | None, until: str | None, limit: int) -> list[dict[str, Any]]:
     """The append-only audit record: who did what, when."""
-    with _open(ctx) as lg:
-        rows = lg.audit(rev=rev, edit=edit, actor=actor, since=since, until=until, command=command_, limit=limit)
-    if as_json:
-        _dump(rows)
-        return
-    for r in rows:
-        click.echo(f"{r['time']}  {r['actor']}  {r['command']}  {r['revision'] or '-'}  {r['edit'] or ''}  "
-                   + json.dumps(r["details"], ensure_ascii=False))
+    return lg.audit(rev=rev, edit=edit, actor=actor, since=since, until=until, command=command_, limit=limit)
 
 
-@cli.command()
+@reads(cli, text=lambda m: click.echo(f"exported {m['revision']} ({len(m['edits'])} active edits) to {m['out']}"),
+       to_json=lambda m: {k: m[k] for k in ("out", "revision", "chain_hash", "base_fingerprint", "files")})
 @click.argument("rev")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
 @click.option("--base-ref", is_flag=True,
               help="Do not copy the base weights: refer to the base model's directory (checked by sha256 on load).")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def export(ctx: click.Context, rev: str, out: str, force: bool, base_ref: bool, as_json: bool) -> None:
+def export(lg: Ledger, rev: str, out: str, force: bool, base_ref: bool) -> dict[str, Any]:
     """Write a deployable snapshot of REV to OUT, loadable with plain transformers:
     AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)."""
-    with _open(ctx) as lg:
-        manifest = lg.export(rev, out, force=force, base_ref=base_ref)
-    if as_json:
-        _dump({"out": out, **{k: manifest[k] for k in ("revision", "chain_hash", "base_fingerprint", "files")}})
-    else:
-        click.echo(f"exported {manifest['revision']} ({len(manifest['edits'])} active edits) to {out}")
+    return {"out": out, **lg.export(rev, out, force=force, base_ref=base_ref)}
 
 
-@cli.command()
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def gc(ctx: click.Context, as_json: bool) -> None:
+@reads(cli, text=lambda out: click.echo(f"removed {out['blobs_removed']} blob(s), {out['bytes_removed']} bytes"))
+def gc(lg: Ledger) -> dict[str, int]:
     """Delete tensor blobs that no edit refers to."""
-    with _open(ctx) as lg:
-        out = lg.gc()
-    _dump(out) if as_json else click.echo(f"removed {out['blobs_removed']} blob(s), {out['bytes_removed']} bytes")
+    return lg.gc()
 
 
 @cli.group()
@@ -580,42 +550,37 @@ def wordings() -> None:
     """Other wordings of relations, which `ledger add` trains each fact on."""
 
 
-@wordings.command("import")
-@click.argument("file", type=click.Path(dir_okay=False, allow_dash=False))
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.pass_context
-def wordings_import(ctx: click.Context, file: str, as_json: bool) -> None:
-    """Learn relation wordings from FILE: a fact file whose records have a subject and
-    rephrases (CounterFact, ROME, native), or records {"relation": "{} speaks", "wordings":
-    ["The mother tongue of {} is", ...]}. Each later `ledger add` trains a fact on up to
-    --wordings of its relation's wordings, filled with its subject."""
-    with _open(ctx) as lg:
-        r = lg.import_wordings(file)
-    if as_json:
-        _dump(r.to_dict())
-        return
+def _print_import(r: ImportResult) -> None:
     click.echo(f"{r.added} new wordings ({r.pairs} in {r.records} records of {r.source}"
                + (f", {r.skipped} records gave none" if r.skipped else "") + ")")
 
 
-@wordings.command("list")
-@click.argument("relation", required=False)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.pass_context
-def wordings_list(ctx: click.Context, relation: str | None, as_json: bool) -> None:
-    """The relations with wordings and how many each has; with RELATION (a template such as
-    "{} speaks"), its wordings."""
-    with _open(ctx) as lg:
-        info = lg.wordings(relation)
-    if as_json:
-        _dump(info)
-    elif relation is not None:
+@reads(wordings, "import", text=_print_import, json_help="Print the result as JSON.")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=False))
+def wordings_import(lg: Ledger, file: str) -> ImportResult:
+    """Learn relation wordings from FILE: a fact file whose records have a subject and
+    rephrases (CounterFact, ROME, native), or records {"relation": "{} speaks", "wordings":
+    ["The mother tongue of {} is", ...]}. Each later `ledger add` trains a fact on up to
+    --wordings of its relation's wordings, filled with its subject."""
+    return lg.import_wordings(file)
+
+
+def _print_wordings(info: dict[str, Any]) -> None:
+    if "relation" in info:       # one relation's wordings, not the table of relations
         for w in info["wordings"]:
             click.echo(w)
-    else:
-        for row in info["by_relation"]:
-            click.echo(f"{row['wordings']:5d}  {row['relation']}")
-        click.echo(f"{info['wordings']} wordings of {info['relations']} relations", err=True)
+        return
+    for row in info["by_relation"]:
+        click.echo(f"{row['wordings']:5d}  {row['relation']}")
+    click.echo(f"{info['wordings']} wordings of {info['relations']} relations", err=True)
+
+
+@reads(wordings, "list", text=_print_wordings)
+@click.argument("relation", required=False)
+def wordings_list(lg: Ledger, relation: str | None) -> dict[str, Any]:
+    """The relations with wordings and how many each has; with RELATION (a template such as
+    "{} speaks"), its wordings."""
+    return lg.wordings(relation)
 
 
 @cli.group()
