@@ -14,7 +14,8 @@ Loss of one step, over the rows of rows.py:
 
 The parent's distributions on the unrelated rows are taken with the new blocks set aside, once
 per row, on first need. The gate terms read the gate before its floor (see layer.py), from the
-edited block's input, which nothing trained changes: it is computed once, in a set-up pass.
+hidden state the new blocks read (the edited decoder block's output), which nothing trained
+changes: it is computed once, in a set-up pass.
 
 A fact is done when each of its target tokens is the argmax with probability at least
 `stop_prob` and its unrelated rows are back to the parent (KL at most `stop_kl`).
@@ -50,6 +51,12 @@ class Logits(Protocol):
     """How a step reads the model: the logits at the read positions of some rows."""
 
     tokens_run: int     # the positions the last `logits` call ran through the model
+
+    def __enter__(self) -> "Logits":
+        """The model arranged for this path's steps, until exit."""
+
+    def __exit__(self, *exc) -> None:
+        """The model whole again."""
 
     def live_rows(self, raw_gates: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """Per block, the rows where it can change anything this step (None: every row)."""
@@ -243,7 +250,7 @@ class EditProblem:
 
     def raw_gates(self) -> list[torch.Tensor]:
         """Per block, its gate s before the floor at every position (none for ReFT), from the
-        edited block's input (the same h the blocks see in the forward pass)."""
+        set-up pass's h (the same h the blocks see in the forward pass)."""
         if self._raw is not None:
             return self._raw
         raw = [block.raw_gate(self.site_h) for block in self.blocks] if self.cfg.method == "baft" else []
