@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from sqlalchemy import Engine
+
 from . import editing, evaluation, history, maintenance, refs
 from . import wordings as wd
 from .baft import BaftConfig
@@ -32,7 +34,7 @@ __all__ = ["Ledger", "AddResult", "DiffResult", "EditInfo", "EvalReport", "Layer
 class Ledger:
     """An open ledger: a database plus, loaded on first use, its base model."""
 
-    def __init__(self, engine, *, author: str | None = None, device: str = "cpu"):
+    def __init__(self, engine: Engine, *, author: str | None = None, device: str = "cpu"):
         self.session = Session(engine, author=author, device=device)
 
     # --- opening ---------------------------------------------------------------------------
@@ -74,7 +76,7 @@ class Ledger:
     # --- the session's state ---------------------------------------------------------------------
 
     @property
-    def engine(self):
+    def engine(self) -> Engine:
         return self.session.engine
 
     @property
