@@ -2,11 +2,11 @@
 product path: precheck, training, measurement, database commit), with `ledger add`'s default
 settings, against the plain training path measured in the same run on the same facts
 (plain.PlainLogits: the whole model forward and backward at every step, the output head at
-every position, float32). The fast path in the other training precision (--train-dtype) is
-measured alongside. Each fact is added alone on the base revision; the paths alternate fact
+every position, float32). The fast path in the other training precision (the `train_dtype`
+field of BaftConfig) is measured alongside. Each fact is added alone on the base revision; the paths alternate fact
 by fact so machine noise hits them alike.
 
-The fast path with each row run whole (no recorded prefix, as the trainer once ran them) is
+The fast path with each row run whole (no recorded prefix before the rows) is
 measured alongside too, as `whole_rows_median_s`. Then the cost of one step against its
 number of tokens (`step_cost`): the blocks above the edited one, forward and backward, on M
 tokens of one sequence, for several M, with the least-squares line through them (the
@@ -115,7 +115,7 @@ def main() -> None:
     records = json.loads(Path(args.data).read_text())
     facts = facts_from_records(records[args.offset: args.offset + args.n])
     fast, plain = BaftConfig(), BaftConfig(train_dtype="float32")
-    # The other precision of the fast path, measured alongside (a --train-dtype choice).
+    # The other precision of the fast path, measured alongside (BaftConfig.train_dtype).
     other_dtype = "bfloat16" if fast.train_dtype == "float32" else "float32"
     paths = {"fast": fast, f"fast_{other_dtype}": BaftConfig(train_dtype=other_dtype), "plain": plain,
              "fast_whole_rows": fast}

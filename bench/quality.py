@@ -15,7 +15,7 @@ bench/data/everyday-dev.json, hand-written everyday facts):
               facts (the sequential setting with T = K, run for it).
 
 Metrics are ledger.evaluate's (EasyEdit's definitions); locality is agreement with the
-UNEDITED base model (DESIGN.md section 7) in every setting. BaFT/ReFT train with
+UNEDITED base model (docs/design.md, "Evaluation") in every setting. BaFT/ReFT train with
 train_on_rephrases=False, train_on_locality=False: the fact's own rephrase and locality
 prompts are held out for evaluation. Every ledger holds the relation wordings of --wordings
 (default: the built-in tables `ledger init` gives a new ledger) minus, with --held-out strict
@@ -77,7 +77,7 @@ DATASETS = {"counterfact": ("counterfact/counterfact-edit-1k.json", "counterfact
             "zsre": ("zsre/zsre_mend_train-1k.json", "zsre"),
             # Everyday facts of relations CounterFact lacks, hand-written for tuning (bench/data).
             "everyday": (str(ROOT / "bench" / "data" / "everyday-dev.json"), "native")}
-# --cf-split: tune on val (or train), report on edit-1k (DESIGN.md section 6).
+# --cf-split: tune on val (or train), report on edit-1k.
 CF_SPLITS = {"edit-1k": "counterfact/counterfact-edit-1k.json", "val": "counterfact/counterfact-val.json",
              "train": "counterfact/counterfact-train.json"}
 METHODS = ("baft", "reft", "ftm")

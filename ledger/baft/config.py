@@ -166,7 +166,7 @@ class BaftConfig:
         if self.rotation_init not in ROTATION_INITS:
             raise InputError(f"rotation_init must be one of {', '.join(ROTATION_INITS)}, got '{self.rotation_init}'")
         if self.train_dtype not in TRAIN_DTYPES:
-            raise InputError(f"--train-dtype must be one of {', '.join(TRAIN_DTYPES)}, got '{self.train_dtype}'")
+            raise InputError(f"train_dtype must be one of {', '.join(TRAIN_DTYPES)}, got '{self.train_dtype}'")
         if self.gate_close_pool not in ("mean", "max"):
             raise InputError(f"gate_close_pool must be 'mean' or 'max', got '{self.gate_close_pool}'")
         if not 0.0 <= self.gate_floor < 1.0:
@@ -189,7 +189,7 @@ class BaftConfig:
             raise InputError(f"--wordings-related must not be negative, got {self.wordings_related}")
         for name in ("locality_weight", "gate_weight", "gate_open_weight", "gate_lr_scale"):
             if getattr(self, name) < 0:
-                raise InputError(f"--{name.replace('_', '-')} must not be negative")
+                raise InputError(f"{name} must not be negative")
         if self.layer is not None and self.layer < 0:
             raise InputError(f"--layer must not be negative, got {self.layer}")
 
