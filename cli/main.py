@@ -517,8 +517,11 @@ def _print_audit(rows: list[dict[str, Any]]) -> None:
 @click.option("--edit", default=None, help="Only events about this edit (edit-N).")
 @click.option("--actor", default=None)
 @click.option("--command", "command_", default=None, help="Only this command (add, revert, checkout, ...).")
-@click.option("--since", default=None, help="ISO-8601 time, inclusive.")
-@click.option("--until", default=None, help="ISO-8601 time, inclusive.")
+@click.option("--since", default=None, metavar="TIME",
+              help="Only events at or after TIME: ISO-8601, e.g. 2026-12-03, 2026-12-03T19:49 or "
+                   "2026-12-03T20:49+01:00; a time without Z or an offset is UTC.")
+@click.option("--until", default=None, metavar="TIME",
+              help="Only events at or before TIME (as --since); a date alone includes that whole day.")
 @click.option("-n", "--limit", type=int, default=100, show_default=True)
 def audit(lg: Ledger, rev: str | None, edit: str | None, actor: str | None, command_: str | None,
           since: str | None, until: str | None, limit: int) -> list[dict[str, Any]]:

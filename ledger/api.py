@@ -8,6 +8,7 @@ maintenance.py (init, revert, rebase, gc, schema), wordings.py and export.py. Ea
 from __future__ import annotations
 
 import os
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -149,8 +150,10 @@ class Ledger:
         return history.diff(self.session, a, b)
 
     def audit(self, *, rev: str | None = None, edit: str | None = None, actor: str | None = None,
-              since: str | None = None, until: str | None = None, command: str | None = None,
-              limit: int = 100) -> list[dict[str, Any]]:
+              since: datetime | date | str | None = None, until: datetime | date | str | None = None,
+              command: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """The audit record, newest first. since/until: inclusive, as ISO-8601 text, datetimes
+        or dates; a time without an offset is UTC; an `until` date includes that whole day."""
         return history.audit(self.session, rev=rev, edit=edit, actor=actor, since=since, until=until,
                              command=command, limit=limit)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict
+from datetime import date, datetime, time, timezone
 from typing import Any
 
 from sqlalchemy import Connection, Row
@@ -87,14 +88,45 @@ def verify(s: Session) -> list[str]:
         return revisions.verify(conn)
 
 
+_TIME_EXAMPLES = "e.g. 2026-12-03, 2026-12-03T19:49, 2026-12-03 19:49:05Z or 2026-12-03T20:49+01:00"
+
+
+def audit_time(value: datetime | date | str, *, option: str, end_of_day: bool = False) -> str:
+    """An audit time bound as the stored text (UTC, `%Y-%m-%dT%H:%M:%S.%fZ`): fixed-width UTC
+    text orders as the times do, so the store compares it as text. Accepts ISO-8601 text (a
+    date, a date-time with or without seconds, `T` or a space, `Z` or an offset), a datetime or
+    a date. A time without an offset is UTC. A date alone is its first instant, or with
+    `end_of_day` (an upper bound) its last, so `--until DATE` includes the whole day."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            parsed: datetime | date = (date.fromisoformat(text) if len(text) <= 10
+                                       else datetime.fromisoformat(text))
+        except ValueError:
+            raise InputError(f"{option} {value!r} is not an ISO-8601 date or time ({_TIME_EXAMPLES})") from None
+    else:
+        parsed = value
+    if not isinstance(parsed, datetime):
+        if not isinstance(parsed, date):
+            raise InputError(f"{option} must be a date, a datetime or ISO-8601 text, not {type(value).__name__}")
+        parsed = datetime.combine(parsed, time.max if end_of_day else time.min)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def audit(s: Session, *, rev: str | None = None, edit: str | None = None, actor: str | None = None,
-          since: str | None = None, until: str | None = None, command: str | None = None,
-          limit: int = 100) -> list[dict[str, Any]]:
-    """The append-only audit record, newest first, filtered. Times compare as ISO-8601 text."""
+          since: datetime | date | str | None = None, until: datetime | date | str | None = None,
+          command: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    """The append-only audit record, newest first, filtered. `since` and `until` are inclusive
+    bounds in time (see audit_time: ISO-8601 text, datetimes or dates; no offset means UTC;
+    an `until` date includes that whole day)."""
+    lo = audit_time(since, option="--since") if since is not None else None
+    hi = audit_time(until, option="--until", end_of_day=True) if until is not None else None
     with s.engine.connect() as conn:
         rid = refs.resolve(conn, rev) if rev else None
         eid = parse_edit(edit) if edit else None
-        rows = audit_store.events(conn, revision=rid, edit=eid, actor=actor, since=since, until=until,
+        rows = audit_store.events(conn, revision=rid, edit=eid, actor=actor, since=lo, until=hi,
                                   command=command, limit=limit)
         return [{"id": r.id, "time": r.created_at, "actor": r.actor, "command": r.command,
                  "revision": rev_name(r.revision_id) if r.revision_id else None,

@@ -20,7 +20,9 @@ def record(conn: Connection, actor: str, command: str, revision: int | None, edi
 def events(conn: Connection, *, revision: int | None = None, edit: int | None = None, actor: str | None = None,
            since: str | None = None, until: str | None = None, command: str | None = None,
            limit: int = 100) -> list[Row]:
-    """Events newest first, filtered; times compare as ISO-8601 text."""
+    """Events newest first, filtered. `since` and `until` are inclusive bounds in the stored
+    form (UTC, `%Y-%m-%dT%H:%M:%S.%fZ`, see history.audit_time): that text is fixed-width, so
+    it orders as the times do."""
     q = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
     if revision is not None:
         q = q.where(AuditEvent.revision_id == revision)
@@ -28,9 +30,9 @@ def events(conn: Connection, *, revision: int | None = None, edit: int | None = 
         q = q.where(AuditEvent.edit_id == edit)
     if actor:
         q = q.where(AuditEvent.actor == actor)
-    if since:
+    if since is not None:
         q = q.where(AuditEvent.created_at >= since)
-    if until:
+    if until is not None:
         q = q.where(AuditEvent.created_at <= until)
     if command:
         q = q.where(AuditEvent.command == command)

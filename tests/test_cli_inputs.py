@@ -1,0 +1,77 @@
+"""Input a careful user gives the command line: audit time bounds, edits that do not exist,
+database URLs the ledger does not run on, a database in a missing directory, and what an
+export leaves on disk. Refused input is one line, `error: ...`, and nothing written."""
+import json
+from datetime import date, datetime, timedelta, timezone
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import text
+
+from cli.main import cli
+
+# Audit events of a probe command, at known UTC times around the day 2026-12-03.
+TIMES = ["2026-12-02T23:59:59.999999Z", "2026-12-03T00:00:00.000000Z", "2026-12-03T19:48:30.000000Z",
+         "2026-12-03T19:49:00.000000Z", "2026-12-03T23:59:59.500000Z", "2026-12-04T00:00:00.000000Z"]
+
+
+def one_line_error(res, code: int = 2) -> str:
+    assert res.exit_code == code, (res.output, res.stderr)
+    assert res.stderr.startswith("error: ") and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "Traceback" not in res.output
+    return res.stderr
+
+
+@pytest.fixture
+def probed(ledger):
+    with ledger.engine.begin() as c:
+        for t in TIMES:
+            c.execute(text("INSERT INTO audit_events (created_at, actor, command, details_json) "
+                           "VALUES (:t, 'tester', 'probe', '{}')"), {"t": t})
+    return ledger
+
+
+def _cli_times(db_url, *args):
+    res = CliRunner().invoke(cli, ["--db", db_url, "audit", "--command", "probe", "--json", *args])
+    assert res.exit_code == 0, (res.output, res.stderr)
+    return sorted(r["time"] for r in json.loads(res.output))
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--until", "2026-12-03"], TIMES[:5]),                                # a date includes its whole day
+    (["--since", "2026-12-03", "--until", "2026-12-03"], TIMES[1:5]),
+    (["--since", "2026-12-03T20:49:00+01:00"], TIMES[3:]),                 # an offset: 19:49Z
+    (["--since", "2026-12-03T20:49+01:00"], TIMES[3:]),
+    (["--since", "2026-12-03 19:49"], TIMES[3:]),                          # a space, no seconds: not 19:48
+    (["--since", "2026-12-03T19:49Z"], TIMES[3:]),
+    (["--since", "2026-12-03T19:49:00", "--until", "2026-12-03T19:49:00"], TIMES[3:4]),
+    (["--until", "2026-12-03T14:49:00-05:00"], TIMES[:4]),
+])
+def test_audit_since_until_compare_times(probed, db_url, args, expected):
+    assert _cli_times(db_url, *args) == expected
+
+
+def test_audit_bounds_in_the_python_api(probed):
+    def times(**kw):
+        return sorted(r["time"] for r in probed.audit(command="probe", **kw))
+    plus1 = timezone(timedelta(hours=1))
+    assert times(since=datetime(2026, 12, 3, 20, 49, tzinfo=plus1)) == TIMES[3:]
+    assert times(since=datetime(2026, 12, 3, 19, 49)) == TIMES[3:]          # naive: UTC
+    assert times(until=date(2026, 12, 3)) == TIMES[:5]
+    assert times(since="2026-12-03 19:49", until="2026-12-03") == TIMES[3:5]
+
+
+@pytest.mark.parametrize("option", ["--since", "--until"])
+@pytest.mark.parametrize("value", ["yesterday", "garbage", "2026-13-01", "2026-12-03T25:00"])
+def test_audit_refuses_times_that_do_not_parse(probed, db_url, option, value):
+    res = CliRunner().invoke(cli, ["--db", db_url, "audit", option, value])
+    err = one_line_error(res)
+    assert option in err and value in err and "ISO-8601" in err
+    from ledger import InputError
+    with pytest.raises(InputError):
+        probed.audit(**{option[2:]: value})
+
+
+def test_audit_help_says_naive_times_are_utc():
+    res = CliRunner().invoke(cli, ["audit", "--help"])
+    assert res.exit_code == 0 and "UTC" in res.output and "whole day" in res.output
