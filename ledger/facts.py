@@ -9,6 +9,7 @@ is refused whole, naming the record and the reason.
 """
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -155,6 +156,25 @@ def fact_from_record(rec: Any, index: int = 0) -> Fact:
 
 FORMATS = ("auto", "native", "counterfact", "rome", "zsre", "knowedit")
 
+# The fields of the native form. A field outside them is refused: a misspelt field would
+# otherwise train without what it meant to give ("rephrase" for "rephrase_prompts").
+NATIVE_FIELDS = ("prompt", "target_new", "subject", "target_true", "rephrase_prompts", "locality_prompts",
+                 "portability_prompts", "case_id")
+# EasyEdit's CounterFact spellings, which fact_from_record reads in a native record too.
+_EASYEDIT_FIELDS = ("ground_truth", "rephrase_prompt", "locality_prompt", "locality_ground_truth")
+
+
+def check_native_fields(rec: Any, where: str) -> None:
+    """Refuse a field the native form does not define, naming it and the closest native field."""
+    if not isinstance(rec, dict):
+        return
+    for key in rec:
+        if key in NATIVE_FIELDS or key in _EASYEDIT_FIELDS:
+            continue
+        close = difflib.get_close_matches(str(key), NATIVE_FIELDS, n=1)
+        hint = f' (did you mean "{close[0]}"?)' if close else f" (the fields are {', '.join(NATIVE_FIELDS)})"
+        raise InputError(f"{where}: unknown field {json.dumps(key, ensure_ascii=False)}{hint}")
+
 
 def detect_format(rec: Any) -> str:
     if isinstance(rec, dict):
@@ -276,7 +296,10 @@ def _parse(text: str, fmt: str, offset: int, limit: int | None, skip_bad: bool) 
     facts, problems = [], []
     for i, rec in list(enumerate(records))[offset:end]:
         try:
-            facts.append(fact_from_record(to_native(rec, detect_format(rec) if fmt == "auto" else fmt, i), i))
+            form = detect_format(rec) if fmt == "auto" else fmt
+            if form == "native":    # importers of other forms ignore the fields they do not use
+                check_native_fields(rec, f"record {i}")
+            facts.append(fact_from_record(to_native(rec, form, i), i))
         except InputError as e:
             if not skip_bad:
                 raise

@@ -1,0 +1,80 @@
+"""What a careful user meets around facts and the command line's output: unknown fields,
+facts without a subject, facts the model already answers, revisions left behind by a
+checkout, progress lines, and the wording of plain output."""
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import cli
+from ledger import InputError, Ledger, load_facts, parse_facts_skipping_bad, parse_facts_text
+
+from support import FACT, FACT2, counts
+
+FAST_ARGS = ["--steps", "6", "--rank", "2", "--layer", "1"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def run(db_url):
+    runner = CliRunner()
+
+    def _run(*args, code=0):
+        result = runner.invoke(cli, ["--db", db_url, *args], catch_exceptions=False)
+        assert result.exit_code == code, (result.stdout, result.stderr)
+        return result
+    return _run
+
+
+@pytest.fixture
+def initialised(run, tiny_llama):
+    run("init", "--model", str(tiny_llama), "--no-wordings")
+    return run
+
+
+# --- 1. unknown fields of the native form --------------------------------------------------------
+
+def test_an_unknown_native_field_is_refused_with_the_intended_name():
+    with pytest.raises(InputError, match=r'record 0: unknown field "rephrase" \(did you mean "rephrase_prompts"\?\)'):
+        parse_facts_text(json.dumps({**FACT, "rephrase": "The home of Alice is"}))
+    with pytest.raises(InputError, match=r'record 1: unknown field "colour" \(the fields are prompt, target_new'):
+        parse_facts_text(json.dumps([FACT, {**FACT2, "colour": "red"}]), fmt="native")
+    read = parse_facts_skipping_bad(json.dumps([{**FACT, "subjct": "Alice"}, FACT2]))
+    assert [f.prompt for f in read.facts] == [FACT2["prompt"]]
+    assert read.problems == ['record 0: unknown field "subjct" (did you mean "subject"?)']
+
+
+def test_other_forms_keep_ignoring_the_fields_they_define():
+    counterfact = {"case_id": 1, "prompt": "Alice lives in", "subject": "Alice", "target_new": "Rome",
+                   "ground_truth": "Oslo", "rephrase_prompt": "The home of Alice is",
+                   "locality_prompt": "Bob lives in", "locality_ground_truth": "Oslo", "pararel_idx": 3}
+    rome = {"case_id": 2, "pararel_idx": 5, "requested_rewrite": {
+        "prompt": "{} lives in", "subject": "Alice", "relation_id": "P551",
+        "target_new": {"str": "Rome", "id": "Q1"}, "target_true": {"str": "Oslo", "id": "Q2"}},
+        "paraphrase_prompts": ["The home of Alice is"], "neighborhood_prompts": ["Bob lives in"],
+        "generation_prompts": ["Alice is"], "attribute_prompts": ["Carol lives in"]}
+    zsre = {"subject": "Alice", "src": "Where does Alice live?", "alt": "Rome", "answers": ["Oslo"],
+            "rephrase": "Alice lives where?", "loc": "nq question: who", "loc_ans": "Bob", "cond": "x"}
+    knowedit = {"subject": "Alice", "prompt": "Alice lives in", "target_new": "Rome", "ground_truth": "Oslo",
+                "locality": {"Relation_Specificity": [{"prompt": "Bob lives in", "ground_truth": ["Oslo"]}]},
+                "portability": {}, "extra": 1}
+    facts = parse_facts_text(json.dumps([counterfact, rome, zsre, knowedit]))
+    assert [f.target_new for f in facts] == ["Rome"] * 4
+
+
+def test_the_projects_own_fact_files_load():
+    assert len(load_facts(ROOT / "bench" / "data" / "everyday-dev.json")) == 40
+    assert len(load_facts(ROOT / "examples" / "fact.json")) == 1
+
+
+def test_add_refuses_an_unknown_field_and_skip_bad_skips_it(initialised, db_url, tmp_path):
+    f = tmp_path / "typo.json"
+    f.write_text(json.dumps([{**FACT, "rephrase": "The home of Alice is"}, FACT2]))
+    before = counts(db_url)
+    res = initialised("add", str(f), *FAST_ARGS, code=2)
+    assert res.stderr.strip() == 'error: record 0: unknown field "rephrase" (did you mean "rephrase_prompts"?)'
+    assert counts(db_url) == before
+    res = initialised("add", str(f), *FAST_ARGS, "--skip-bad", "--json")
+    assert 'skipped record 0: unknown field "rephrase"' in res.stderr
+    assert [json.loads(line)["fact"]["prompt"] for line in res.stdout.splitlines()] == [FACT2["prompt"]]
