@@ -11,7 +11,7 @@ from sqlalchemy import Connection, Engine
 from . import wordings as wd
 from .baft import BaftConfig
 from .editing import train_and_commit, training_progress
-from .errors import InputError, StateError
+from .errors import InputError, NotFoundError, StateError
 from .evaluate import measure, score
 from .facts import fact_from_record
 from .models import BaseModel
@@ -168,6 +168,8 @@ def _revert(s: Session, target: str, message: str | None) -> RevertResult:
         eid = edit_id_of(target)
         if eid is not None:
             if eid not in active:
+                if edits.get(conn, eid) is None:
+                    raise NotFoundError(f"no such edit: {target}")
                 raise InputError(f"{target} is not active at {rev_name(state.revision)}: nothing to revert")
             changes = [(eid, "remove")]
         else:

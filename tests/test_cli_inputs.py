@@ -75,3 +75,16 @@ def test_audit_refuses_times_that_do_not_parse(probed, db_url, option, value):
 def test_audit_help_says_naive_times_are_utc():
     res = CliRunner().invoke(cli, ["audit", "--help"])
     assert res.exit_code == 0 and "UTC" in res.output and "whole day" in res.output
+
+
+def test_revert_of_an_edit_that_does_not_exist(ledger, db_url):
+    from ledger import BaftConfig, parse_facts_text
+    from support import FACT, FAST, counts
+    [res] = ledger.add(parse_facts_text(json.dumps(FACT)), BaftConfig(**FAST))
+    ledger.revert(res.edit)
+    before = counts(db_url)
+    err = one_line_error(CliRunner().invoke(cli, ["--db", db_url, "revert", "edit-7"]))
+    assert "no such edit: edit-7" in err and "not active" not in err
+    err = one_line_error(CliRunner().invoke(cli, ["--db", db_url, "revert", res.edit]))
+    assert f"{res.edit} is not active" in err
+    assert counts(db_url) == before
