@@ -114,7 +114,8 @@ def reads(group: click.Group, name: str | None = None, *, text: Callable[[Any], 
 
 @click.group(cls=LedgerGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--db", envvar="LEDGER_DB", default=None, metavar="URL",
-              help="SQLAlchemy URL of the ledger database [env LEDGER_DB; default sqlite:///.ledger/ledger.db].")
+              help="URL of the ledger database: sqlite:///PATH or postgresql://user@host/db "
+                   "[env LEDGER_DB; default sqlite:///.ledger/ledger.db].")
 @click.option("--author", envvar="LEDGER_AUTHOR", default=None, help="Who is acting [env LEDGER_AUTHOR; default: the user].")
 @click.option("--device", default="cpu", show_default=True, help="Torch device for the model (cpu, cuda).")
 @click.option("--threads", envvar="LEDGER_THREADS", type=click.IntRange(1, 512), default=None,
@@ -180,6 +181,12 @@ class _Bar:
             self.bar.render_finish()
 
 
+# What training does with a fact that names no subject (rows.py: the block acts on all of
+# the fact's rows' tokens, no gate key, no relation template for wordings or supersession).
+_NO_SUBJECT = ("note: {prompt} -> {target} has no subject: its edit acts at every token of its prompts "
+               "instead of the subject's, trains on no relation wordings and supersedes no edit")
+
+
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False, allow_dash=False))
 @click.option("--method", type=click.Choice(["baft", "reft"]), default="baft", show_default=True,
@@ -231,7 +238,11 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
     FILE holds one fact object, a JSON list, or JSON Lines, in the native form
     (prompt, target_new, subject, target_true, rephrase_prompts, locality_prompts), the
     EasyEdit CounterFact form, ROME's CounterFact form, zsRE (MEND) or KnowEdit. Every record
-    is checked before anything is trained.
+    is checked before anything is trained; a native field not in that list is refused.
+
+    The edit acts at the subject's tokens, so give each fact its subject. A fact without one
+    is added with a note on stderr: its edit acts at every token of its prompts, trains on no
+    relation wordings and supersedes no earlier edit.
     """
     cfg = BaftConfig(method=method, layer=layer, rank=rank, steps=steps, lr=lr, stop_prob=stop_prob,
                      locality_weight=locality_weight, gate_floor=gate_floor,
@@ -245,6 +256,10 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
         click.echo(f"skipped {p}", err=True)
     if not facts:
         raise InputError("no good records to add")
+    for f in facts:
+        if not f.subject:
+            click.echo(_NO_SUBJECT.format(prompt=json.dumps(f.prompt, ensure_ascii=False),
+                                          target=json.dumps(f.target_new, ensure_ascii=False)), err=True)
     with _open(ctx) as lg:
         bar = _Bar(fill=True)
         started = time.perf_counter()
