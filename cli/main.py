@@ -222,6 +222,8 @@ _NO_SUBJECT = ("note: {prompt} -> {target} has no subject: its edit acts at ever
 @click.option("--offset", type=click.IntRange(0), default=0, show_default=True, help="Skip the first N records.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Add at most N records.")
 @click.option("--skip-bad", is_flag=True, help="Add the good records and report the bad ones (default: refuse the file).")
+@click.option("--strict", is_flag=True, help="Refuse the file when the model already answers one of its facts "
+                                             "(default: skip that fact with a note).")
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True,
               help="Train K facts together (one block each) and commit them as one revision.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -231,7 +233,8 @@ _NO_SUBJECT = ("note: {prompt} -> {target} has no subject: its edit acts at ever
 def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int, steps: int, lr: float,
         stop_prob: float, locality_weight: float, gate_floor: float, n_wordings: int, wordings_related: int,
         other_relations: int, after_target_wordings: int, n_prefixes: int, fmt: str, offset: int,
-        limit: int | None, skip_bad: bool, batch: int, seed: int, message: str | None, as_json: bool) -> None:
+        limit: int | None, skip_bad: bool, strict: bool, batch: int, seed: int, message: str | None,
+        as_json: bool) -> None:
     """Train one BaFT edit per fact in FILE and commit each as a new revision (with --batch K,
     K facts per revision, trained together).
 
@@ -239,6 +242,9 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
     (prompt, target_new, subject, target_true, rephrase_prompts, locality_prompts), the
     EasyEdit CounterFact form, ROME's CounterFact form, zsRE (MEND) or KnowEdit. Every record
     is checked before anything is trained; a native field not in that list is refused.
+    A fact the model already answers is skipped with a note (in --json, a line with
+    "skipped": true and the reason), or refuses the file with --strict; when every fact is
+    skipped, nothing is added and the command says so and exits 0.
 
     The edit acts at the subject's tokens, so give each fact its subject. A fact without one
     is added with a note on stderr: its edit acts at every token of its prompts, trains on no
@@ -264,10 +270,16 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
         bar = _Bar(fill=True)
         started = time.perf_counter()
         try:
-            results = lg.add(facts, cfg, message=message, batch=batch, progress=bar)
+            results = lg.add(facts, cfg, message=message, batch=batch, progress=bar, skip_known=not strict)
         finally:
             bar.finish()
         took = time.perf_counter() - started
+    for k in results.skipped:
+        click.echo(f"skipped record {k.record}: {k.reason}", err=True)
+        if as_json:
+            click.echo(json.dumps(k.to_dict(), ensure_ascii=False))
+    if not results:
+        click.echo("nothing to add: every fact is already answered", err=as_json)
     for r in results:
         if as_json:
             click.echo(json.dumps(r.to_dict(), ensure_ascii=False))

@@ -88,3 +88,23 @@ def test_revert_of_an_edit_that_does_not_exist(ledger, db_url):
     err = one_line_error(CliRunner().invoke(cli, ["--db", db_url, "revert", res.edit]))
     assert f"{res.edit} is not active" in err
     assert counts(db_url) == before
+
+
+@pytest.mark.parametrize("url, needs", [
+    ("mysql://user:secret@localhost/ledger", "mysqlclient"),
+    ("postgresql+psycopg2://user@localhost/ledger", "psycopg2"),
+    ("postgresql+asyncpg://user@localhost/ledger", "asyncpg"),
+    ("mssql://user@localhost/ledger", "pyodbc"),
+    ("postgres://user@localhost/ledger", "write postgresql:// instead of postgres://"),
+    ("nosuchdb://user@localhost/ledger", "unknown database scheme nosuchdb://"),
+])
+@pytest.mark.parametrize("through", ["--db", "LEDGER_DB"])
+def test_unsupported_database_urls_are_one_line_errors(url, needs, through, monkeypatch):
+    args = ["--db", url] if through == "--db" else []
+    if through == "LEDGER_DB":
+        monkeypatch.setenv("LEDGER_DB", url)
+    for command in (["log"], ["status"], ["db", "current"]):
+        err = one_line_error(CliRunner().invoke(cli, [*args, *command]))
+        assert needs in err and "sqlite:///PATH, postgresql:// or postgresql+psycopg://" in err
+        assert "secret" not in err
+

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 
 from sqlalchemy import (ARRAY, Connection, Engine, Integer, any_, bindparam, create_engine, event, func, inspect,
                         literal_column, select, text)
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
 from ..errors import InputError, SchemaError, StateError
@@ -28,11 +28,44 @@ def database_url(url: str | None) -> str:
     return url or os.environ.get("LEDGER_DB") or DEFAULT_URL
 
 
+SUPPORTED_URLS = "sqlite:///PATH, postgresql:// or postgresql+psycopg://"
+# The (dialect, driver) pairs the ledger runs and is tested on; postgresql:// means psycopg.
+_SUPPORTED_DRIVERS = {("sqlite", "pysqlite"), ("postgresql", "psycopg")}
+# The package to install for a driver module, where the two names differ.
+_DRIVER_PACKAGES = {"MySQLdb": "mysqlclient", "pymysql": "PyMySQL", "psycopg2": "psycopg2 (or psycopg2-binary)",
+                    "mysql": "mysql-connector-python", "cx_Oracle": "cx-Oracle"}
+
+
+def check_supported(u: URL) -> None:
+    """Refuse, in one line, a URL of a database or driver the ledger does not run on, naming
+    the schemes it supports and, for a known scheme, the driver package that scheme needs."""
+    scheme = u.drivername
+    shown = u.render_as_string(hide_password=True)
+    try:
+        dialect = u.get_dialect()
+    except NoSuchModuleError:
+        hint = ""
+        if u.get_backend_name() == "postgres":
+            hint = f"; write postgresql{scheme[len('postgres'):]}:// instead of {scheme}://"
+        raise InputError(f"--db {shown!r}: unknown database scheme {scheme}://{hint}; "
+                         f"supported: {SUPPORTED_URLS}") from None
+    if (dialect.name, dialect.driver) in _SUPPORTED_DRIVERS:
+        return
+    try:
+        dialect.import_dbapi()
+        driver = ""
+    except ImportError as e:
+        module = (e.name or dialect.driver).split(".")[0]
+        driver = f" and needs the driver package {_DRIVER_PACKAGES.get(module, module)}, which is not installed"
+    raise InputError(f"--db {shown!r}: {scheme}:// is not supported{driver}; supported: {SUPPORTED_URLS}")
+
+
 def make_engine(url: str, *, create_dir: bool = False) -> Engine:
     try:
         u = make_url(url)
     except ArgumentError:
         raise InputError(f"--db {url!r} is not a database URL (e.g. sqlite:///path/ledger.db)") from None
+    check_supported(u)
     if u.get_backend_name() == "sqlite":
         db = u.database
         if db and db != ":memory:":
