@@ -108,3 +108,21 @@ def test_unsupported_database_urls_are_one_line_errors(url, needs, through, monk
         assert needs in err and "sqlite:///PATH, postgresql:// or postgresql+psycopg://" in err
         assert "secret" not in err
 
+
+def test_init_makes_only_the_ledgers_own_directory(tiny_llama, tmp_path, monkeypatch):
+    runner = CliRunner()
+    for db in (tmp_path / "nonexistent" / "dir" / "x.db", tmp_path / "missing" / ".ledger" / "ledger.db"):
+        err = one_line_error(runner.invoke(cli, ["--db", f"sqlite:///{db}", "init", "--model", str(tiny_llama)]))
+        assert f"no directory {db.parent}" in err
+        assert not (tmp_path / db.relative_to(tmp_path).parts[0]).exists()
+    # A .ledger/ in an existing directory is made, as is the default URL's.
+    (tmp_path / "proj").mkdir()
+    res = runner.invoke(cli, ["--db", f"sqlite:///{tmp_path}/proj/.ledger/ledger.db", "init", "--model", str(tiny_llama)])
+    assert res.exit_code == 0, res.stderr
+    assert (tmp_path / "proj" / ".ledger" / "ledger.db").is_file()
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    res = runner.invoke(cli, ["init", "--model", str(tiny_llama)])
+    assert res.exit_code == 0, res.stderr
+    assert (here / ".ledger" / "ledger.db").is_file()

@@ -70,9 +70,14 @@ def make_engine(url: str, *, create_dir: bool = False) -> Engine:
         db = u.database
         if db and db != ":memory:":
             path = Path(db).expanduser()
-            if create_dir:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            elif not path.exists():
+            if create_dir and not path.parent.is_dir():
+                # Only the ledger's own directory is made (`.ledger/` in an existing directory,
+                # as in the default URL); any other missing directory is more likely a typo.
+                if path.parent.name == ".ledger" and path.parent.parent.is_dir():
+                    path.parent.mkdir()
+                else:
+                    raise InputError(f"no directory {path.parent} for the ledger database: create it first")
+            elif not create_dir and not path.exists():
                 # Connecting would create an empty file; say what is wrong instead.
                 raise StateError(f"no ledger database at {path}: run `ledger init` (or pass --db)")
         try:
