@@ -23,12 +23,12 @@ from .export import export_revision
 from .facts import Fact
 from .models import BaseModel, load_base, resolve_spec
 from .progress import Progress, ProgressEvent
-from .results import (AddResult, DiffResult, EditInfo, EvalReport, LayerStats, Remeasure, RevertResult,
+from .results import (AddResult, AddResults, DiffResult, EditInfo, EvalReport, LayerStats, Remeasure, RevertResult,
                       RevisionInfo)
 from .session import Session, default_author, generate, library_versions
 from .store.engine import check_reachable, check_schema, database_url, has_ledger_tables, make_engine
 
-__all__ = ["Ledger", "AddResult", "DiffResult", "EditInfo", "EvalReport", "LayerStats", "Progress", "ProgressEvent",
+__all__ = ["Ledger", "AddResult", "AddResults", "DiffResult", "EditInfo", "EvalReport", "LayerStats", "Progress", "ProgressEvent",
            "Remeasure", "RevertResult", "RevisionInfo", "default_author", "library_versions"]
 
 
@@ -168,8 +168,9 @@ class Ledger:
     # --- editing ---------------------------------------------------------------------------------
 
     def add(self, facts: list[Fact], config: BaftConfig | None = None, *, message: str | None = None,
-            batch: int = 1, progress: Progress | None = None) -> list[AddResult]:
-        return editing.add(self.session, facts, config, message=message, batch=batch, progress=progress)
+            batch: int = 1, progress: Progress | None = None, skip_known: bool = False) -> AddResults:
+        return editing.add(self.session, facts, config, message=message, batch=batch, progress=progress,
+                           skip_known=skip_known)
 
     def revert(self, target: str, *, message: str | None = None) -> RevertResult:
         return maintenance.revert(self.session, target, message=message)

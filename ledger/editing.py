@@ -32,7 +32,7 @@ from .facts import Fact
 from .names import edit_name, rev_name
 from .progress import Progress, ProgressEvent
 from .records import EditRecord, build_record
-from .results import AddResult
+from .results import AddResult, AddResults, SkippedFact
 from .session import Session, library_versions
 from .store import audit, blobs, edits, refs, revisions
 from .store import wordings as wording_table
@@ -42,10 +42,11 @@ StepProgress = Callable[[int, int], None]   # what the trainer reports: (steps r
 
 
 def add(s: Session, facts: list[Fact], config: BaftConfig | None = None, *, message: str | None = None,
-        batch: int = 1, progress: Progress | None = None) -> list[AddResult]:
+        batch: int = 1, progress: Progress | None = None, skip_known: bool = False) -> AddResults:
     """Train, measure and commit the facts on top of HEAD: each fact as its own revision, or,
     with batch=K, K facts at a time trained together (one block per fact, one optimisation)
-    and committed as one revision."""
+    and committed as one revision. A fact the model at HEAD already answers refuses the whole
+    list, or, with skip_known, is left out and listed in the result's `skipped`."""
     if not facts:
         raise InputError("no facts to add")
     if batch < 1:
@@ -55,16 +56,19 @@ def add(s: Session, facts: list[Fact], config: BaftConfig | None = None, *, mess
     layer = cfg.layer if cfg.layer is not None else default_layer(n_layers)
     if layer >= n_layers:
         raise InputError(f"--layer {layer} is out of range: the model has {n_layers} blocks (0..{n_layers - 1})")
+    skipped = precheck(s, facts, skip_known=skip_known)
+    left_out = {k.record for k in skipped}
+    records = [i for i in range(len(facts)) if i not in left_out]   # the facts' indices as given
+    facts = [facts[i] for i in records]
     if batch > 1:
         seen: dict[tuple, int] = {}
-        for i, f in enumerate(facts):
+        for j, f in enumerate(facts):
             key = (f.subject, f.relation) if f.relation else (None, f.prompt)
-            if key in seen and seen[key] // batch == i // batch:
-                raise InputError(f"records {seen[key]} and {i} state the same thing and would land in "
-                                 "one batch: add them in separate commands")
-            seen[key] = i
-    precheck(s, facts)
-    results = []
+            if key in seen and seen[key] // batch == j // batch:
+                raise InputError(f"records {records[seen[key]]} and {records[j]} state the same thing and would "
+                                 "land in one batch: add them in separate commands")
+            seen[key] = j
+    results = AddResults(skipped=skipped)
     total = len(facts) * cfg.steps
     for start in range(0, len(facts), batch):
         group = facts[start: start + batch]
@@ -89,16 +93,22 @@ def training_progress(progress: Progress | None, label: str, fact: int, n_facts:
     return report
 
 
-def precheck(s: Session, facts: list[Fact]) -> None:
+def precheck(s: Session, facts: list[Fact], *, skip_known: bool = False) -> list[SkippedFact]:
     """Refuse a file before anything is trained: a prompt longer than the model's context,
-    or a target the model at HEAD already gives (nothing to edit)."""
+    or a target the model at HEAD already gives (nothing to edit). With skip_known, such a
+    target is not refused: its fact is returned, to be left out."""
     check_lengths(s, facts)
     head = s.model_at()
     known = measure_many(head.model, head.tokenizer, facts, kinds={"rel"})   # one batched pass
+    skipped = []
     for i, (f, m) in enumerate(zip(facts, known)):
         if answers(m):
-            raise InputError(f"record {i}: the model at {rev_name(head.revision)} already answers "
-                             f"{f.target_new!r} to {f.prompt!r}: nothing to edit")
+            reason = (f"the model at {rev_name(head.revision)} already answers {f.target_new!r} to "
+                      f"{f.prompt!r}: nothing to edit")
+            if not skip_known:
+                raise InputError(f"record {i}: {reason}")
+            skipped.append(SkippedFact(record=i, fact=f.to_dict(), reason=reason))
+    return skipped
 
 
 def check_lengths(s: Session, facts: list[Fact]) -> None:

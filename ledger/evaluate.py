@@ -128,7 +128,7 @@ def measure(model, tok, fact: Fact) -> Measurement:
 
 def answers(m: Measurement) -> bool:
     """The model already gives the fact's new target on its prompt (every target token is the
-    argmax): `ledger add` refuses such a fact, there is nothing to edit."""
+    argmax): there is nothing to edit, so `ledger add` skips the fact (--strict: refuses the file)."""
     return m.accuracy["rel"][0] == 1.0
 
 

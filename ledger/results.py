@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from sqlalchemy import Row
 
@@ -152,3 +152,23 @@ class AddResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class SkippedFact:
+    """A fact `add` left out, and why (the model already gives its target)."""
+    record: int              # its index among the facts given to add
+    fact: dict[str, Any]
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"skipped": True, **asdict(self)}
+
+
+class AddResults(list):
+    """What `add` returns: the new edits, one AddResult each (a plain list of them, so callers
+    that index or unpack it keep working), and in `skipped` the facts it left out."""
+
+    def __init__(self, results: Iterable[AddResult] = (), skipped: Iterable[SkippedFact] = ()):
+        super().__init__(results)
+        self.skipped: list[SkippedFact] = list(skipped)

@@ -92,3 +92,76 @@ def test_add_says_what_a_fact_without_a_subject_trains(initialised, tmp_path):
     assert len(res.stdout.splitlines()) == 2
     shown = " ".join(initialised("add", "--help").stdout.split())
     assert "A fact without one is added with a note on stderr: its edit acts at every token" in shown
+
+
+# --- 3. a fact the model already answers ---------------------------------------------------------
+
+@pytest.fixture
+def known(monkeypatch):
+    """Make the add's precheck find the model answering the facts at these indices (the tiny
+    random model answers nothing one can write down)."""
+    import ledger.editing as editing
+    indices: set[int] = set()
+    real = editing.measure_many
+
+    def measure(model, tok, facts, kinds=None, **kw):
+        out = real(model, tok, facts, kinds=kinds, **kw)
+        if kinds == {"rel"}:      # the precheck's pass
+            for i in indices:
+                out[i].accuracy["rel"] = [1.0]
+        return out
+    monkeypatch.setattr(editing, "measure_many", measure)
+    return indices
+
+
+def test_add_skips_a_fact_the_model_already_answers(initialised, known, tmp_path):
+    known.add(0)
+    f = tmp_path / "facts.json"
+    f.write_text(json.dumps([FACT, FACT2]))
+    res = initialised("add", str(f), *FAST_ARGS)
+    assert "skipped record 0: the model at rev-1 already answers 'Rome' to 'Alice lives in': nothing to edit" \
+        in res.stderr.splitlines()
+    assert [line.split()[:2] for line in res.stdout.splitlines()] == [["rev-2", "edit-1"]]
+    assert "Carol works at -> a farm" in res.stdout
+
+    res = initialised("add", str(f), *FAST_ARGS, "--json")
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert rows[0] == {"skipped": True, "record": 0, "fact": {k: v for k, v in FACT.items()},
+                       "reason": "the model at rev-2 already answers 'Rome' to 'Alice lives in': nothing to edit"}
+    assert rows[1]["revision"] == "rev-3" and rows[1]["fact"]["prompt"] == FACT2["prompt"]
+
+
+def test_add_strict_refuses_the_file_as_before(initialised, known, db_url, tmp_path):
+    known.add(1)
+    f = tmp_path / "facts.json"
+    f.write_text(json.dumps([FACT, FACT2]))
+    before = counts(db_url)
+    res = initialised("add", str(f), *FAST_ARGS, "--strict", code=2)
+    assert res.stderr.strip() == ("error: record 1: the model at rev-1 already answers 'a farm' to "
+                                  "'Carol works at': nothing to edit")
+    assert counts(db_url) == before
+
+
+def test_a_file_of_known_facts_adds_nothing_and_says_so(initialised, known, db_url, tmp_path):
+    known.update({0, 1})
+    f = tmp_path / "facts.json"
+    f.write_text(json.dumps([FACT, FACT2]))
+    before = counts(db_url)
+    res = initialised("add", str(f), *FAST_ARGS)
+    assert res.stdout.strip() == "nothing to add: every fact is already answered"
+    assert len([line for line in res.stderr.splitlines() if line.startswith("skipped record")]) == 2
+    res = initialised("add", str(f), *FAST_ARGS, "--json")
+    assert [json.loads(line)["skipped"] for line in res.stdout.splitlines()] == [True, True]
+    assert "nothing to add: every fact is already answered" in res.stderr
+    assert counts(db_url) == before
+
+
+def test_library_add_skip_known_lists_what_it_left_out(ledger, known):
+    known.add(1)
+    from ledger import BaftConfig
+    facts = parse_facts_text(json.dumps([FACT, FACT2, FACT]))
+    with pytest.raises(InputError, match="record 1: the model at rev-1 already answers"):
+        ledger.add(facts, BaftConfig(steps=2, min_steps=0, rank=2, layer=1))
+    res = ledger.add(facts[:2], BaftConfig(steps=2, min_steps=0, rank=2, layer=1), skip_known=True)
+    assert [r.edit for r in res] == ["edit-1"]
+    assert [(k.record, k.fact["prompt"]) for k in res.skipped] == [(1, "Carol works at")]

@@ -104,14 +104,14 @@ def test_counterfact_fact_from_the_test_split(tmp_path, smol_threads):
         assert lg.verify() == []
 
 
-def test_a_target_the_model_already_gives_is_refused(tmp_path, smol_threads):
+def test_a_target_the_model_already_gives_is_refused_with_strict(tmp_path, smol_threads):
     f = tmp_path / "known.json"
     f.write_text(json.dumps([json.loads(EXAMPLE.read_text()),
                              {"prompt": "The capital of France is", "target_new": "Paris"}]))
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
     runner = CliRunner()
     assert runner.invoke(cli, ["--db", db, "init"]).exit_code == 0
-    res = runner.invoke(cli, ["--db", db, "add", str(f)])
+    res = runner.invoke(cli, ["--db", db, "add", str(f), "--strict"])
     assert res.exit_code == 2 and "record 1" in res.stderr and "already answers 'Paris'" in res.stderr
     with Ledger.open(db) as lg:
         assert lg.head()["revision"] == "rev-1"     # the good record before it was not added either
