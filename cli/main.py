@@ -183,8 +183,8 @@ class _Bar:
 
 # What training does with a fact that names no subject (rows.py: the block acts on all of
 # the fact's rows' tokens, no gate key, no relation template for wordings or supersession).
-_NO_SUBJECT = ("note: {prompt} -> {target} has no subject: its edit acts at every token of its prompts "
-               "instead of the subject's, trains on no relation wordings and supersedes no edit")
+_NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at every token of its prompts "
+               "instead of the subject's, trained on no relation wordings and supersedes no edit")
 
 
 @cli.command()
@@ -262,10 +262,6 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
         click.echo(f"skipped {p}", err=True)
     if not facts:
         raise InputError("no good records to add")
-    for f in facts:
-        if not f.subject:
-            click.echo(_NO_SUBJECT.format(prompt=json.dumps(f.prompt, ensure_ascii=False),
-                                          target=json.dumps(f.target_new, ensure_ascii=False)), err=True)
     with _open(ctx) as lg:
         bar = _Bar(fill=True)
         started = time.perf_counter()
@@ -292,6 +288,9 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
             if n_w == 0 and cfg.wordings > 0:
                 click.echo(f"note: {r.edit} trained on its own prompts only: the wordings table has no relation "
                            "like it (`ledger wordings list`, `ledger wordings import`)", err=True)
+        if not r.fact.get("subject"):
+            click.echo(_NO_SUBJECT.format(edit=r.edit, prompt=json.dumps(r.fact["prompt"], ensure_ascii=False),
+                                          target=json.dumps(r.fact["target_new"], ensure_ascii=False)), err=True)
     if len(results) > 1:
         import torch   # loaded by the add already; the CLI itself does not import it at start
         click.echo(f"added {len(results)} edits in {took:.1f}s ({60 * len(results) / took:.1f} edits/min, "

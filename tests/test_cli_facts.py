@@ -87,8 +87,8 @@ def test_add_says_what_a_fact_without_a_subject_trains(initialised, tmp_path):
     f.write_text(json.dumps([{k: v for k, v in FACT.items() if k != "subject"}, FACT2]))
     res = initialised("add", str(f), *FAST_ARGS, "--json")
     notes = [line for line in res.stderr.splitlines() if "has no subject" in line]
-    assert notes == ['note: "Alice lives in" -> "Rome" has no subject: its edit acts at every token of its '
-                     'prompts instead of the subject\'s, trains on no relation wordings and supersedes no edit']
+    assert notes == ['note: edit-1 ("Alice lives in" -> "Rome") has no subject: it acts at every token of its '
+                     'prompts instead of the subject\'s, trained on no relation wordings and supersedes no edit']
     assert len(res.stdout.splitlines()) == 2
     shown = " ".join(initialised("add", "--help").stdout.split())
     assert "A fact without one is added with a note on stderr: its edit acts at every token" in shown
