@@ -132,6 +132,17 @@ def _layers_attr(model) -> str:
     raise InputError(f"export does not support {type(model).__name__}")
 
 
+def _follow_umask(directory: Path) -> None:
+    """Give a snapshot the modes of ordinary files under the umask: mkdtemp makes its directory
+    0700 and safetensors writes 0600, which a serving user under another account cannot read."""
+    mask = os.umask(0o022)   # reading the umask means setting it; restored at once
+    os.umask(mask)
+    directory.chmod(0o777 & ~mask)
+    for f in directory.iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~mask)
+
+
 def write_snapshot(base, sites: dict[int, InterventionSite], out: Path, manifest: dict[str, Any], *,
                    force: bool = False, base_ref: Path | None = None) -> dict[str, Any]:
     """Write the snapshot of `base` with `sites` (the composer's fused interventions) to `out`.
@@ -183,6 +194,7 @@ def write_snapshot(base, sites: dict[int, InterventionSite], out: Path, manifest
                     "base_ref": None if base_ref is None else {"path": str(base_ref),
                                                                "files": config.ledger_base_files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False, sort_keys=True))
+        _follow_umask(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
             os.replace(out, old)

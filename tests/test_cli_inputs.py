@@ -2,6 +2,8 @@
 database URLs the ledger does not run on, a database in a missing directory, and what an
 export leaves on disk. Refused input is one line, `error: ...`, and nothing written."""
 import json
+import os
+import stat
 from datetime import date, datetime, timedelta, timezone
 
 import pytest
@@ -126,3 +128,20 @@ def test_init_makes_only_the_ledgers_own_directory(tiny_llama, tmp_path, monkeyp
     res = runner.invoke(cli, ["init", "--model", str(tiny_llama)])
     assert res.exit_code == 0, res.stderr
     assert (here / ".ledger" / "ledger.db").is_file()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_export_follows_the_umask(ledger, db_url, tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        res = CliRunner().invoke(cli, ["--db", db_url, "export", "HEAD", str(tmp_path / "snap")])
+    finally:
+        os.umask(old)
+    assert res.exit_code == 0, (res.output, res.stderr)
+    out = tmp_path / "snap"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    files = list(out.iterdir())
+    assert {f.name for f in files} >= {"model.safetensors", "config.json", "ledger.json", "modeling_ledger.py"}
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f.name
+
