@@ -61,6 +61,11 @@ class LedgerGroup(click.Group):
             raise
 
 
+def _n(count: int, noun: str) -> str:
+    """"1 edit", "2 edits"."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _dump(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False))
 
@@ -381,11 +386,25 @@ def _print_head(head: dict[str, Any]) -> None:
         click.echo(f"HEAD -> {head['branch']} at {head['revision']}")
 
 
+def _left_behind_warning(left: list[str]) -> str:
+    """What git says on leaving commits off every branch, for revisions."""
+    named = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+    them = "it" if len(left) == 1 else "them"
+    return (f"warning: leaving {_n(len(left), 'revision')} behind, on no branch or tag: {named}; "
+            f"to keep {them}, run: ledger branch NAME {left[0]}")
+
+
 @reads(cli, text=_print_head)
 @click.argument("rev")
 def checkout(lg: Ledger, rev: str) -> dict[str, Any]:
-    """Move HEAD to a branch or revision; later adds build on it."""
-    return lg.checkout(rev)
+    """Move HEAD to a branch or revision; later adds build on it.
+
+    Leaving a detached HEAD whose revisions no branch or tag reaches warns, naming them."""
+    out = lg.checkout(rev)
+    if out.get("left_behind"):
+        out["warning"] = _left_behind_warning(out["left_behind"])
+        click.echo(out["warning"], err=True)
+    return out
 
 
 @reads(cli, text=lambda out: click.echo(out["prompt"] + out["completion"]))

@@ -3,12 +3,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import Connection
+
 from .errors import InputError
 from .history import head
 from .names import check_ref_name, rev_name
 from .session import Session
-from .store import audit, refs
+from .store import audit, refs, revisions
 from .store.engine import write_transaction
+
+# A checkout names at most this many revisions it leaves without a ref.
+LEFT_BEHIND_LIMIT = 1000
 
 
 def checkout(s: Session, rev: str) -> dict[str, Any]:
@@ -20,9 +25,25 @@ def checkout(s: Session, rev: str) -> dict[str, Any]:
         state = refs.head(conn)
         if branch is None and state.branch is not None and state.revision == rid:
             branch = state.branch
+        left = []
+        if state.branch is None and state.revision != rid:
+            tips = {t for _, _, t in refs.named(conn) if t is not None} | {rid}
+            left = left_behind(conn, state.revision, tips)
         refs.set_head(conn, branch=branch, rev_id=rid, actor=s.author, reason=f"checkout {rev}")
         audit.record(conn, s.author, "checkout", rid, None, {"target": rev, "branch": branch})
-    return head(s)
+    return {**head(s), "left_behind": [rev_name(r) for r in left]}
+
+
+def left_behind(conn: Connection, old: int, tips: set[int]) -> list[int]:
+    """`old` and those of its ancestors that no revision of `tips` reaches, newest first: what
+    moving a detached HEAD off `old` leaves without a ref (the ancestors of a revision a tip
+    reaches are reached too, so the walk stops at the first)."""
+    out = []
+    for row in revisions.ancestors(conn, old, LEFT_BEHIND_LIMIT):
+        if row.id in tips or any(revisions.is_ancestor(conn, row.id, t) for t in tips):
+            break
+        out.append(row.id)
+    return out
 
 
 def branch(s: Session, name: str, rev: str | None = None) -> dict[str, Any]:

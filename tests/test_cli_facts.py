@@ -165,3 +165,39 @@ def test_library_add_skip_known_lists_what_it_left_out(ledger, known):
     res = ledger.add(facts[:2], BaftConfig(steps=2, min_steps=0, rank=2, layer=1), skip_known=True)
     assert [r.edit for r in res] == ["edit-1"]
     assert [(k.record, k.fact["prompt"]) for k in res.skipped] == [(1, "Carol works at")]
+
+
+# --- 4. a checkout that leaves revisions without a ref -------------------------------------------
+
+def test_checkout_warns_about_revisions_it_leaves_without_a_ref(initialised, tmp_path):
+    f = tmp_path / "facts.jsonl"
+    f.write_text("\n".join(json.dumps(x) for x in (FACT, FACT2)))
+    initialised("add", str(f), *FAST_ARGS, "--limit", "1")                # rev-2 on main
+    initialised("checkout", "rev-1")
+    initialised("add", str(f), *FAST_ARGS)                                # rev-3, rev-4 on no ref
+    res = initialised("checkout", "main")
+    warning = ("warning: leaving 2 revisions behind, on no branch or tag: rev-4, rev-3; "
+               "to keep them, run: ledger branch NAME rev-4")
+    assert res.stdout.strip() == "HEAD -> main at rev-2" and res.stderr.strip() == warning
+    assert initialised("checkout", "rev-4").stderr == ""                  # from an attached HEAD: no warning
+    out = json.loads(initialised("checkout", "rev-2", "--json").stdout)
+    assert out["left_behind"] == ["rev-4", "rev-3"] and out["warning"] == warning
+
+    initialised("checkout", "rev-4")
+    initialised("branch", "keep", "rev-3")                                # rev-3 is kept; rev-4 is not
+    res = initialised("checkout", "main")
+    assert res.stderr.strip() == ("warning: leaving 1 revision behind, on no branch or tag: rev-4; "
+                                  "to keep it, run: ledger branch NAME rev-4")
+    initialised("checkout", "rev-3")
+    assert initialised("checkout", "main").stderr == ""                   # a branch holds rev-3
+    out = json.loads(initialised("checkout", "rev-1", "--json").stdout)
+    assert out["left_behind"] == [] and "warning" not in out
+
+
+def test_library_checkout_lists_what_it_leaves_behind(ledger):
+    from support import add_edits
+    add_edits(ledger, 1)                                    # rev-2 on main
+    assert ledger.checkout("rev-1")["detached"] is True
+    add_edits(ledger, 1)                                    # rev-3 on no ref
+    assert ledger.checkout("main")["left_behind"] == ["rev-3"]
+    assert ledger.checkout("rev-3")["left_behind"] == []    # HEAD was on a branch
