@@ -103,7 +103,7 @@ def test_batch_with_two_records_of_one_fact_is_refused(ledger, db_url):
 def test_checkout_detaches_and_adds_branch_from_there(ledger):
     ledger.add(parse_facts_text(json.dumps([FACT, FACT2])), BaftConfig(**FAST))
     head = ledger.checkout("rev-2")
-    assert head == {"revision": "rev-2", "branch": None, "detached": True}
+    assert head == {"revision": "rev-2", "branch": None, "detached": True, "left_behind": []}
     assert torch.equal(logits_of(ledger), logits_of(ledger, "rev-2"))
     [res] = ledger.add(parse_facts_text(json.dumps(FACT3)), BaftConfig(**FAST))
     assert res.revision == "rev-4"
@@ -112,7 +112,7 @@ def test_checkout_detaches_and_adds_branch_from_there(ledger):
     assert [e.id for e in ledger.active_edits("rev-4")] == ["edit-1", "edit-3"]
     assert ledger.head()["revision"] == "rev-4"
     assert ledger.resolve("main") == 3           # the branch did not move
-    ledger.checkout("main")
+    assert ledger.checkout("main")["left_behind"] == ["rev-4"]
     assert ledger.head() == {"revision": "rev-3", "branch": "main", "detached": False}
     assert ledger.verify() == []
 
