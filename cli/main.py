@@ -161,35 +161,48 @@ def init(ctx: click.Context, model: str | None, no_wordings: bool, as_json: bool
 
 
 class _Bar:
-    """One progress bar on stderr over a whole command, drawn from its progress events. With
-    `fill`, finishing fills the bar (training stops early once every target is reached)."""
+    """Progress on stderr over a whole command, drawn from its progress events: a bar on a
+    terminal, elsewhere one line per stage ("training edit 2/10"). Used as a context manager:
+    leaving it normally finishes the bar (with `fill`, filled: training stops early once every
+    target is reached); leaving it on an error or Ctrl-C leaves the bar where it stopped."""
 
-    def __init__(self, fill: bool = False):
+    def __init__(self, fill: bool = False, file: Any = None):
         self.bar = None   # drawn at the first report, so a refused command prints only its error
         self.pos = 0
         self.total = 0
         self.fill = fill
+        self.file = file if file is not None else sys.stderr
+        self.terminal = self.file.isatty()
+        self.shown = None   # the stage last printed, off a terminal
+
+    @staticmethod
+    def describe(event: ProgressEvent) -> str:
+        return f"training {event.label}" if event.phase == "train" else f"evaluating: {event.label}"
 
     def __call__(self, event: ProgressEvent) -> None:
+        label = self.describe(event)
+        if not self.terminal:
+            if label != self.shown:
+                click.echo(label, file=self.file)
+                self.shown = label
+            return
         if self.bar is None:
-            self.bar = click.progressbar(length=event.total, label=event.label, file=sys.stderr, show_pos=True)
+            self.bar = click.progressbar(length=event.total, label=label, file=self.file, show_pos=True)
             self.total = event.total
-        self.bar.label = event.label
+        self.bar.label = label
         if event.done > self.pos:
             self.bar.update(event.done - self.pos)
             self.pos = event.done
 
-    def finish(self) -> None:
-        if self.bar is not None:
-            if self.fill:
-                self.bar.update(self.total - self.pos)
-            self.bar.render_finish()
+    def __enter__(self) -> "_Bar":
+        return self
 
-
-# What training does with a fact that names no subject (rows.py: the block acts on all of
-# the fact's rows' tokens, no gate key, no relation template for wordings or supersession).
-_NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at every token of its prompts "
-               "instead of the subject's, trained on no relation wordings and supersedes no edit")
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if self.bar is None:
+            return
+        if exc_type is None and self.fill:
+            self.bar.update(self.total - self.pos)
+        self.bar.render_finish()    # ends the line as drawn: an interrupted bar keeps its position
 
 
 @cli.command()
@@ -268,12 +281,9 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
     if not facts:
         raise InputError("no good records to add")
     with _open(ctx) as lg:
-        bar = _Bar(fill=True)
         started = time.perf_counter()
-        try:
+        with _Bar(fill=True) as bar:
             results = lg.add(facts, cfg, message=message, batch=batch, progress=bar, skip_known=not strict)
-        finally:
-            bar.finish()
         took = time.perf_counter() - started
     for k in results.skipped:
         click.echo(f"skipped record {k.record}: {k.reason}", err=True)
@@ -331,11 +341,8 @@ def eval_(lg: Ledger, file: str, rev: str, fmt: str, offset: int, limit: int | N
     at the base model. FILE takes the forms of `ledger add`.
     """
     facts = load_facts(file, fmt=fmt, offset=offset, limit=limit)
-    bar = _Bar()
-    try:
+    with _Bar() as bar:
         return lg.evaluate(facts, rev, fluency=fluency, generation=generation, label=label, progress=bar)
-    finally:
-        bar.finish()
 
 
 def _print_log(rows: list[RevisionInfo]) -> None:
@@ -469,11 +476,8 @@ def rebase(ctx: click.Context, as_json: bool) -> None:
     """Retrain the edits at HEAD whose training composition changed since (after a revert or
     supersede), each as a new revision that replaces the old edit."""
     with _open(ctx) as lg:
-        bar = _Bar(fill=True)
-        try:
+        with _Bar(fill=True) as bar:
             results = lg.rebase(progress=bar)
-        finally:
-            bar.finish()
     if as_json:
         _dump([r.to_dict() for r in results])
         return

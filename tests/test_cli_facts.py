@@ -201,3 +201,54 @@ def test_library_checkout_lists_what_it_leaves_behind(ledger):
     add_edits(ledger, 1)                                    # rev-3 on no ref
     assert ledger.checkout("main")["left_behind"] == ["rev-3"]
     assert ledger.checkout("rev-3")["left_behind"] == []    # HEAD was on a branch
+
+
+# --- 5. progress ---------------------------------------------------------------------------------
+
+def test_progress_off_a_terminal_says_what_each_line_is(initialised, tmp_path):
+    f = tmp_path / "facts.jsonl"
+    f.write_text("\n".join(json.dumps(x) for x in (FACT, FACT2)))
+    res = initialised("add", str(f), *FAST_ARGS)
+    lines = res.stderr.splitlines()
+    assert [line for line in lines if "edit 1/2" in line or "edit 2/2" in line] == \
+        ["training edit 1/2", "training edit 2/2"]
+    res = initialised("eval", str(f), "--no-generation")
+    assert "evaluating: base model" in res.stderr.splitlines()
+
+
+class _Terminal:
+    """A stderr that says it is a terminal and keeps what is written to it."""
+
+    def __init__(self):
+        self.text = ""
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+def _train(done, total=60):
+    from ledger import ProgressEvent
+    return ProgressEvent(phase="train", label="edit 1/1", done=done, total=total, fact=0, n_facts=1,
+                         step=done, steps=total)
+
+
+def test_an_interrupted_bar_is_left_as_it_was():
+    from cli.main import _Bar
+    term = _Terminal()
+    with pytest.raises(KeyboardInterrupt):
+        with _Bar(fill=True, file=term) as bar:
+            bar(_train(1))
+            bar(_train(13))
+            raise KeyboardInterrupt
+    assert "training edit 1/1" in term.text and "13/60" in term.text and "60/60" not in term.text
+
+    term = _Terminal()
+    with _Bar(fill=True, file=term) as bar:   # training that stops early fills the bar
+        bar(_train(13))
+    assert "60/60" in term.text
