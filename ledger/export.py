@@ -100,7 +100,9 @@ class LedgerEditedForCausalLM(_Base):
         missing = set(own) - set(model.state_dict())
         if missing:
             raise ValueError(f"snapshot tensors {{sorted(missing)}} have no place in the model")
-        model.load_state_dict(own, strict=False)
+        unfilled = [k for k in model.load_state_dict(own, strict=False).missing_keys if k.startswith("{prefix}.")]
+        if unfilled:
+            raise ValueError(f"the snapshot holds no tensors for {{sorted(unfilled)}}")
         return model
 
     def __init__(self, config):
@@ -112,6 +114,10 @@ class LedgerEditedForCausalLM(_Base):
         blocks = self.{layers_attr}
         for layer, intervention in self.{prefix}.items():
             blocks[int(layer)].register_forward_hook(_hook(intervention))
+        if getattr(config, "ledger_base_ref", None):
+            # The base directory holds no intervention tensors: from_pretrained fills them from
+            # this snapshot right after loading the base, so they are not missing weights.
+            self._keys_to_ignore_on_load_missing = set(self._keys_to_ignore_on_load_missing or ()) | {{"^{prefix}[.]"}}
 '''
 
 

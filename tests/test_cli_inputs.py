@@ -145,3 +145,35 @@ def test_export_follows_the_umask(ledger, db_url, tmp_path, umask):
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f.name
 
+
+_LOAD = r"""
+import json, sys, torch
+from ledger import load_snapshot
+model, tok, _ = load_snapshot(sys.argv[1])
+with torch.no_grad():
+    print(json.dumps([model(**tok(p, return_tensors="pt")).logits[0, -1].tolist() for p in json.loads(sys.argv[2])]))
+"""
+
+
+def test_base_ref_snapshot_loads_without_a_report(db_url, tiny_llama, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    import torch
+    from ledger import BaftConfig, Ledger, parse_facts_text
+    from support import FACT, FAST, PROMPTS
+    model_dir = tmp_path / "base"
+    shutil.copytree(tiny_llama, model_dir)
+    with Ledger.init(db_url, model=str(model_dir), wordings=False) as lg:
+        lg.add(parse_facts_text(json.dumps(FACT)), BaftConfig(**FAST))
+        lg.export("HEAD", tmp_path / "snap", base_ref=True)
+        expected = torch.stack([lg.model_at().logits(p)[-1] for p in PROMPTS])
+        base = torch.stack([lg.model_at("rev-1").logits(p)[-1] for p in PROMPTS])
+    # A fresh interpreter: transformers reports through a handler on the stderr of its start.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
+    proc = subprocess.run([sys.executable, "-c", _LOAD, str(tmp_path / "snap"), json.dumps(PROMPTS)],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LOAD REPORT" not in proc.stderr and "MISSING" not in proc.stderr, proc.stderr
+    got = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert (got - expected).abs().max() <= 1e-5 and (got - base).abs().max() > 1e-4
