@@ -144,7 +144,9 @@ def cli(ctx: click.Context, db: str | None, author: str | None, device: str, thr
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def init(ctx: click.Context, model: str | None, no_wordings: bool, as_json: bool) -> None:
-    """Create a new ledger on a base model (rev-1 is the base, unedited)."""
+    """Create a new ledger on a base model.
+
+    rev-1 is the base model, unedited."""
     o = ctx.obj
     with Ledger.init(o["db"], model=model, author=o["author"], device=o["device"], wordings=not no_wordings) as lg:
         s, head, table = lg.settings(), lg.head(), lg.wordings()
@@ -155,8 +157,8 @@ def init(ctx: click.Context, model: str | None, no_wordings: bool, as_json: bool
         _dump(info)
     else:
         click.echo(f"initialised ledger in {info['database']}\nmodel {info['model']} "
-                   f"(fingerprint {info['fingerprint'][:12]})\nHEAD -> {info['branch']} at {info['revision']}\n"
-                   f"relation wordings: {table['wordings']} for {table['relations']} relations"
+                   f"(fingerprint {info['fingerprint'][:12]})\n{_head_line(info)}\n"
+                   f"relation wordings: {table['wordings']} for {_n(table['relations'], 'relation')}"
                    + (" (--no-wordings: edits train on their own prompts only)" if no_wordings else " (built in)"))
 
 
@@ -244,7 +246,8 @@ class _Bar:
                                              "(default: skip that fact with a note).")
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True,
               help="Train K facts together (one block each) and commit them as one revision.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the training prompts' sampling and the blocks' initialisation.")
 @click.option("-m", "--message", default=None, help="Revision message [default: the fact].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per new edit.")
 @click.pass_context
@@ -253,8 +256,9 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
         other_relations: int, after_target_wordings: int, n_prefixes: int, fmt: str, offset: int,
         limit: int | None, skip_bad: bool, strict: bool, batch: int, seed: int, message: str | None,
         as_json: bool) -> None:
-    """Train one BaFT edit per fact in FILE and commit each as a new revision (with --batch K,
-    K facts per revision, trained together).
+    """Train and commit one BaFT edit per fact in FILE.
+
+    Each fact becomes a new revision (with --batch K, K facts per revision, trained together).
 
     FILE holds one fact object, a JSON list, or JSON Lines, in the native form
     (prompt, target_new, subject, target_true, rephrase_prompts, locality_prompts), the
@@ -308,12 +312,12 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
                                           target=json.dumps(r.fact["target_new"], ensure_ascii=False)), err=True)
     if len(results) > 1:
         import torch   # loaded by the add already; the CLI itself does not import it at start
-        click.echo(f"added {len(results)} edits in {took:.1f}s ({60 * len(results) / took:.1f} edits/min, "
+        click.echo(f"added {_n(len(results), 'edit')} in {took:.1f}s ({60 * len(results) / took:.1f} edits/min, "
                    f"{torch.get_num_threads()} threads)", err=True)
 
 
 def _print_evaluation(report: EvalReport) -> None:
-    click.echo(f"{report.id}  {report.revision}  {report.n} facts  dataset {report.dataset_sha256[:12]}"
+    click.echo(f"{report.id}  {report.revision}  {_n(report.n, 'fact')}  dataset {report.dataset_sha256[:12]}"
                f"  {report.seconds:.1f}s" + (f"  {report.label}" if report.label else ""))
     for k, v in report.means.items():
         click.echo(f"  {k:<24}{v:.3f}")
@@ -333,7 +337,7 @@ def _print_evaluation(report: EvalReport) -> None:
 @click.option("--label", default=None, help="A note stored with the evaluation.")
 def eval_(lg: Ledger, file: str, rev: str, fmt: str, offset: int, limit: int | None, fluency: bool,
           generation: bool, label: str | None) -> EvalReport:
-    """Measure the facts in FILE at a revision and store the result with it.
+    """Measure the facts in FILE at a revision and store the result.
 
     Metrics as EasyEdit: reliability, generalization, locality (against the unedited base
     model), portability, and CounterFact's efficacy, paraphrase and neighborhood scores; and,
@@ -355,7 +359,7 @@ def _print_log(rows: list[RevisionInfo]) -> None:
 
 @reads(cli, text=_print_log)
 @click.option("--rev", default="HEAD", show_default=True, help="Start from this revision.")
-@click.option("-n", "--limit", type=int, default=20, show_default=True)
+@click.option("-n", "--limit", type=int, default=20, show_default=True, help="Show at most N revisions.")
 def log(lg: Ledger, rev: str, limit: int) -> list[RevisionInfo]:
     """Revisions from REV back through its parents, newest first."""
     return lg.log(rev, limit)
@@ -364,7 +368,7 @@ def log(lg: Ledger, rev: str, limit: int) -> list[RevisionInfo]:
 def _print_revision(info: RevisionInfo) -> None:
     click.echo(f"revision   {info.revision}{' (' + ', '.join(info.refs) + ')' if info.refs else ''}\n"
                f"parent     {info.parent or '-'}\noperation  {info.operation}\nauthor     {info.author}\n"
-               f"time       {info.created_at}\nactive     {info.n_active} edits\nchain      {info.chain_hash}\n"
+               f"time       {info.created_at}\nactive     {_n(info.n_active, 'edit')}\nchain      {info.chain_hash}\n"
                f"message    {info.message}")
     for e in info.edits:
         sign = "+" if e.id in info.added else "-"
@@ -375,22 +379,28 @@ def _print_revision(info: RevisionInfo) -> None:
                    f"{e.stats.get('seconds')}s  blob {e.blob[:12]}")
     for ev in info.evaluations or []:
         label = f"  {ev.label}" if ev.label else ""
-        click.echo(f"= {ev.id}  {ev.n} facts  dataset {ev.dataset_sha256[:12]}  {ev.author}  {ev.created_at}{label}\n"
+        click.echo(f"= {ev.id}  {_n(ev.n, 'fact')}  dataset {ev.dataset_sha256[:12]}  {ev.author}  {ev.created_at}{label}\n"
                    f"    {_means(ev.means)}")
 
 
 @reads(cli, text=_print_revision)
 @click.argument("rev", default="HEAD")
 def show(lg: Ledger, rev: str) -> RevisionInfo:
-    """One revision: its record, change set and the edits it added or removed."""
+    """Show one revision (REV, default HEAD).
+
+    Its record, change set and the edits it added or removed."""
     return lg.show(rev)
 
 
+def _head_line(head: dict[str, Any]) -> str:
+    """Where HEAD is, worded alike by init, checkout and status (and as `log` decorates it)."""
+    if head["branch"] is None:
+        return f"HEAD detached at {head['revision']}"
+    return f"HEAD -> {head['branch']} at {head['revision']}"
+
+
 def _print_head(head: dict[str, Any]) -> None:
-    if head["detached"]:
-        click.echo(f"HEAD detached at {head['revision']}")
-    else:
-        click.echo(f"HEAD -> {head['branch']} at {head['revision']}")
+    click.echo(_head_line(head))
 
 
 def _left_behind_warning(left: list[str]) -> str:
@@ -417,9 +427,11 @@ def checkout(lg: Ledger, rev: str) -> dict[str, Any]:
 @reads(cli, text=lambda out: click.echo(out["prompt"] + out["completion"]))
 @click.argument("prompt")
 @click.option("--rev", default=None, help="Revision to run [default: HEAD].")
-@click.option("--max-new-tokens", type=int, default=20, show_default=True)
+@click.option("--max-new-tokens", type=int, default=20, show_default=True, help="Most tokens to generate.")
 def generate(lg: Ledger, prompt: str, rev: str | None, max_new_tokens: int) -> dict[str, str]:
-    """Greedy continuation of PROMPT by the model composed at a revision."""
+    """Greedy continuation of PROMPT at a revision.
+
+    The model is composed at the revision (default HEAD)."""
     text = lg.generate(prompt, rev=rev, max_new_tokens=max_new_tokens)
     return {"revision": f"rev-{lg.model_at(rev).revision}", "prompt": prompt, "completion": text}
 
@@ -427,26 +439,32 @@ def generate(lg: Ledger, prompt: str, rev: str | None, max_new_tokens: int) -> d
 def _print_problems(out: dict[str, Any]) -> None:
     for p in out["problems"]:
         click.echo(p)
-    click.echo("ok: every hash matches" if out["ok"] else f"{len(out['problems'])} problem(s) found")
+    click.echo("ok: every hash matches" if out["ok"] else f"{_n(len(out['problems']), 'problem')} found")
 
 
 @reads(cli, text=_print_problems, fails=lambda out: not out["ok"])
 def verify(lg: Ledger) -> dict[str, Any]:
-    """Recompute every hash; exit 1 naming each revision, edit or blob that does not match."""
+    """Recompute every hash and check it.
+
+    Exits 1 naming each revision, edit or blob that does not match."""
     problems = lg.verify()
     return {"ok": not problems, "problems": problems}
 
 
 def _print_status(info: dict[str, Any]) -> None:
-    where = f"on {info['branch']}" if info["branch"] else "detached"
-    click.echo(f"HEAD {where} at {info['revision']}\nmodel {info['base_model']} "
+    click.echo(f"{_head_line(info)}\nmodel {info['base_model']} "
                f"(fingerprint {info['base_fingerprint'][:12]})")
+
+
+# Settings the database stores as text that are numbers.
+_NUMERIC_SETTINGS = ("hidden_size", "n_layers")
 
 
 @reads(cli, text=_print_status)
 def status(lg: Ledger) -> dict[str, Any]:
     """Where HEAD is, and the ledger's base model."""
-    return {**lg.head(), **lg.settings()}
+    settings = {k: int(v) if k in _NUMERIC_SETTINGS else v for k, v in lg.settings().items()}
+    return {**lg.head(), **settings}
 
 
 def _print_revert(res: RevertResult) -> None:
@@ -461,7 +479,9 @@ def _print_revert(res: RevertResult) -> None:
 @click.argument("target")
 @click.option("-m", "--message", default=None, help="Revision message [default: revert TARGET].")
 def revert(lg: Ledger, target: str, message: str | None) -> RevertResult:
-    """Undo TARGET (a revision, or an edit as edit-N) in a new revision on HEAD.
+    """Undo a revision or an edit in a new revision on HEAD.
+
+    TARGET is a revision, or an edit as edit-N.
 
     Edits that were trained with the reverted state are re-measured; their metric changes
     are stored and printed. `ledger rebase` retrains them.
@@ -470,11 +490,13 @@ def revert(lg: Ledger, target: str, message: str | None) -> RevertResult:
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def rebase(ctx: click.Context, as_json: bool) -> None:
-    """Retrain the edits at HEAD whose training composition changed since (after a revert or
-    supersede), each as a new revision that replaces the old edit."""
+    """Retrain the edits whose training composition changed.
+
+    Each edit at HEAD whose composition changed since it was trained (after a revert or
+    supersede) is retrained as a new revision that replaces the old edit."""
     with _open(ctx) as lg:
         with _Bar(fill=True) as bar:
             results = lg.rebase(progress=bar)
@@ -500,7 +522,7 @@ def _print_diff(d: DiffResult) -> None:
     for e, m in d.metric_deltas.items():
         click.echo(f"~ {e}  " + "  ".join(f"{k} {v:+.2f}" for k, v in m.items()))
     for ev in d.eval_deltas:
-        click.echo(f"= dataset {ev['dataset_sha256'][:12]} ({ev['n']} facts) {ev['a']} -> {ev['b']}  "
+        click.echo(f"= dataset {ev['dataset_sha256'][:12]} ({_n(ev['n'], 'fact')}) {ev['a']} -> {ev['b']}  "
                    + "  ".join(f"{k} {v:+.3f}" for k, v in ev["deltas"].items()))
 
 
@@ -549,7 +571,7 @@ def _print_reflog(rows: list[dict[str, Any]]) -> None:
 
 @reads(cli, text=_print_reflog)
 @click.argument("ref", required=False)
-@click.option("-n", "--limit", type=int, default=50, show_default=True)
+@click.option("-n", "--limit", type=int, default=50, show_default=True, help="Show at most N moves.")
 def reflog(lg: Ledger, ref: str | None, limit: int) -> list[dict[str, Any]]:
     """Every move of a ref (or of all refs), newest first."""
     return lg.reflog(ref, limit)
@@ -564,21 +586,21 @@ def _print_audit(rows: list[dict[str, Any]]) -> None:
 @reads(cli, text=_print_audit)
 @click.option("--rev", default=None, help="Only events about this revision.")
 @click.option("--edit", default=None, help="Only events about this edit (edit-N).")
-@click.option("--actor", default=None)
+@click.option("--actor", default=None, help="Only events by this author.")
 @click.option("--command", "command_", default=None, help="Only this command (add, revert, checkout, ...).")
 @click.option("--since", default=None, metavar="TIME",
               help="Only events at or after TIME: ISO-8601, e.g. 2026-12-03, 2026-12-03T19:49 or "
                    "2026-12-03T20:49+01:00; a time without Z or an offset is UTC.")
 @click.option("--until", default=None, metavar="TIME",
               help="Only events at or before TIME (as --since); a date alone includes that whole day.")
-@click.option("-n", "--limit", type=int, default=100, show_default=True)
+@click.option("-n", "--limit", type=int, default=100, show_default=True, help="Show at most N events.")
 def audit(lg: Ledger, rev: str | None, edit: str | None, actor: str | None, command_: str | None,
           since: str | None, until: str | None, limit: int) -> list[dict[str, Any]]:
     """The append-only audit record: who did what, when."""
     return lg.audit(rev=rev, edit=edit, actor=actor, since=since, until=until, command=command_, limit=limit)
 
 
-@reads(cli, text=lambda m: click.echo(f"exported {m['revision']} ({len(m['edits'])} active edits) to {m['out']}"),
+@reads(cli, text=lambda m: click.echo(f"exported {m['revision']} ({_n(len(m['edits']), 'active edit')}) to {m['out']}"),
        to_json=lambda m: {k: m[k] for k in ("out", "revision", "chain_hash", "base_fingerprint", "files")})
 @click.argument("rev")
 @click.argument("out", type=click.Path(file_okay=False))
@@ -586,12 +608,14 @@ def audit(lg: Ledger, rev: str | None, edit: str | None, actor: str | None, comm
 @click.option("--base-ref", is_flag=True,
               help="Do not copy the base weights: refer to the base model's directory (checked by sha256 on load).")
 def export(lg: Ledger, rev: str, out: str, force: bool, base_ref: bool) -> dict[str, Any]:
-    """Write a deployable snapshot of REV to OUT, loadable with plain transformers:
+    """Write a deployable snapshot of REV to OUT.
+
+    The snapshot loads with plain transformers:
     AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)."""
     return {"out": out, **lg.export(rev, out, force=force, base_ref=base_ref)}
 
 
-@reads(cli, text=lambda out: click.echo(f"removed {out['blobs_removed']} blob(s), {out['bytes_removed']} bytes"))
+@reads(cli, text=lambda out: click.echo(f"removed {_n(out['blobs_removed'], 'blob')}, {_n(out['bytes_removed'], 'byte')}"))
 def gc(lg: Ledger) -> dict[str, int]:
     """Delete tensor blobs that no edit refers to."""
     return lg.gc()
@@ -599,18 +623,20 @@ def gc(lg: Ledger) -> dict[str, int]:
 
 @cli.group()
 def wordings() -> None:
-    """Other wordings of relations, which `ledger add` trains each fact on."""
+    """The relation wordings that `ledger add` trains facts on."""
 
 
 def _print_import(r: ImportResult) -> None:
-    click.echo(f"{r.added} new wordings ({r.pairs} in {r.records} records of {r.source}"
-               + (f", {r.skipped} records gave none" if r.skipped else "") + ")")
+    click.echo(f"{_n(r.added, 'new wording')} ({r.pairs} in {_n(r.records, 'record')} of {r.source}"
+               + (f", {_n(r.skipped, 'record')} gave none" if r.skipped else "") + ")")
 
 
 @reads(wordings, "import", text=_print_import, json_help="Print the result as JSON.")
 @click.argument("file", type=click.Path(dir_okay=False, allow_dash=False))
 def wordings_import(lg: Ledger, file: str) -> ImportResult:
-    """Learn relation wordings from FILE: a fact file whose records have a subject and
+    """Learn relation wordings from FILE.
+
+    FILE is a fact file whose records have a subject and
     rephrases (CounterFact, ROME, native), or records {"relation": "{} speaks", "wordings":
     ["The mother tongue of {} is", ...]}. Each later `ledger add` trains a fact on up to
     --wordings of its relation's wordings, filled with its subject."""
@@ -624,13 +650,15 @@ def _print_wordings(info: dict[str, Any]) -> None:
         return
     for row in info["by_relation"]:
         click.echo(f"{row['wordings']:5d}  {row['relation']}")
-    click.echo(f"{info['wordings']} wordings of {info['relations']} relations", err=True)
+    click.echo(f"{_n(info['wordings'], 'wording')} of {_n(info['relations'], 'relation')}", err=True)
 
 
 @reads(wordings, "list", text=_print_wordings)
 @click.argument("relation", required=False)
 def wordings_list(lg: Ledger, relation: str | None) -> dict[str, Any]:
-    """The relations with wordings and how many each has; with RELATION (a template such as
+    """List relations and their wordings.
+
+    The relations with wordings and how many each has; with RELATION (a template such as
     "{} speaks"), its wordings."""
     return lg.wordings(relation)
 
@@ -650,10 +678,12 @@ def db_upgrade(ctx: click.Context, target: str) -> None:
 
 
 @db.command("current")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def db_current(ctx: click.Context, as_json: bool) -> None:
-    """The schema revision of the database and the one this version needs."""
+    """The database's schema revision and the one needed.
+
+    The schema revision of the database and the one this version of the ledger needs."""
     info = maintenance.db_current(ctx.obj["db"]).to_dict()
     if as_json:
         _dump(info)

@@ -9,7 +9,8 @@ rm -rf "$root/.demo" && mkdir -p "$root/.demo" && cd "$root/.demo"
 prompt="The mother tongue of Danielle Darrieux is"
 neighbour="The mother tongue of Jacques Chirac is"
 unseen="In her own family, Danielle Darrieux spoke"     # a wording the edit was not trained on
-step() { printf '\n$ ledger %s\n' "$*"; "$ledger" "$@"; }
+# Each command is echoed shell-quoted, so a line pasted into a shell runs as it ran here.
+step() { printf '\n$ ledger'; printf ' %q' "$@"; printf '\n'; "$ledger" "$@"; }
 
 step init
 step generate "$prompt" --max-new-tokens 8

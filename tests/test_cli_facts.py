@@ -252,3 +252,60 @@ def test_an_interrupted_bar_is_left_as_it_was():
     with _Bar(fill=True, file=term) as bar:   # training that stops early fills the bar
         bar(_train(13))
     assert "60/60" in term.text
+
+
+# --- 6. wording of plain output, help, the demo script -------------------------------------------
+
+def test_head_is_worded_alike_and_status_json_gives_numbers(run, tiny_llama):
+    init = run("init", "--model", str(tiny_llama), "--no-wordings").stdout.splitlines()
+    assert "HEAD -> main at rev-1" in init
+    assert "relation wordings: 0 for 0 relations (--no-wordings: edits train on their own prompts only)" in init
+    assert run("status").stdout.splitlines()[0] == "HEAD -> main at rev-1"
+    assert run("checkout", "main").stdout.strip() == "HEAD -> main at rev-1"
+    out = json.loads(run("status", "--json").stdout)
+    assert out["hidden_size"] == 64 and out["n_layers"] == 3
+
+
+def test_counts_are_pluralised(initialised, fact_file, tmp_path):
+    assert "active     0 edits\n" in initialised("show").stdout
+    initialised("add", str(fact_file), *FAST_ARGS)
+    assert "active     1 edit\n" in initialised("show").stdout
+    w = tmp_path / "wordings.json"
+    w.write_text(json.dumps({"relation": "{} lives in", "wordings": ["The home of {} is"]}))
+    assert initialised("wordings", "import", str(w)).stdout.startswith("1 new wording (")
+    assert "1 record of" in initialised("wordings", "import", str(w)).stdout
+    assert initialised("wordings", "list").stderr.strip() == "1 wording of 1 relation"
+    assert initialised("gc").stdout.strip() == "removed 0 blobs, 0 bytes"
+
+
+def _commands(group, path=("ledger",)):
+    import click
+    for name, cmd in group.commands.items():
+        yield (*path, name), cmd
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, (*path, name))
+
+
+def test_every_option_has_help_and_summaries_are_whole():
+    import click
+    missing = [f"{' '.join(path)} {opt.opts[0]}" for path, cmd in _commands(cli) for opt in cmd.params
+               if isinstance(opt, click.Option) and not opt.help]
+    assert missing == []
+    runner = CliRunner()
+    for args in ([], ["wordings"], ["db"]):
+        shown = runner.invoke(cli, [*args, "--help"], terminal_width=80).stdout
+        summaries = shown.split("Commands:")[1].splitlines()
+        assert [line for line in summaries if line.rstrip().endswith("...")] == [], args
+    show = " ".join(runner.invoke(cli, ["show", "--help"], terminal_width=80).stdout.split())
+    assert "show [OPTIONS] [REV]" in show and "REV, default HEAD" in show
+
+
+def test_the_demo_echoes_commands_a_shell_can_run_again(tmp_path):
+    import shlex
+    import subprocess
+    [step] = [line for line in (ROOT / "scripts" / "demo.sh").read_text().splitlines() if line.startswith("step()")]
+    args = ["generate", "The mother tongue of Danielle Darrieux is", "--max-new-tokens", "8", "it's"]
+    out = subprocess.run(["bash", "-c", f'ledger=true; {step}; step "$@"', "demo", *args],
+                         capture_output=True, text=True, check=True).stdout
+    [line] = [x for x in out.splitlines() if x.startswith("$ ")]
+    assert shlex.split(line[2:]) == ["ledger", *args]
