@@ -207,6 +207,12 @@ class _Bar:
         self.bar.render_finish()    # ends the line as drawn: an interrupted bar keeps its position
 
 
+# What training does with a fact that names no subject (rows.py: the block acts on all of
+# the fact's rows' tokens, no gate key, no relation template for wordings or supersession).
+_NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at every token of its prompts "
+               "instead of the subject's, trained on no relation wordings and supersedes no edit")
+
+
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False, allow_dash=False))
 @click.option("--method", type=click.Choice(["baft", "reft"]), default="baft", show_default=True,
