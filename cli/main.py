@@ -267,8 +267,8 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
     Each fact becomes a new revision (with --batch K, K facts per revision, trained together).
 
     FILE holds one fact object, a JSON list, or JSON Lines, in the native form
-    (prompt, target_new, subject, target_true, rephrase_prompts, locality_prompts), the
-    EasyEdit CounterFact form, ROME's CounterFact form, zsRE (MEND) or KnowEdit. Every record
+    (prompt, target_new, subject, target_true, rephrase_prompts, locality_prompts,
+    portability_prompts, case_id), the EasyEdit CounterFact form, ROME's CounterFact form, zsRE (MEND) or KnowEdit. Every record
     is checked before anything is trained; a native field not in that list is refused.
     A fact the model already answers is skipped with a note (in --json, a line with
     "skipped": true and the reason), or refuses the file with --strict; when every fact is
