@@ -9,15 +9,19 @@ import functools
 import json
 import sys
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
-from ledger import BaftConfig, InputError, Ledger, LedgerError, ProgressEvent, load_facts, load_facts_skipping_bad
-from ledger import maintenance
+from ledger import BaftConfig, InputError, LedgerError, ProgressEvent, load_facts, load_facts_skipping_bad
 from ledger.baft.config import MAX_PREFIXES
-from ledger.results import DiffResult, EvalReport, RevertResult, RevisionInfo
-from ledger.wordings import ImportResult
+
+# `Ledger` (and with it SQLAlchemy) is imported by the commands that open a ledger, and torch
+# only by those that run the model: `ledger --help` imports neither.
+if TYPE_CHECKING:
+    from ledger import Ledger
+    from ledger.results import DiffResult, EvalReport, RevertResult, RevisionInfo
+    from ledger.wordings import ImportResult
 
 
 # Bare `ledger` raises this to show the help (click >= 8.2); it is no error.
@@ -78,8 +82,23 @@ def _means(metrics: dict[str, float]) -> str:
     return "  ".join(f"{k}={v:.3f}" for k, v in metrics.items())
 
 
+# Commands that read or move the record and never run the model: they leave torch unloaded
+# (importing it costs a second or more), so --threads has nothing to set for them.
+_NO_MODEL = frozenset({"log", "show", "status", "refs", "audit", "diff", "verify", "reflog", "branch", "tag", "gc",
+                       "checkout", "list"})
+
+
+def _set_threads(ctx: click.Context) -> None:
+    threads = ctx.obj.get("threads")
+    if threads and ctx.info_name not in _NO_MODEL:
+        import torch
+        torch.set_num_threads(threads)
+
+
 def _open(ctx: click.Context) -> Ledger:
     o = ctx.obj
+    _set_threads(ctx)
+    from ledger import Ledger
     return Ledger.open(o["db"], author=o["author"], device=o["device"])
 
 
@@ -129,10 +148,7 @@ def reads(group: click.Group, name: str | None = None, *, text: Callable[[Any], 
 @click.pass_context
 def cli(ctx: click.Context, db: str | None, author: str | None, device: str, threads: int | None) -> None:
     """The edit ledger for BaFT: knowledge edits of a language model, kept like commits."""
-    if threads:
-        import torch
-        torch.set_num_threads(threads)
-    ctx.obj = {"db": db, "author": author, "device": device}
+    ctx.obj = {"db": db, "author": author, "device": device, "threads": threads}
 
 
 @cli.command()
@@ -148,6 +164,8 @@ def init(ctx: click.Context, model: str | None, no_wordings: bool, as_json: bool
 
     rev-1 is the base model, unedited."""
     o = ctx.obj
+    _set_threads(ctx)
+    from ledger import Ledger
     with Ledger.init(o["db"], model=model, author=o["author"], device=o["device"], wordings=not no_wordings) as lg:
         s, head, table = lg.settings(), lg.head(), lg.wordings()
         info = {"database": lg.engine.url.render_as_string(hide_password=True), "model": s["base_model"],
@@ -679,6 +697,7 @@ def db() -> None:
 @click.pass_context
 def db_upgrade(ctx: click.Context, target: str) -> None:
     """Migrate the database schema (to head by default)."""
+    from ledger import maintenance
     before, after = maintenance.db_upgrade(ctx.obj["db"], target)
     click.echo(f"schema {before} -> {after}")
 
@@ -690,6 +709,7 @@ def db_current(ctx: click.Context, as_json: bool) -> None:
     """The database's schema revision and the one needed.
 
     The schema revision of the database and the one this version of the ledger needs."""
+    from ledger import maintenance
     info = maintenance.db_current(ctx.obj["db"]).to_dict()
     if as_json:
         _dump(info)

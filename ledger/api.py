@@ -12,21 +12,27 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Iterable
 
+from typing import TYPE_CHECKING
+
 from sqlalchemy import Engine
 
-from . import editing, evaluation, history, maintenance, refs
+from . import history, refs
 from . import wordings as wd
 from .baft import BaftConfig
-from .compose import Block, ComposedModel
 from .errors import StateError
-from .export import export_revision
 from .facts import Fact
-from .models import BaseModel, load_base, resolve_spec
 from .progress import Progress, ProgressEvent
 from .results import (AddResult, AddResults, DiffResult, EditInfo, EvalReport, LayerStats, Remeasure, RevertResult,
                       RevisionInfo)
 from .session import Session, default_author, generate, library_versions
 from .store.engine import check_reachable, check_schema, database_url, has_ledger_tables, make_engine
+
+# The commands that train, compose or export (editing, evaluation, maintenance, export, and
+# the model modules under them) import torch and transformers: each method imports its
+# module when called, so opening a ledger to read its history stays quick.
+if TYPE_CHECKING:
+    from .compose import Block, ComposedModel
+    from .models import BaseModel
 
 __all__ = ["Ledger", "AddResult", "AddResults", "DiffResult", "EditInfo", "EvalReport", "LayerStats", "Progress", "ProgressEvent",
            "Remeasure", "RevertResult", "RevisionInfo", "default_author", "library_versions"]
@@ -47,6 +53,8 @@ class Ledger:
         fingerprint, and write rev-1, the base model with no edits. With `wordings` (the
         default) the table of relation wordings starts with the tables that ship with the
         package (wordings.BUILTIN), so edits carry over to other wordings out of the box."""
+        from . import maintenance
+        from .models import load_base, resolve_spec
         spec = resolve_spec(model)
         engine = make_engine(database_url(db), create_dir=True)
         check_reachable(engine)
@@ -118,6 +126,7 @@ class Ledger:
         return self.session.blocks_of(ids)
 
     def _precheck(self, facts: list[Fact]) -> None:
+        from . import editing
         editing.precheck(self.session, facts)
 
     def settings(self) -> dict[str, str]:
@@ -169,19 +178,24 @@ class Ledger:
 
     def add(self, facts: list[Fact], config: BaftConfig | None = None, *, message: str | None = None,
             batch: int = 1, progress: Progress | None = None, skip_known: bool = False) -> AddResults:
+        from . import editing
         return editing.add(self.session, facts, config, message=message, batch=batch, progress=progress,
                            skip_known=skip_known)
 
     def revert(self, target: str, *, message: str | None = None) -> RevertResult:
+        from . import maintenance
         return maintenance.revert(self.session, target, message=message)
 
     def stale_edits(self, rev: str = "HEAD") -> list[str]:
+        from . import maintenance
         return maintenance.stale_edits(self.session, rev)
 
     def rebase(self, *, progress: Progress | None = None) -> list[AddResult]:
+        from . import maintenance
         return maintenance.rebase(self.session, progress=progress)
 
     def gc(self) -> dict[str, int]:
+        from . import maintenance
         return maintenance.gc(self.session)
 
     # --- refs ------------------------------------------------------------------------------------
@@ -206,10 +220,12 @@ class Ledger:
     def evaluate(self, facts: Iterable[Fact], rev: str = "HEAD", *, fluency: bool = False,
                  generation: bool = True, label: str | None = None,
                  progress: Progress | None = None) -> EvalReport:
+        from . import evaluation
         return evaluation.evaluate(self.session, facts, rev, fluency=fluency, generation=generation,
                                    label=label, progress=progress)
 
     def evaluations(self, rev: str = "HEAD", *, per_fact: bool = True) -> list[EvalReport]:
+        from . import evaluation
         return evaluation.evaluations(self.session, rev, per_fact=per_fact)
 
     def import_wordings(self, path: str | Path, *, exclude: Iterable[tuple[str, str]] = ()) -> wd.ImportResult:
@@ -220,4 +236,5 @@ class Ledger:
 
     def export(self, rev: str, out: str | os.PathLike, *, force: bool = False,
                base_ref: bool = False) -> dict[str, Any]:
+        from .export import export_revision
         return export_revision(self.session, rev, out, force=force, base_ref=base_ref)

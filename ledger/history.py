@@ -12,7 +12,6 @@ from sqlalchemy import Connection, Row
 
 from .errors import InputError
 from .names import edit_name, eval_name, parse_edit, rev_name
-from .records import tensor_norm
 from .results import DiffResult, EditInfo, EvalReport, LayerStats, RevisionInfo
 from .session import Session
 from .store import audit as audit_store
@@ -155,7 +154,7 @@ def diff(s: Session, a: str, b: str) -> DiffResult:
         for e in changed:
             layer, _, _, blob, norm = info[e]
             if norm is None:   # recorded at creation; older records: read the tensors
-                norm = tensor_norm(blobs.get(conn, blob))
+                norm = blobs.get_norm(conn, blob)
             sums.setdefault((str(layer), "norm_added" if e in sb else "norm_removed"), []).append(norm)
         for (layer, key), norms in sums.items():
             layers[layer][key] = round(math.fsum(norms), 6)   # fsum: independent of order

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from sqlalchemy import Connection, Engine
 
 from . import wordings as wd
 from .baft import BaftConfig
-from .editing import train_and_commit, training_progress
 from .errors import InputError, NotFoundError, StateError
-from .evaluate import measure, score
 from .facts import fact_from_record
-from .models import BaseModel
 from .names import DEFAULT_BRANCH, edit_id_of, edit_name, rev_name
 from .progress import Progress
 from .results import AddResult, Remeasure, RevertResult
@@ -23,6 +20,11 @@ from .store import audit, blobs, edits, evaluations, refs, revisions, settings
 from .store import engine as store_engine
 from .store import wordings as wording_table
 from .store.engine import write_transaction, writer_lock
+
+# Training and measuring (torch, transformers) are imported by the commands that do them:
+# `db current`, `db upgrade` and `gc` stay light.
+if TYPE_CHECKING:
+    from .models import BaseModel
 
 
 # --- creating a ledger and migrating its schema ------------------------------------------------
@@ -142,6 +144,7 @@ def stale_edits(s: Session, rev: str = "HEAD") -> list[str]:
 def remeasure(s: Session, active: set[int], edit_ids: list[int], revision: int | None) -> dict[int, dict[str, float]]:
     """Metrics of each edit in the composition `active`, locality against the same
     composition without that edit (as at creation)."""
+    from .evaluate import measure, score
     with s.engine.connect() as conn:
         facts = edits.facts_of(conn, edit_ids)
     out = {}
@@ -210,6 +213,7 @@ def _revert(s: Session, target: str, message: str | None) -> RevertResult:
 def rebase(s: Session, *, progress: Progress | None = None) -> list[AddResult]:
     """Retrain every outdated edit at HEAD against the current composition, each as a new
     `rebase` revision that replaces the old edit, keeping its fact and hyperparameters."""
+    from .editing import training_progress
     with s.engine.connect() as conn:
         active = revisions.active_set(conn, refs.head(conn).revision)
         stale = outdated(conn, active)
@@ -227,6 +231,7 @@ def rebase(s: Session, *, progress: Progress | None = None) -> list[AddResult]:
 
 def _rebase_one(s: Session, eid: int, fact: dict[str, Any], cfg: BaftConfig, layer: int,
                 progress: Callable[[int, int], None] | None) -> AddResult:
+    from .editing import train_and_commit
     with s.engine.connect() as conn:
         state = refs.head(conn)
         now_active = revisions.active_set(conn, state.revision)

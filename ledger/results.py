@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
-
-from sqlalchemy import Row
+from typing import TYPE_CHECKING, Any, Iterable
 
 from .names import edit_name, eval_name, rev_name
+
+if TYPE_CHECKING:
+    from sqlalchemy import Row
 
 
 @dataclass

@@ -9,16 +9,19 @@ from __future__ import annotations
 import getpass
 import os
 import platform
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import torch
 from sqlalchemy import Connection, Engine
 
 from . import __version__
-from .compose import Block, ComposedModel
 from .errors import InputError, StateError
-from .models import BaseModel, load_base
 from .store import blobs, edits, refs, revisions, settings as stored_settings
+
+# The model side (torch, transformers) is imported where a model is needed: the reading
+# commands open a Session and never load it.
+if TYPE_CHECKING:
+    from .compose import Block, ComposedModel
+    from .models import BaseModel
 
 
 def default_author() -> str:
@@ -32,6 +35,7 @@ def library_versions() -> dict[str, str]:
     """The versions an edit is trained with, stored with it."""
     import safetensors
     import sqlalchemy
+    import torch
     import transformers
     return {"ledger": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "safetensors": safetensors.__version__, "sqlalchemy": sqlalchemy.__version__,
@@ -59,6 +63,7 @@ class Session:
     def base(self) -> BaseModel:
         """The base model, loaded once and checked against the fingerprint stored at init."""
         if self.base_model is None:
+            from .models import load_base
             s = self.settings()
             base = load_base(s["base_model"], device=self.device)
             if base.fingerprint != s["base_fingerprint"]:
@@ -73,6 +78,7 @@ class Session:
         """The blocks of these edits, by id, from the cache or the database."""
         missing = [i for i in ids if i not in self.blocks]
         if missing:
+            from .compose import Block
             # Two or three queries whatever the number of edits, not one per blob.
             rows = edits.block_addresses(conn, missing)
             tensors = blobs.get_many(conn, [address for _, _, address in rows])
@@ -89,6 +95,7 @@ class Session:
         when it is no stored revision's)."""
         base = self.base
         if self.composed is None:
+            from .compose import ComposedModel
             self.composed = ComposedModel(base)
         with self.engine.connect() as conn:
             blocks = self.load_blocks(conn, ids)

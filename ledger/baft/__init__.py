@@ -10,8 +10,20 @@
 - trainer.py: the training loop (train_edits)
 """
 from .config import BaftConfig, METHODS, default_layer
-from .layer import BaftBlock, FusedIntervention, REFT_GATE_BIAS
-from .hooks import InterventionSite, attach_sites, detach_sites
+
+# The torch-backed names load on first use (PEP 562): the configuration is read by commands
+# that never train or compose, and importing torch costs them a second or more.
+_LAZY = {"BaftBlock": "layer", "FusedIntervention": "layer", "REFT_GATE_BIAS": "layer",
+         "InterventionSite": "hooks", "attach_sites": "hooks", "detach_sites": "hooks"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["BaftConfig", "METHODS", "default_layer", "BaftBlock", "FusedIntervention",
            "REFT_GATE_BIAS", "InterventionSite", "attach_sites", "detach_sites"]

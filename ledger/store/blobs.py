@@ -11,15 +11,15 @@ import json
 import struct
 from datetime import datetime, timezone
 
-import numpy as np
-import torch
-from safetensors.torch import load as st_load, save as st_save
+from typing import TYPE_CHECKING
+
 from sqlalchemy import Connection, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from ..errors import IntegrityError, StateError
 from .schema import Blob
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_HEADER = 1 << 20
 _ITEMSIZE = {"F32": 4, "I64": 8}
@@ -36,6 +36,8 @@ def sha256(data: bytes) -> str:
 def encode(tensors: dict[str, torch.Tensor]) -> bytes:
     """Canonical bytes: float32, contiguous, CPU, no metadata; safetensors orders the header
     itself, so equal tensors always give equal bytes and so equal addresses."""
+    import torch   # here, not at the top: the reading commands never load torch
+    from safetensors.torch import save as st_save
     clean = {}
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu", torch.float32).contiguous()
@@ -91,21 +93,54 @@ def check_header(data: bytes, what: str = "blob") -> dict:
 
 def decode(data: bytes, address: str | None = None, *, what: str = "blob") -> dict[str, torch.Tensor]:
     """Verify the hash (when an address is given) and the header, then load and check values."""
+    from safetensors.torch import load as st_load
+    all_finite = _checked(data, address, what)
+    tensors = st_load(data)
+    if not all_finite:   # mixed dtypes, or a non-finite value somewhere: find and name it
+        _name_non_finite(tensors, what)
+    return tensors
+
+
+def check(data: bytes, address: str | None = None, *, what: str = "blob") -> None:
+    """What `decode` verifies (hash, header, finite values), without torch: `verify` checks
+    every blob and stays a light command."""
+    if not _checked(data, address, what):
+        from safetensors.numpy import load as np_load
+        _name_non_finite(np_load(data), what)
+
+
+def norm(data: bytes, address: str | None = None, *, what: str = "blob") -> float:
+    """Frobenius norm of all of a blob's tensors together (records.tensor_norm), without torch."""
+    import math
+
+    import numpy as np
+    from safetensors.numpy import load as np_load
+    check(data, address, what=what)
+    return math.sqrt(math.fsum(float(np.square(a.astype(np.float64)).sum()) for a in np_load(data).values()))
+
+
+def _checked(data: bytes, address: str | None, what: str) -> bool:
+    """Check the hash and the header; True when every tensor is float32 and every value finite
+    (False leaves the values to be checked tensor by tensor)."""
     if address is not None and sha256(data) != address:
         raise IntegrityError(f"blob {address[:12]} does not match its sha256: stored bytes were changed")
     header = check_header(data, what)
     # The common case, all float32: one finiteness pass over the whole tensor data (the header
     # check proved the data tiles the buffer after the header) instead of one per tensor.
-    all_f32 = all(dtype == "F32" for dtype, _ in header.values())
-    if all_f32:
-        (n,) = struct.unpack("<Q", data[:8])
-        all_f32 = bool(np.isfinite(np.frombuffer(data, dtype="<f4", offset=8 + n)).all())
-    tensors = st_load(data)
-    if not all_f32:   # mixed dtypes, or a non-finite value somewhere: find and name it
-        for name, t in tensors.items():
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise IntegrityError(f"{what}: tensor {name!r} holds non-finite values")
-    return tensors
+    if not all(dtype == "F32" for dtype, _ in header.values()):
+        return False
+    import numpy as np
+    (n,) = struct.unpack("<Q", data[:8])
+    return bool(np.isfinite(np.frombuffer(data, dtype="<f4", offset=8 + n)).all())
+
+
+def _name_non_finite(tensors: dict, what: str) -> None:
+    """Raise for the first floating tensor (torch or numpy) that holds a non-finite value."""
+    import numpy as np
+    for name, t in tensors.items():
+        a = t.numpy() if hasattr(t, "numpy") else t
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            raise IntegrityError(f"{what}: tensor {name!r} holds non-finite values")
 
 
 def put(conn: Connection, data: bytes) -> str:
@@ -114,8 +149,10 @@ def put(conn: Connection, data: bytes) -> str:
     table = Blob.__table__
     values = {"sha256": address, "size": len(data), "data": data, "created_at": now()}
     if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
         stmt = pg_insert(table).values(**values).on_conflict_do_nothing(index_elements=["sha256"])
     else:
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
         stmt = sqlite_insert(table).values(**values).on_conflict_do_nothing(index_elements=["sha256"])
     conn.execute(stmt)
     return address
@@ -136,10 +173,19 @@ def get_many(conn: Connection, addresses, *, chunk: int = 500) -> dict[str, dict
 
 
 def get(conn: Connection, address: str) -> dict[str, torch.Tensor]:
+    return decode(_fetch(conn, address), address)
+
+
+def get_norm(conn: Connection, address: str) -> float:
+    """The norm of a stored blob's tensors, verified as `get` does, without torch."""
+    return norm(_fetch(conn, address), address)
+
+
+def _fetch(conn: Connection, address: str) -> bytes:
     data = conn.execute(select(Blob.data).where(Blob.sha256 == address)).scalar_one_or_none()
     if data is None:
         raise IntegrityError(f"blob {address[:12]} is missing from the database")
-    return decode(bytes(data), address)
+    return bytes(data)
 
 
 def orphans(conn: Connection) -> list[tuple[str, int]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -185,15 +186,51 @@ def alembic_config(url: str | None = None):
     return cfg
 
 
+# Every command checks the schema before it reads: these two read the migration files and the
+# version table directly, because importing alembic and loading its script directory would
+# cost each command more than its own work. Anything unusual is left to alembic.
+_MIGRATION_LINE = re.compile(r"^(revision|down_revision)\s*(?::[^=\n]*)?=\s*(.+?)\s*$", re.M)
+
+
 def head_revision() -> str:
+    """The newest migration: the one revision no other migration names as its down_revision."""
+    import ast
+
+    import migrations
+    revisions, parents = set(), set()
+    for path in (Path(migrations.__file__).parent / "versions").glob("*.py"):
+        found = dict(_MIGRATION_LINE.findall(path.read_text(encoding="utf-8")))
+        if "revision" not in found:
+            continue
+        try:
+            revisions.add(ast.literal_eval(found["revision"]))
+            down = ast.literal_eval(found.get("down_revision", "None"))
+        except (ValueError, SyntaxError):
+            return _alembic_head()
+        if isinstance(down, str):
+            parents.add(down)
+        elif down is not None:   # a merge migration: alembic knows how to read it
+            return _alembic_head()
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else _alembic_head()
+
+
+def _alembic_head() -> str:
     from alembic.script import ScriptDirectory
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 def current_revision(engine: Engine) -> str | None:
-    from alembic.runtime.migration import MigrationContext
+    """The database's migration (None: not migrated), from alembic's version table."""
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        if not inspect(conn).has_table("alembic_version"):
+            return None
+        rows = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    if len(rows) > 1:   # several heads: alembic's reader reports it
+        from alembic.runtime.migration import MigrationContext
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    return rows[0] if rows else None
 
 
 def upgrade(engine: Engine, target: str = "head") -> None:

@@ -203,7 +203,7 @@ def verify(conn: Connection) -> list[str]:
             problems.append(f"{edit_name(e.id)}: its stored content does not match its hash")
     for address, data in conn.execute(select(Blob.sha256, Blob.data)):
         try:
-            blobs.decode(bytes(data), address)
+            blobs.check(bytes(data), address)
         except StateError as err:
             problems.append(f"blob {address[:12]}: {err}")
     chain: dict[int, str] = {}
