@@ -26,7 +26,7 @@ from sqlalchemy import create_engine, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ledger import Ledger  # noqa: E402
-from ledger.api import tensor_norm  # noqa: E402
+from ledger.records import tensor_norm  # noqa: E402
 from ledger.store import edits, refs, revisions as revs  # noqa: E402
 from ledger.store import blobs  # noqa: E402
 from ledger.store.engine import make_engine, upgrade, write_transaction  # noqa: E402

@@ -14,7 +14,7 @@ import torch
 
 from ledger import names
 from ledger.store import edits, refs, revisions as revs
-from ledger.api import tensor_norm
+from ledger.records import tensor_norm
 from ledger.baft import default_layer
 from ledger.store import blobs
 from ledger.store.engine import write_transaction
