@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import json
 import sys
-import time
 from typing import TYPE_CHECKING, Any, Callable
 
 import click
@@ -309,10 +308,8 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
     if not facts:
         raise InputError("no good records to add")
     with _open(ctx) as lg:
-        started = time.perf_counter()
         with _Bar(fill=True) as bar:
             results = lg.add(facts, cfg, message=message, batch=batch, progress=bar, skip_known=not strict)
-        took = time.perf_counter() - started
     for k in results.skipped:
         click.echo(f"skipped record {k.record}: {k.reason}", err=True)
         if as_json:
@@ -335,9 +332,8 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
             click.echo(_NO_SUBJECT.format(edit=r.edit, prompt=json.dumps(r.fact["prompt"], ensure_ascii=False),
                                           target=json.dumps(r.fact["target_new"], ensure_ascii=False)), err=True)
     if len(results) > 1:
-        import torch   # loaded by the add already; the CLI itself does not import it at start
-        click.echo(f"added {_n(len(results), 'edit')} in {took:.1f}s ({60 * len(results) / took:.1f} edits/min, "
-                   f"{torch.get_num_threads()} threads)", err=True)
+        click.echo(f"added {_n(len(results), 'edit')} in {results.seconds:.1f}s "
+                   f"({results.edits_per_minute:.1f} edits/min, {results.threads} threads)", err=True)
 
 
 def _print_evaluation(report: EvalReport) -> None:

@@ -47,6 +47,7 @@ def add(s: Session, facts: list[Fact], config: BaftConfig | None = None, *, mess
     with batch=K, K facts at a time trained together (one block per fact, one optimisation)
     and committed as one revision. A fact the model at HEAD already answers refuses the whole
     list, or, with skip_known, is left out and listed in the result's `skipped`."""
+    started = time.perf_counter()
     if not facts:
         raise InputError("no facts to add")
     if batch < 1:
@@ -77,6 +78,9 @@ def add(s: Session, facts: list[Fact], config: BaftConfig | None = None, *, mess
         steps = training_progress(progress, label, start, len(group), start * cfg.steps, total)
         with writer_lock(s.engine):   # one commit at a time per ledger; readers go on
             results += _add_group(s, group, cfg, layer, message, steps)
+    import torch   # loaded with the model already
+    results.seconds = time.perf_counter() - started
+    results.threads = torch.get_num_threads()
     return results
 
 

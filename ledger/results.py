@@ -173,3 +173,9 @@ class AddResults(list):
     def __init__(self, results: Iterable[AddResult] = (), skipped: Iterable[SkippedFact] = ()):
         super().__init__(results)
         self.skipped: list[SkippedFact] = list(skipped)
+        self.seconds: float = 0.0        # wall time of the whole add: checks, training, commits
+        self.threads: int = 0            # torch threads it ran with
+
+    @property
+    def edits_per_minute(self) -> float:
+        return 60 * len(self) / self.seconds if self.seconds > 0 else 0.0

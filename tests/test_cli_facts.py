@@ -2,6 +2,7 @@
 facts without a subject, facts the model already answers, revisions left behind by a
 checkout, progress lines, and the wording of plain output."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,9 @@ def test_library_add_skip_known_lists_what_it_left_out(ledger, known):
     res = ledger.add(facts[:2], BaftConfig(steps=2, min_steps=0, rank=2, layer=1), skip_known=True)
     assert [r.edit for r in res] == ["edit-1"]
     assert [(k.record, k.fact["prompt"]) for k in res.skipped] == [(1, "Carol works at")]
+    # The add times itself, so the CLI reports throughput from the result.
+    assert res.seconds > 0 and res.threads >= 1
+    assert res.edits_per_minute == pytest.approx(60 * len(res) / res.seconds)
 
 
 # --- 4. a checkout that leaves revisions without a ref -------------------------------------------
@@ -309,3 +313,11 @@ def test_the_demo_echoes_commands_a_shell_can_run_again(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     [line] = [x for x in out.splitlines() if x.startswith("$ ")]
     assert shlex.split(line[2:]) == ["ledger", *args]
+
+
+def test_add_of_several_facts_reports_throughput_from_the_library(initialised, tmp_path):
+    f = tmp_path / "facts.jsonl"
+    f.write_text("\n".join(json.dumps(x) for x in (FACT, FACT2)))
+    res = initialised("add", str(f), *FAST_ARGS)
+    [line] = [x for x in res.stderr.splitlines() if x.startswith("added ")]
+    assert re.fullmatch(r"added 2 edits in \d+\.\ds \(\d+\.\d edits/min, \d+ threads\)", line), line
