@@ -138,7 +138,8 @@ def reads(group: click.Group, name: str | None = None, *, text: Callable[[Any], 
 @click.group(cls=LedgerGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--db", envvar="LEDGER_DB", default=None, metavar="URL",
               help="URL of the ledger database: sqlite:///PATH or postgresql://user@host/db "
-                   "[env LEDGER_DB; default sqlite:///.ledger/ledger.db].")
+                   "[env LEDGER_DB; default .ledger/ledger.db here or in the nearest parent directory that has one; "
+                   "init: here].")
 @click.option("--author", envvar="LEDGER_AUTHOR", default=None, help="Who is acting [env LEDGER_AUTHOR; default: the user].")
 @click.option("--device", default="cpu", show_default=True, help="Torch device for the model (cpu, cuda).")
 @click.option("--threads", envvar="LEDGER_THREADS", type=click.IntRange(1, 512), default=None,
@@ -473,7 +474,7 @@ def verify(lg: Ledger) -> dict[str, Any]:
 
 def _print_status(info: dict[str, Any]) -> None:
     click.echo(f"{_head_line(info)}\nmodel {info['base_model']} "
-               f"(fingerprint {info['base_fingerprint'][:12]})")
+               f"(fingerprint {info['base_fingerprint'][:12]})\nledger {info['database']}")
 
 
 # Settings the database stores as text that are numbers.
@@ -483,8 +484,9 @@ _NUMERIC_SETTINGS = ("hidden_size", "n_layers")
 @reads(cli, text=_print_status)
 def status(lg: Ledger) -> dict[str, Any]:
     """Where HEAD is, and the ledger's base model."""
+    from ledger.store.engine import describe
     settings = {k: int(v) if k in _NUMERIC_SETTINGS else v for k, v in lg.settings().items()}
-    return {**lg.head(), **settings}
+    return {**lg.head(), **settings, "database": describe(lg.engine)}
 
 
 def _print_revert(res: RevertResult) -> None:
@@ -537,13 +539,18 @@ def _print_diff(d: DiffResult) -> None:
         click.echo(f"- {e['edit']}  {e['prompt']} -> {e['target_new']}  (layer {e['layer']}, rank {e['rank']})")
     for layer, st in d.layers.items():
         click.echo(f"layer {layer}: blocks {st['a']['blocks']} -> {st['b']['blocks']}, rank "
-                   f"{st['a']['total_rank']} -> {st['b']['total_rank']}, norm +{st['norm_added']:.3f} "
-                   f"-{st['norm_removed']:.3f}")
+                   f"{st['a']['total_rank']} -> {st['b']['total_rank']}, tensor norm of the edits added "
+                   f"{st['norm_added']:.3f}, removed {st['norm_removed']:.3f}")
     for e, m in d.metric_deltas.items():
         click.echo(f"~ {e}  " + "  ".join(f"{k} {v:+.2f}" for k, v in m.items()))
     for ev in d.eval_deltas:
         click.echo(f"= dataset {ev['dataset_sha256'][:12]} ({_n(ev['n'], 'fact')}) {ev['a']} -> {ev['b']}  "
                    + "  ".join(f"{k} {v:+.3f}" for k, v in ev["deltas"].items()))
+    legend = [text for shown, text in ((d.added, "+ edit added"), (d.removed, "- edit removed"),
+                                       (d.metric_deltas, "~ metric change of an edit in both"),
+                                       (d.eval_deltas, "= change of a stored evaluation")) if shown]
+    if legend:
+        click.echo("(" + "; ".join(legend) + ")")
 
 
 @reads(cli, text=_print_diff)

@@ -69,7 +69,7 @@ class Ledger:
     @classmethod
     def open(cls, db: str | None = None, *, author: str | None = None, device: str = "cpu") -> "Ledger":
         """Open an existing ledger; refuse one whose schema is not at this version's head migration."""
-        engine = make_engine(database_url(db))
+        engine = make_engine(database_url(db, search=True))
         check_schema(engine)
         return cls(engine, author=author, device=device)
 

@@ -60,7 +60,7 @@ class SchemaState:
 
 def db_current(db: str | None) -> SchemaState:
     """The schema revision of a database and the one this version needs; changes nothing."""
-    engine = store_engine.make_engine(store_engine.database_url(db))
+    engine = store_engine.make_engine(store_engine.database_url(db, search=True))
     try:
         store_engine.check_reachable(engine)
         return SchemaState(store_engine.current_revision(engine), store_engine.head_revision())
@@ -70,7 +70,7 @@ def db_current(db: str | None) -> SchemaState:
 
 def db_upgrade(db: str | None, target: str = "head") -> tuple[str | None, str | None]:
     """Migrate a ledger's schema to `target`; (revision before, revision after)."""
-    engine = store_engine.make_engine(store_engine.database_url(db))
+    engine = store_engine.make_engine(store_engine.database_url(db, search=True))
     try:
         store_engine.check_reachable(engine)
         if not store_engine.has_ledger_tables(engine):

@@ -21,12 +21,23 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
 from ..errors import InputError, SchemaError, StateError
 
-DEFAULT_URL = "sqlite:///.ledger/ledger.db"
+DEFAULT_FILE = ".ledger/ledger.db"
+DEFAULT_URL = "sqlite:///" + DEFAULT_FILE
 _WRITE_LOCK_KEY = 0x42AF7_1ED6  # any constant: one advisory lock for the whole ledger
 
 
-def database_url(url: str | None) -> str:
-    return url or os.environ.get("LEDGER_DB") or DEFAULT_URL
+def database_url(url: str | None, *, search: bool = False) -> str:
+    """The URL given, else LEDGER_DB, else the default SQLite file. With `search` (opening a
+    ledger, not creating one), the default is the `.ledger/ledger.db` of the working directory
+    or, as git finds `.git/`, of the nearest parent directory that has one."""
+    if url or os.environ.get("LEDGER_DB"):
+        return url or os.environ["LEDGER_DB"]
+    if search:
+        here = Path.cwd()
+        for d in (here, *here.parents):
+            if (d / DEFAULT_FILE).is_file():
+                return "sqlite:///" + str(d / DEFAULT_FILE) if d != here else DEFAULT_URL
+    return DEFAULT_URL
 
 
 SUPPORTED_URLS = "sqlite:///PATH, postgresql:// or postgresql+psycopg://"
@@ -35,6 +46,15 @@ _SUPPORTED_DRIVERS = {("sqlite", "pysqlite"), ("postgresql", "psycopg")}
 # The package to install for a driver module, where the two names differ.
 _DRIVER_PACKAGES = {"MySQLdb": "mysqlclient", "pymysql": "PyMySQL", "psycopg2": "psycopg2 (or psycopg2-binary)",
                     "mysql": "mysql-connector-python", "cx_Oracle": "cx-Oracle"}
+
+
+def describe(engine: Engine) -> str:
+    """The engine's URL as a user can pass it again from anywhere: no password, and a SQLite
+    file as an absolute path."""
+    u = engine.url
+    if u.get_backend_name() == "sqlite" and u.database and not os.path.isabs(u.database):
+        u = u.set(database=os.path.abspath(u.database))
+    return u.render_as_string(hide_password=True)
 
 
 def check_supported(u: URL) -> None:
