@@ -5,9 +5,9 @@ import re
 
 from .errors import InputError
 
-REV_RE = re.compile(r"^rev-([1-9][0-9]{0,11})$")
-EDIT_RE = re.compile(r"^edit-([1-9][0-9]{0,11})$")
-REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$")
+REV_RE = re.compile(r"^rev-([1-9][0-9]{0,11})\Z")
+EDIT_RE = re.compile(r"^edit-([1-9][0-9]{0,11})\Z")
+REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}\Z")
 DEFAULT_BRANCH = "main"
 
 
