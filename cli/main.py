@@ -182,7 +182,9 @@ def init(ctx: click.Context, model: str | None, no_wordings: bool, as_json: bool
 
 class _Bar:
     """Progress on stderr over a whole command, drawn from its progress events: a bar on a
-    terminal, elsewhere one line per stage ("training edit 2/10"). Used as a context manager:
+    terminal, elsewhere one line per stage ("training edit 2/10"). While training, the bar
+    counts facts done and the label names the current fact's step: the step cap is a bound
+    (training stops once every target is reached), so it makes no total. Used as a context manager:
     leaving it normally finishes the bar (with `fill`, filled: training stops early once every
     target is reached); leaving it on an error or Ctrl-C leaves the bar where it stopped."""
 
@@ -206,13 +208,18 @@ class _Bar:
                 click.echo(label, file=self.file)
                 self.shown = label
             return
+        by_fact = event.phase == "train" and event.facts_total is not None
         if self.bar is None:
-            self.bar = click.progressbar(length=event.total, label=label, file=self.file, show_pos=True)
-            self.total = event.total
+            self.total = event.facts_total if by_fact else event.total
+            self.bar = click.progressbar(length=self.total, label=label, file=self.file, show_pos=True)
+        done = event.done
+        if by_fact:
+            label = f"{label}, step {event.step}"
+            done = event.fact       # the facts before the current group are done
         self.bar.label = label
-        if event.done > self.pos:
-            self.bar.update(event.done - self.pos)
-            self.pos = event.done
+        if done > self.pos:
+            self.bar.update(done - self.pos)
+            self.pos = done
 
     def __enter__(self) -> "_Bar":
         return self

@@ -75,7 +75,7 @@ def add(s: Session, facts: list[Fact], config: BaftConfig | None = None, *, mess
         group = facts[start: start + batch]
         label = f"edit {start + 1}/{len(facts)}" if len(group) == 1 else \
             f"edits {start + 1}-{start + len(group)}/{len(facts)}"
-        steps = training_progress(progress, label, start, len(group), start * cfg.steps, total)
+        steps = training_progress(progress, label, start, len(group), start * cfg.steps, total, len(facts))
         with writer_lock(s.engine):   # one commit at a time per ledger; readers go on
             results += _add_group(s, group, cfg, layer, message, steps)
     import torch   # loaded with the model already
@@ -85,7 +85,7 @@ def add(s: Session, facts: list[Fact], config: BaftConfig | None = None, *, mess
 
 
 def training_progress(progress: Progress | None, label: str, fact: int, n_facts: int, offset: int,
-                      total: int) -> StepProgress | None:
+                      total: int, facts_total: int) -> StepProgress | None:
     """The trainer's (step, steps) callback for one group, reporting ProgressEvents whose
     done/total count training steps over the whole command (a group of k facts counts k per step)."""
     if progress is None:
@@ -93,7 +93,7 @@ def training_progress(progress: Progress | None, label: str, fact: int, n_facts:
 
     def report(step: int, steps: int) -> None:
         progress(ProgressEvent(phase="train", label=label, done=offset + step * n_facts, total=total,
-                               fact=fact, n_facts=n_facts, step=step, steps=steps))
+                               fact=fact, n_facts=n_facts, step=step, steps=steps, facts_total=facts_total))
     return report
 
 

@@ -222,7 +222,7 @@ def rebase(s: Session, *, progress: Progress | None = None) -> list[AddResult]:
     total, offset = sum(configs[e].steps for e in stale), 0
     results = []
     for i, eid in enumerate(stale):
-        steps = training_progress(progress, f"edit {i + 1}/{len(stale)}", i, 1, offset, total)
+        steps = training_progress(progress, f"edit {i + 1}/{len(stale)}", i, 1, offset, total, len(stale))
         offset += configs[eid].steps
         with writer_lock(s.engine):
             results.append(_rebase_one(s, eid, inputs[eid][0], configs[eid], inputs[eid][2], steps))

@@ -18,7 +18,9 @@ class ProgressEvent:
     fact: int | None = None    # training: index of the group's first fact among the command's
     n_facts: int | None = None   # training: facts in the group trained together
     step: int | None = None    # training: optimisation steps run for this group
-    steps: int | None = None   # training: most steps this group may run
+    steps: int | None = None   # training: most steps this group may run (it stops earlier once
+    #                            every target is reached, so `steps` is a bound, not a length)
+    facts_total: int | None = None   # training: facts the whole command trains
 
 
 Progress = Callable[[ProgressEvent], None]

@@ -258,6 +258,27 @@ def test_an_interrupted_bar_is_left_as_it_was():
     assert "60/60" in term.text
 
 
+def test_training_progress_counts_facts_and_names_the_step_without_a_fake_total():
+    from cli.main import _Bar
+    from ledger import ProgressEvent
+
+    def event(fact, step):
+        return ProgressEvent(phase="train", label=f"edit {fact + 1}/3", done=fact * 60 + step, total=180,
+                             fact=fact, n_facts=1, step=step, steps=60, facts_total=3)
+    term = _Terminal()
+    with pytest.raises(KeyboardInterrupt):
+        with _Bar(fill=True, file=term) as bar:
+            bar(event(0, 13))
+            bar(event(1, 5))
+            raise KeyboardInterrupt
+    assert "training edit 2/3, step 5" in term.text and "1/3" in term.text
+    assert "/60" not in term.text and "/180" not in term.text and "3/3" not in term.text
+    term = _Terminal()
+    with _Bar(fill=True, file=term) as bar:
+        bar(event(2, 9))
+    assert "3/3" in term.text
+
+
 # --- 6. wording of plain output, help, the demo script -------------------------------------------
 
 def test_head_is_worded_alike_and_status_json_gives_numbers(run, tiny_llama):
