@@ -43,7 +43,7 @@ PHASES = [
     ("ledger.models", None, "fingerprint", "model_load.fingerprint"),
     ("ledger.api", "Ledger", "checkout", "checkout_db"),
     ("ledger.store.revisions", None, "active_set", "active_set"),
-    ("ledger.session", "Session", "load_blocks", "load_blocks"),
+    ("ledger.handle", "Handle", "load_blocks", "load_blocks"),
     ("ledger.store.blobs", None, "decode", "load_blocks.blob_decode"),
     ("ledger.compose", None, "fuse", "fuse"),
     ("ledger.compose", None, "attach_sites", "attach"),

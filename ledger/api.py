@@ -3,7 +3,7 @@
 The commands live by concern: editing.py (add), history.py (log, show, diff, verify, audit),
 refs.py (checkout, branch, tag, refs, reflog), evaluation.py (evaluate, evaluations),
 maintenance.py (init, revert, rebase, gc, schema), wordings.py and export.py. Each takes the
-`Session` a Ledger holds: the engine, who acts, and the base model loaded once.
+`Handle` a Ledger holds: the engine, who acts, and the base model loaded once.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from .facts import Fact
 from .progress import Progress, ProgressEvent
 from .results import (AddResult, AddResults, DiffResult, EditInfo, EvalReport, LayerStats, Remeasure, RevertResult,
                       RevisionInfo)
-from .session import Session, default_author, generate, library_versions
+from .handle import Handle, default_author, generate, library_versions
 from .store.engine import check_reachable, check_schema, database_url, has_ledger_tables, make_engine
 
 # The commands that train, compose or export (editing, evaluation, maintenance, export, and
@@ -42,7 +42,7 @@ class Ledger:
     """An open ledger: a database plus, loaded on first use, its base model."""
 
     def __init__(self, engine: Engine, *, author: str | None = None, device: str = "cpu"):
-        self.session = Session(engine, author=author, device=device)
+        self.handle = Handle(engine, author=author, device=device)
 
     # --- opening ---------------------------------------------------------------------------
 
@@ -62,7 +62,7 @@ class Ledger:
             raise StateError(f"{engine.url.render_as_string(hide_password=True)} already holds a ledger")
         base = load_base(spec, device=device)   # before any write: a bad model writes nothing
         ledger = cls(engine, author=author, device=device)
-        ledger.session.base_model = base
+        ledger.handle.base_model = base
         maintenance.create(engine, spec, base, ledger.author, wordings=wordings)
         return ledger
 
@@ -74,7 +74,7 @@ class Ledger:
         return cls(engine, author=author, device=device)
 
     def close(self) -> None:
-        self.session.close()
+        self.handle.close()
 
     def __enter__(self) -> "Ledger":
         return self
@@ -82,138 +82,138 @@ class Ledger:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # --- the session's state ---------------------------------------------------------------------
+    # --- the handle's state ---------------------------------------------------------------------
 
     @property
     def engine(self) -> Engine:
-        return self.session.engine
+        return self.handle.engine
 
     @property
     def author(self) -> str:
-        return self.session.author
+        return self.handle.author
 
     @property
     def device(self) -> str:
-        return self.session.device
+        return self.handle.device
 
     @property
     def max_attempts(self) -> int:
         """How often an add retrains when another writer moved the branch meanwhile."""
-        return self.session.max_attempts
+        return self.handle.max_attempts
 
     @max_attempts.setter
     def max_attempts(self, n: int) -> None:
-        self.session.max_attempts = n
+        self.handle.max_attempts = n
 
     @property
     def base(self) -> BaseModel:
         """The base model, loaded once and checked against the fingerprint stored at init."""
-        return self.session.base
+        return self.handle.base
 
     @property
     def _base(self) -> BaseModel | None:
-        return self.session.base_model
+        return self.handle.base_model
 
     @_base.setter
     def _base(self, base: BaseModel | None) -> None:
-        self.session.base_model = base
+        self.handle.base_model = base
 
     @property
     def _composed(self) -> ComposedModel | None:
-        return self.session.composed
+        return self.handle.composed
 
     def _blocks_of(self, ids: set[int]) -> list[Block]:
-        return self.session.blocks_of(ids)
+        return self.handle.blocks_of(ids)
 
     def _precheck(self, facts: list[Fact]) -> None:
         from . import editing
-        editing.precheck(self.session, facts)
+        editing.precheck(self.handle, facts)
 
     def settings(self) -> dict[str, str]:
-        return self.session.settings()
+        return self.handle.settings()
 
     # --- reading history -------------------------------------------------------------------------
 
     def resolve(self, rev: str = "HEAD") -> int:
-        return history.resolve(self.session, rev)
+        return history.resolve(self.handle, rev)
 
     def head(self) -> dict[str, Any]:
-        return history.head(self.session)
+        return history.head(self.handle)
 
     def log(self, rev: str = "HEAD", limit: int = 20) -> list[RevisionInfo]:
-        return history.log(self.session, rev, limit)
+        return history.log(self.handle, rev, limit)
 
     def show(self, rev: str = "HEAD") -> RevisionInfo:
-        return history.show(self.session, rev)
+        return history.show(self.handle, rev)
 
     def active_edits(self, rev: str = "HEAD") -> list[EditInfo]:
-        return history.active_edits(self.session, rev)
+        return history.active_edits(self.handle, rev)
 
     def edit(self, edit: str) -> EditInfo:
-        return history.edit(self.session, edit)
+        return history.edit(self.handle, edit)
 
     def verify(self) -> list[str]:
-        return history.verify(self.session)
+        return history.verify(self.handle)
 
     def diff(self, a: str, b: str) -> DiffResult:
-        return history.diff(self.session, a, b)
+        return history.diff(self.handle, a, b)
 
     def audit(self, *, rev: str | None = None, edit: str | None = None, actor: str | None = None,
               since: datetime | date | str | None = None, until: datetime | date | str | None = None,
               command: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """The audit record, newest first. since/until: inclusive, as ISO-8601 text, datetimes
         or dates; a time without an offset is UTC; an `until` date includes that whole day."""
-        return history.audit(self.session, rev=rev, edit=edit, actor=actor, since=since, until=until,
+        return history.audit(self.handle, rev=rev, edit=edit, actor=actor, since=since, until=until,
                              command=command, limit=limit)
 
     # --- the model -------------------------------------------------------------------------------
 
     def model_at(self, rev: str | None = None) -> ComposedModel:
-        return self.session.model_at(rev)
+        return self.handle.model_at(rev)
 
     def generate(self, prompt: str, *, rev: str | None = None, max_new_tokens: int = 20) -> str:
-        return generate(self.session, prompt, rev=rev, max_new_tokens=max_new_tokens)
+        return generate(self.handle, prompt, rev=rev, max_new_tokens=max_new_tokens)
 
     # --- editing ---------------------------------------------------------------------------------
 
     def add(self, facts: list[Fact], config: BaftConfig | None = None, *, message: str | None = None,
             batch: int = 1, progress: Progress | None = None, skip_known: bool = False) -> AddResults:
         from . import editing
-        return editing.add(self.session, facts, config, message=message, batch=batch, progress=progress,
+        return editing.add(self.handle, facts, config, message=message, batch=batch, progress=progress,
                            skip_known=skip_known)
 
     def revert(self, target: str, *, message: str | None = None) -> RevertResult:
         from . import maintenance
-        return maintenance.revert(self.session, target, message=message)
+        return maintenance.revert(self.handle, target, message=message)
 
     def stale_edits(self, rev: str = "HEAD") -> list[str]:
         from . import maintenance
-        return maintenance.stale_edits(self.session, rev)
+        return maintenance.stale_edits(self.handle, rev)
 
     def rebase(self, *, progress: Progress | None = None) -> list[AddResult]:
         from . import maintenance
-        return maintenance.rebase(self.session, progress=progress)
+        return maintenance.rebase(self.handle, progress=progress)
 
     def gc(self) -> dict[str, int]:
         from . import maintenance
-        return maintenance.gc(self.session)
+        return maintenance.gc(self.handle)
 
     # --- refs ------------------------------------------------------------------------------------
 
     def checkout(self, rev: str) -> dict[str, Any]:
-        return refs.checkout(self.session, rev)
+        return refs.checkout(self.handle, rev)
 
     def branch(self, name: str, rev: str | None = None) -> dict[str, Any]:
-        return refs.branch(self.session, name, rev)
+        return refs.branch(self.handle, name, rev)
 
     def tag(self, name: str, rev: str) -> dict[str, Any]:
-        return refs.tag(self.session, name, rev)
+        return refs.tag(self.handle, name, rev)
 
     def refs(self) -> list[dict[str, Any]]:
-        return refs.list_refs(self.session)
+        return refs.list_refs(self.handle)
 
     def reflog(self, ref: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-        return refs.reflog(self.session, ref, limit)
+        return refs.reflog(self.handle, ref, limit)
 
     # --- evaluation, wordings, export ------------------------------------------------------------
 
@@ -221,20 +221,20 @@ class Ledger:
                  generation: bool = True, label: str | None = None,
                  progress: Progress | None = None) -> EvalReport:
         from . import evaluation
-        return evaluation.evaluate(self.session, facts, rev, fluency=fluency, generation=generation,
+        return evaluation.evaluate(self.handle, facts, rev, fluency=fluency, generation=generation,
                                    label=label, progress=progress)
 
     def evaluations(self, rev: str = "HEAD", *, per_fact: bool = True) -> list[EvalReport]:
         from . import evaluation
-        return evaluation.evaluations(self.session, rev, per_fact=per_fact)
+        return evaluation.evaluations(self.handle, rev, per_fact=per_fact)
 
     def import_wordings(self, path: str | Path, *, exclude: Iterable[tuple[str, str]] = ()) -> wd.ImportResult:
-        return wd.import_file(self.session, path, exclude=exclude)
+        return wd.import_file(self.handle, path, exclude=exclude)
 
     def wordings(self, relation: str | None = None) -> dict[str, Any]:
-        return wd.listing(self.session, relation)
+        return wd.listing(self.handle, relation)
 
     def export(self, rev: str, out: str | os.PathLike, *, force: bool = False,
                base_ref: bool = False) -> dict[str, Any]:
         from .export import export_revision
-        return export_revision(self.session, rev, out, force=force, base_ref=base_ref)
+        return export_revision(self.handle, rev, out, force=force, base_ref=base_ref)

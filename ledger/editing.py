@@ -33,7 +33,7 @@ from .names import edit_name, rev_name
 from .progress import Progress, ProgressEvent
 from .records import EditRecord, build_record
 from .results import AddResult, AddResults, SkippedFact
-from .session import Session, library_versions
+from .handle import Handle, library_versions
 from .store import audit, blobs, edits, refs, revisions
 from .store import wordings as wording_table
 from .store.engine import write_transaction, writer_lock
@@ -41,7 +41,7 @@ from .store.engine import write_transaction, writer_lock
 StepProgress = Callable[[int, int], None]   # what the trainer reports: (steps run, most steps)
 
 
-def add(s: Session, facts: list[Fact], config: BaftConfig | None = None, *, message: str | None = None,
+def add(s: Handle, facts: list[Fact], config: BaftConfig | None = None, *, message: str | None = None,
         batch: int = 1, progress: Progress | None = None, skip_known: bool = False) -> AddResults:
     """Train, measure and commit the facts on top of HEAD: each fact as its own revision, or,
     with batch=K, K facts at a time trained together (one block per fact, one optimisation)
@@ -97,7 +97,7 @@ def training_progress(progress: Progress | None, label: str, fact: int, n_facts:
     return report
 
 
-def precheck(s: Session, facts: list[Fact], *, skip_known: bool = False) -> list[SkippedFact]:
+def precheck(s: Handle, facts: list[Fact], *, skip_known: bool = False) -> list[SkippedFact]:
     """Refuse a file before anything is trained: a prompt longer than the model's context,
     or a target the model at HEAD already gives (nothing to edit). With skip_known, such a
     target is not refused: its fact is returned, to be left out."""
@@ -115,7 +115,7 @@ def precheck(s: Session, facts: list[Fact], *, skip_known: bool = False) -> list
     return skipped
 
 
-def check_lengths(s: Session, facts: list[Fact]) -> None:
+def check_lengths(s: Handle, facts: list[Fact]) -> None:
     """Refuse a prompt (with its target) longer than the model's context."""
     tok = s.base.tokenizer
     config = s.base.model.config
@@ -135,7 +135,7 @@ def superseded(conn: Connection, fact: Fact, active: set[int]) -> list[int]:
     return sorted(e for e in edits.stating(conn, fact.subject, fact.relation) if e in active)
 
 
-def _add_group(s: Session, facts: list[Fact], cfg: BaftConfig, layer: int, message: str | None,
+def _add_group(s: Handle, facts: list[Fact], cfg: BaftConfig, layer: int, message: str | None,
                progress: StepProgress | None) -> list[AddResult]:
     """Train and commit one group on HEAD, again on the new HEAD when another writer moved it."""
     if message is None:
@@ -173,7 +173,7 @@ class TrainingInputs:
     others: list[list[str]]            # per fact, its subject in other catalogued relations
 
 
-def compose_parent(s: Session, facts: list[Fact], cfg: BaftConfig, parent: int, train_on: set[int],
+def compose_parent(s: Handle, facts: list[Fact], cfg: BaftConfig, parent: int, train_on: set[int],
                    remove: list[int]) -> TrainingInputs:
     with s.engine.connect() as conn:
         retention = [(f["prompt"], f["target_new"]) for f in edits.facts_of(conn, train_on).values()]
@@ -201,7 +201,7 @@ def wording_prompts(conn: Connection, facts: list[Fact], cfg: BaftConfig) -> lis
     return out
 
 
-def train(s: Session, facts: list[Fact], cfg: BaftConfig, layer: int, inputs: TrainingInputs,
+def train(s: Handle, facts: list[Fact], cfg: BaftConfig, layer: int, inputs: TrainingInputs,
           kept: list[Block], progress: StepProgress | None) -> tuple[list[TrainedEdit], list[dict[str, float]]]:
     """Train one block per fact (together) on the parent's composition, then measure each as
     it will compose: the kept blocks, and the new ones after them in order, as their ids will
@@ -220,7 +220,7 @@ def train(s: Session, facts: list[Fact], cfg: BaftConfig, layer: int, inputs: Tr
     return trained, metrics
 
 
-def commit(s: Session, records: list[EditRecord], facts: list[Fact], *, parent: int, remove: list[int],
+def commit(s: Handle, records: list[EditRecord], facts: list[Fact], *, parent: int, remove: list[int],
            operation: str, message: str) -> tuple[int, list[int]]:
     """Write the edits and one revision on `parent` that removes `remove` and adds them, move
     HEAD and audit, in one transaction; BranchMoved (nothing written) when HEAD is no longer
@@ -246,7 +246,7 @@ def commit(s: Session, records: list[EditRecord], facts: list[Fact], *, parent: 
     return rev.id, edit_ids
 
 
-def recompose(s: Session, composed: ComposedModel, revision: int, kept: set[int], edit_ids: list[int],
+def recompose(s: Handle, composed: ComposedModel, revision: int, kept: set[int], edit_ids: list[int],
               trained: list[TrainedEdit], layer: int) -> None:
     """The model at the new revision, the new blocks from the tensors in memory (what the
     blobs hold)."""
@@ -255,7 +255,7 @@ def recompose(s: Session, composed: ComposedModel, revision: int, kept: set[int]
     composed.compose(s.blocks_of(kept | set(edit_ids)), revision)
 
 
-def train_and_commit(s: Session, facts: list[Fact], cfg: BaftConfig, layer: int, parent: int, train_on: set[int],
+def train_and_commit(s: Handle, facts: list[Fact], cfg: BaftConfig, layer: int, parent: int, train_on: set[int],
                      remove: list[int], operation: str, message: str,
                      progress: StepProgress | None) -> list[AddResult]:
     """Train one block per fact (together) with the blocks of `train_on` active and frozen,

@@ -17,7 +17,7 @@ from .history import evaluations_at
 from .names import eval_name, rev_name
 from .progress import Progress, ProgressEvent
 from .results import EvalReport
-from .session import Session
+from .handle import Handle
 from .store import audit, blobs, evaluations as stored, refs, revisions
 from .store.engine import write_transaction
 
@@ -29,7 +29,7 @@ def dataset_sha256(facts: list[Fact]) -> str:
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()
 
 
-def evaluate(s: Session, facts: Iterable[Fact], rev: str = "HEAD", *, fluency: bool = False,
+def evaluate(s: Handle, facts: Iterable[Fact], rev: str = "HEAD", *, fluency: bool = False,
              generation: bool = True, label: str | None = None, progress: Progress | None = None) -> EvalReport:
     """Measure every fact at `rev` (docs/design.md, evaluation) and store the result as an
     evaluation of that revision. Locality compares with the unedited base model (the empty
@@ -108,7 +108,7 @@ def evaluate(s: Session, facts: Iterable[Fact], rev: str = "HEAD", *, fluency: b
                       id=eval_name(eid), seconds=round(time.perf_counter() - t0, 3))
 
 
-def evaluations(s: Session, rev: str = "HEAD", *, per_fact: bool = True) -> list[EvalReport]:
+def evaluations(s: Handle, rev: str = "HEAD", *, per_fact: bool = True) -> list[EvalReport]:
     """The stored evaluations of a revision, oldest first."""
     with s.engine.connect() as conn:
         return evaluations_at(conn, refs.resolve(conn, rev), per_fact=per_fact)

@@ -32,7 +32,7 @@ from .errors import InputError, IntegrityError, StateError
 from .history import active_edits
 from .models import DEFAULT_MODEL, default_model_dir
 from .names import rev_name
-from .session import Session, library_versions
+from .handle import Handle, library_versions
 from .store import audit, refs, revisions
 from .store.engine import write_transaction
 
@@ -214,7 +214,7 @@ def write_snapshot(base, sites: dict[int, InterventionSite], out: Path, manifest
     return manifest
 
 
-def export_revision(s: Session, rev: str, out: str | os.PathLike, *, force: bool = False,
+def export_revision(s: Handle, rev: str, out: str | os.PathLike, *, force: bool = False,
                     base_ref: bool = False) -> dict[str, Any]:
     """Write a snapshot of `rev` that plain transformers loads, and audit it; the manifest.
     With base_ref, the snapshot refers to the base model's directory instead of copying it."""

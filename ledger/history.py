@@ -13,17 +13,17 @@ from sqlalchemy import Connection, Row
 from .errors import InputError
 from .names import edit_name, eval_name, parse_edit, rev_name
 from .results import DiffResult, EditInfo, EvalReport, LayerStats, RevisionInfo
-from .session import Session
+from .handle import Handle
 from .store import audit as audit_store
 from .store import blobs, edits, evaluations, refs, revisions
 
 
-def resolve(s: Session, rev: str = "HEAD") -> int:
+def resolve(s: Handle, rev: str = "HEAD") -> int:
     with s.engine.connect() as conn:
         return refs.resolve(conn, rev)
 
 
-def head(s: Session) -> dict[str, Any]:
+def head(s: Handle) -> dict[str, Any]:
     with s.engine.connect() as conn:
         state = refs.head(conn)
     return {"revision": rev_name(state.revision), "branch": state.branch, "detached": state.branch is None}
@@ -40,7 +40,7 @@ def _info(conn: Connection, r: Row, names: dict[int, list[str]]) -> RevisionInfo
         refs=names.get(r.id, []))
 
 
-def log(s: Session, rev: str = "HEAD", limit: int = 20) -> list[RevisionInfo]:
+def log(s: Handle, rev: str = "HEAD", limit: int = 20) -> list[RevisionInfo]:
     """Revisions from `rev` back through its parents, newest first."""
     if limit < 1:
         raise InputError("--limit must be at least 1")
@@ -54,7 +54,7 @@ def evaluations_at(conn: Connection, rid: int, *, per_fact: bool) -> list[EvalRe
     return [EvalReport.from_row(r, per_fact=per_fact) for r in evaluations.of_revision(conn, rid, per_fact=per_fact)]
 
 
-def show(s: Session, rev: str = "HEAD") -> RevisionInfo:
+def show(s: Handle, rev: str = "HEAD") -> RevisionInfo:
     """One revision with the full records of the edits its change set names."""
     with s.engine.connect() as conn:
         rid = refs.resolve(conn, rev)
@@ -66,13 +66,13 @@ def show(s: Session, rev: str = "HEAD") -> RevisionInfo:
         return info
 
 
-def active_edits(s: Session, rev: str = "HEAD") -> list[EditInfo]:
+def active_edits(s: Handle, rev: str = "HEAD") -> list[EditInfo]:
     with s.engine.connect() as conn:
         ids = sorted(revisions.active_set(conn, refs.resolve(conn, rev)))
         return [EditInfo.from_row(e) for e in edits.rows(conn, ids)]
 
 
-def edit(s: Session, name: str) -> EditInfo:
+def edit(s: Handle, name: str) -> EditInfo:
     eid = parse_edit(name)
     with s.engine.connect() as conn:
         row = edits.get(conn, eid)
@@ -81,7 +81,7 @@ def edit(s: Session, name: str) -> EditInfo:
     return EditInfo.from_row(row)
 
 
-def verify(s: Session) -> list[str]:
+def verify(s: Handle) -> list[str]:
     """Every problem found by recomputing all hashes; empty when the ledger is intact."""
     with s.engine.connect() as conn:
         return revisions.verify(conn)
@@ -114,7 +114,7 @@ def audit_time(value: datetime | date | str, *, option: str, end_of_day: bool = 
     return parsed.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def audit(s: Session, *, rev: str | None = None, edit: str | None = None, actor: str | None = None,
+def audit(s: Handle, *, rev: str | None = None, edit: str | None = None, actor: str | None = None,
           since: datetime | date | str | None = None, until: datetime | date | str | None = None,
           command: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
     """The append-only audit record, newest first, filtered. `since` and `until` are inclusive
@@ -135,7 +135,7 @@ def audit(s: Session, *, rev: str | None = None, edit: str | None = None, actor:
 
 # --- diff ------------------------------------------------------------------------------------------
 
-def diff(s: Session, a: str, b: str) -> DiffResult:
+def diff(s: Handle, a: str, b: str) -> DiffResult:
     """What changes from revision a to revision b: edits, per-layer blocks and rank, the
     norm of the added and removed tensors, and metric deltas of edits present in both."""
     with s.engine.connect() as conn:

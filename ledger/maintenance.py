@@ -15,7 +15,7 @@ from .facts import fact_from_record
 from .names import DEFAULT_BRANCH, edit_id_of, edit_name, rev_name
 from .progress import Progress
 from .results import AddResult, Remeasure, RevertResult
-from .session import Session
+from .handle import Handle
 from .store import audit, blobs, edits, evaluations, refs, revisions, settings
 from .store import engine as store_engine
 from .store import wordings as wording_table
@@ -84,7 +84,7 @@ def db_upgrade(db: str | None, target: str = "head") -> tuple[str | None, str | 
 
 # --- gc ----------------------------------------------------------------------------------------------
 
-def gc(s: Session) -> dict[str, int]:
+def gc(s: Handle) -> dict[str, int]:
     """Delete blobs no edit refers to. Commits write a blob and its edit in one
     transaction, so orphans only come from outside tampering or a bulk import."""
     with write_transaction(s.engine) as conn:
@@ -132,7 +132,7 @@ def outdated(conn: Connection, active: set[int]) -> list[int]:
                   if not {current(e) for e in then} <= active)
 
 
-def stale_edits(s: Session, rev: str = "HEAD") -> list[str]:
+def stale_edits(s: Handle, rev: str = "HEAD") -> list[str]:
     """Active edits whose training composition has since changed (revert, supersede)."""
     with s.engine.connect() as conn:
         active = revisions.active_set(conn, refs.resolve(conn, rev))
@@ -141,7 +141,7 @@ def stale_edits(s: Session, rev: str = "HEAD") -> list[str]:
 
 # --- revert ------------------------------------------------------------------------------------------
 
-def remeasure(s: Session, active: set[int], edit_ids: list[int], revision: int | None) -> dict[int, dict[str, float]]:
+def remeasure(s: Handle, active: set[int], edit_ids: list[int], revision: int | None) -> dict[int, dict[str, float]]:
     """Metrics of each edit in the composition `active`, locality against the same
     composition without that edit (as at creation)."""
     from .evaluate import measure, score
@@ -157,14 +157,14 @@ def remeasure(s: Session, active: set[int], edit_ids: list[int], revision: int |
     return out
 
 
-def revert(s: Session, target: str, *, message: str | None = None) -> RevertResult:
+def revert(s: Handle, target: str, *, message: str | None = None) -> RevertResult:
     """A new revision on HEAD undoing `target`: a revision (its change set, inverted) or
     an edit (removed). Edits trained with the reverted state are re-measured."""
     with writer_lock(s.engine):
         return _revert(s, target, message)
 
 
-def _revert(s: Session, target: str, message: str | None) -> RevertResult:
+def _revert(s: Handle, target: str, message: str | None) -> RevertResult:
     with s.engine.connect() as conn:
         state = refs.head(conn)
         active = revisions.active_set(conn, state.revision)
@@ -210,7 +210,7 @@ def _revert(s: Session, target: str, message: str | None) -> RevertResult:
 
 # --- rebase ------------------------------------------------------------------------------------------
 
-def rebase(s: Session, *, progress: Progress | None = None) -> list[AddResult]:
+def rebase(s: Handle, *, progress: Progress | None = None) -> list[AddResult]:
     """Retrain every outdated edit at HEAD against the current composition, each as a new
     `rebase` revision that replaces the old edit, keeping its fact and hyperparameters."""
     from .editing import training_progress
@@ -229,7 +229,7 @@ def rebase(s: Session, *, progress: Progress | None = None) -> list[AddResult]:
     return results
 
 
-def _rebase_one(s: Session, eid: int, fact: dict[str, Any], cfg: BaftConfig, layer: int,
+def _rebase_one(s: Handle, eid: int, fact: dict[str, Any], cfg: BaftConfig, layer: int,
                 progress: Callable[[int, int], None] | None) -> AddResult:
     from .editing import train_and_commit
     with s.engine.connect() as conn:

@@ -8,7 +8,7 @@ from sqlalchemy import Connection
 from .errors import InputError
 from .history import head
 from .names import check_ref_name, rev_name
-from .session import Session
+from .handle import Handle
 from .store import audit, refs, revisions
 from .store.engine import write_transaction
 
@@ -16,7 +16,7 @@ from .store.engine import write_transaction
 LEFT_BEHIND_LIMIT = 1000
 
 
-def checkout(s: Session, rev: str) -> dict[str, Any]:
+def checkout(s: Handle, rev: str) -> dict[str, Any]:
     """Move HEAD: to a branch (attached) or to a revision (detached, unless it is the tip
     of the branch HEAD is on). Later adds commit on top of where HEAD points."""
     with write_transaction(s.engine) as conn:
@@ -46,7 +46,7 @@ def left_behind(conn: Connection, old: int, tips: set[int]) -> list[int]:
     return out
 
 
-def branch(s: Session, name: str, rev: str | None = None) -> dict[str, Any]:
+def branch(s: Handle, name: str, rev: str | None = None) -> dict[str, Any]:
     """Create a branch at REV (default HEAD); an existing ref of that name is refused."""
     check_ref_name(name)
     with write_transaction(s.engine) as conn:
@@ -58,7 +58,7 @@ def branch(s: Session, name: str, rev: str | None = None) -> dict[str, Any]:
     return {"name": name, "kind": "branch", "revision": rev_name(rid)}
 
 
-def tag(s: Session, name: str, rev: str) -> dict[str, Any]:
+def tag(s: Handle, name: str, rev: str) -> dict[str, Any]:
     """Name a revision for good: tags never move."""
     check_ref_name(name)
     with write_transaction(s.engine) as conn:
@@ -73,7 +73,7 @@ def tag(s: Session, name: str, rev: str) -> dict[str, Any]:
     return {"name": name, "kind": "tag", "revision": rev_name(rid)}
 
 
-def list_refs(s: Session) -> list[dict[str, Any]]:
+def list_refs(s: Handle) -> list[dict[str, Any]]:
     """HEAD, then branches and tags by name."""
     with s.engine.connect() as conn:
         state = refs.head(conn)
@@ -83,7 +83,7 @@ def list_refs(s: Session) -> list[dict[str, Any]]:
     return out
 
 
-def reflog(s: Session, ref: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+def reflog(s: Handle, ref: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
     """Every move of a ref (or of all refs), newest first."""
     with s.engine.connect() as conn:
         return [{"ref": r.ref, "old": rev_name(r.old_revision) if r.old_revision else None,

@@ -36,7 +36,7 @@ from sqlalchemy import Connection
 from .errors import InputError
 from .facts import (Fact, check_length_and_nul, detect_format, fact_from_record, read_text, records_of_text,
                     to_native)
-from .session import Session
+from .handle import Handle
 from .store import audit, blobs
 from .store import wordings as table
 from .store.engine import write_transaction
@@ -281,7 +281,7 @@ def training_prompts(fact: Fact, wordings: list[str], n: int, seed: int,
 
 # --- commands ----------------------------------------------------------------------------------
 
-def import_file(s: Session, path: str | Path, *, exclude: Iterable[tuple[str, str]] = ()) -> ImportResult:
+def import_file(s: Handle, path: str | Path, *, exclude: Iterable[tuple[str, str]] = ()) -> ImportResult:
     """Add the (relation, wording) pairs of a wordings or fact file to the ledger's table
     (pairs it holds already are kept once). `exclude` leaves pairs out, e.g. the wordings a
     benchmark holds out. The file is read whole before anything is written."""
@@ -296,7 +296,7 @@ def import_file(s: Session, path: str | Path, *, exclude: Iterable[tuple[str, st
                         excluded=len(pairs) - len(kept), skipped=len(skipped), skipped_examples=skipped[:5])
 
 
-def listing(s: Session, relation: str | None = None) -> dict[str, Any]:
+def listing(s: Handle, relation: str | None = None) -> dict[str, Any]:
     """With a relation (a template with "{}" for the subject, as `import_file` stores it):
     its wordings. Without: every relation and how many wordings it has."""
     with s.engine.connect() as conn:

@@ -1,5 +1,5 @@
 """ledger/refs.py on a real ledger, both engines: checkout, branch, tag, the list of refs and
-the reflog, called as library functions on the ledger's Session."""
+the reflog, called as library functions on the ledger's Handle."""
 import pytest
 
 from ledger import refs
@@ -13,9 +13,9 @@ from support import add_edits, counts
 
 @pytest.fixture
 def s(ledger):
-    """The Session of a new ledger with three short edits on main: rev-1 (base) .. rev-4."""
+    """The Handle of a new ledger with three short edits on main: rev-1 (base) .. rev-4."""
     add_edits(ledger, 3)
-    return ledger.session
+    return ledger.handle
 
 
 def _last_event(s):
@@ -25,7 +25,7 @@ def _last_event(s):
 
 
 def test_a_new_ledger_has_head_on_main_at_rev_1(ledger):
-    s = ledger.session
+    s = ledger.handle
     assert refs.list_refs(s) == [{"name": "HEAD", "kind": "head", "revision": "rev-1", "target": "main"},
                                  {"name": "main", "kind": "branch", "revision": "rev-1", "target": None}]
     moves = refs.reflog(s)

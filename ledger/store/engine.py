@@ -144,7 +144,7 @@ def writer_lock(engine: Engine) -> Iterator[None]:
     """Queue writers of one ledger for the whole of train-then-commit.
 
     An edit must be trained in the composition it is committed on, so two writers training
-    at once would waste one training run. PostgreSQL: a session-level advisory lock on a
+    at once would waste one training run. PostgreSQL: an advisory lock (pg_advisory_lock) on a
     connection held for the duration. SQLite: an exclusive flock on `<db>.writer-lock` next to
     the database. Both are released by the OS or server if the process dies. Readers never
     wait on it; the head check inside the commit transaction stays as the safety net.

@@ -1,7 +1,7 @@
 """The state every command works with: the database, who acts, and the base model (loaded
 once, checked against the fingerprint stored at init) with the composition over it.
 
-Composing is cached twice: each edit's block is decoded from its blob once per session, and
+Composing is cached twice: each edit's block is decoded from its blob once per handle, and
 the composed model is recomposed only when the set of active edits changes.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from .errors import InputError, StateError
 from .store import blobs, edits, refs, revisions, settings as stored_settings
 
 # The model side (torch, transformers) is imported where a model is needed: the reading
-# commands open a Session and never load it.
+# commands open a Handle and never load it.
 if TYPE_CHECKING:
     from .compose import Block, ComposedModel
     from .models import BaseModel
@@ -42,7 +42,7 @@ def library_versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-class Session:
+class Handle:
     """An open ledger's working state; every command function takes one."""
 
     def __init__(self, engine: Engine, *, author: str | None = None, device: str = "cpu"):
@@ -117,7 +117,7 @@ class Session:
         self.engine.dispose()
 
 
-def generate(s: Session, prompt: str, *, rev: str | None = None, max_new_tokens: int = 20) -> str:
+def generate(s: Handle, prompt: str, *, rev: str | None = None, max_new_tokens: int = 20) -> str:
     """Greedy continuation of the prompt by the model composed at `rev` (default HEAD)."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("the prompt is empty")
