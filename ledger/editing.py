@@ -27,7 +27,8 @@ from .baft import BaftConfig, default_layer
 from .baft.trainer import TrainedEdit, train_edits
 from .compose import UNCOMMITTED, Block, ComposedModel
 from .errors import BranchMoved, InputError
-from .evaluate import answers, measure_many, score
+from .evaluate import answers, measure_many, repeats, score
+from .text import greedy_token_ids
 from .facts import Fact
 from .names import edit_name, rev_name
 from .progress import Progress, ProgressEvent
@@ -212,12 +213,42 @@ def train(s: Handle, facts: list[Fact], cfg: BaftConfig, layer: int, inputs: Tra
     trained = train_edits(model, tok, composed.sites, s.base.layers, facts, cfg, layer=layer,
                           retention=inputs.retention, extra_prompts=inputs.wordings, other_prompts=inputs.others,
                           progress=progress)
+    composed.compose(kept + [Block(UNCOMMITTED + k, layer, t.tensors) for k, t in enumerate(trained)], None)
+    looping = looping_wordings(model, tok, facts, inputs.wordings) if cfg.loop_check else []
+    if any(len(w) >= cfg.loop_check for w in looping):
+        # Trained again from the parent (the new blocks off), with an after-target row for
+        # each wording that loops, so the edited model goes on after the answer as the parent does.
+        composed.compose(kept, None)
+        looped = [w if len(w) >= cfg.loop_check else [] for w in looping]
+        first_run = trained
+        trained = train_edits(model, tok, composed.sites, s.base.layers, facts, cfg, layer=layer,
+                              retention=inputs.retention, extra_prompts=inputs.wordings,
+                              other_prompts=inputs.others, progress=progress, after_prompts=looped)
+        for t, w, first in zip(trained, looped, first_run):
+            t.stats["loop_retrained"] = len(w)       # wordings that looped after the first training
+            t.stats["first_steps"] = first.stats["steps"]
+            t.stats["seconds"] = round(t.stats["seconds"] + first.stats["seconds"], 3)
+        composed.compose(kept + [Block(UNCOMMITTED + k, layer, t.tensors) for k, t in enumerate(trained)], None)
     for t, prompts, other in zip(trained, inputs.wordings, inputs.others):
         t.stats["wording_prompts"] = prompts      # what this edit was trained on, for the audit
         t.stats["other_relation_prompts"] = other
-    composed.compose(kept + [Block(UNCOMMITTED + k, layer, t.tensors) for k, t in enumerate(trained)], None)
     metrics = [score(after, b) for after, b in zip(measure_many(model, tok, facts), before)]
     return trained, metrics
+
+
+LOOP_CHECK_TOKENS = 12
+
+
+def looping_wordings(model, tok, facts: list[Fact], wordings: list[list[str]]) -> list[list[str]]:
+    """Per fact, its prompt and trained wordings whose greedy continuation (LOOP_CHECK_TOKENS
+    tokens) at the model as it is repeats a word three times in a row."""
+    items = [(k, w) for k, f in enumerate(facts) for w in [f.prompt, *wordings[k]]]
+    ids = greedy_token_ids(model, tok, [w for _, w in items], LOOP_CHECK_TOKENS, padded=True)
+    out: list[list[str]] = [[] for _ in facts]
+    for (k, w), g in zip(items, ids):
+        if repeats(tok.decode(g, skip_special_tokens=True)):
+            out[k].append(w)
+    return out
 
 
 def commit(s: Handle, records: list[EditRecord], facts: list[Fact], *, parent: int, remove: list[int],

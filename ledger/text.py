@@ -148,12 +148,17 @@ def cache_keyword(module) -> str | None:
 
 @torch.no_grad()
 def greedy_token_ids(model, tok, prompts: list[str], max_new_tokens: int | list[int], *, max_rows: int = 32,
-                     progress: Callable[[int, int], None] | None = None) -> list[list[int]]:
+                     progress: Callable[[int, int], None] | None = None, padded: bool = False) -> list[list[int]]:
     """The token ids of each prompt's greedy continuation of max_new_tokens (one number, or one
     per prompt), cut at the end token. Prompts of equal token length run as one batch, so
     nothing is padded and each result equals the prompt's unbatched generation (a row with a
     lower limit is cut to it afterwards). Uses the model's KV cache when it has one; a model
-    without recomputes the whole sequence. progress(done, total) counts prompts."""
+    without recomputes the whole sequence. progress(done, total) counts prompts.
+
+    padded: prompts of any length run together, left-padded (with a KV cache only): one decode
+    pass per token for up to max_rows prompts, where a group per length costs one per length.
+    A row may then differ from its unbatched generation in the last bits of its logits, so it
+    serves checks (loop_check), not the measured metrics."""
     ids = [prompt_ids(tok, p) for p in prompts]
     if isinstance(max_new_tokens, int):
         limits = [max_new_tokens] * len(prompts)
@@ -166,22 +171,29 @@ def greedy_token_ids(model, tok, prompts: list[str], max_new_tokens: int | list[
     cache_arg = cache_keyword(model)
     by_len: dict[int, list[int]] = {}
     for i, s in enumerate(ids):
-        by_len.setdefault(len(s), []).append(i)
+        by_len.setdefault(0 if padded and cache_arg else len(s), []).append(i)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos if eos is not None else 0)
     out: list[list[int]] = [[] for _ in prompts]
     done = 0
     for length, members in sorted(by_len.items()):
         for k in range(0, len(members), max_rows):
             rows = members[k:k + max_rows]
             steps = max(limits[i] for i in rows)
-            seq = torch.tensor([ids[i] for i in rows], dtype=torch.long, device=device)
+            width = max(len(ids[i]) for i in rows)
+            seq = torch.tensor([[pad] * (width - len(ids[i])) + ids[i] for i in rows], dtype=torch.long, device=device)
+            mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in rows], device=device)
+            where = {"attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp_min(0)} if length == 0 else {}
             new = torch.empty((len(rows), 0), dtype=torch.long, device=device)
             past = None
             finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
             for _ in range(steps):
                 if past is None:
-                    res = model(input_ids=torch.cat([seq, new], 1), use_cache=cache_arg is not None)
+                    res = model(input_ids=torch.cat([seq, new], 1), use_cache=cache_arg is not None, **where)
                 else:
-                    res = model(input_ids=new[:, -1:], use_cache=True, **{cache_arg: past})
+                    if where:
+                        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+                        where = {"attention_mask": mask, "position_ids": where["position_ids"][:, -1:] + 1}
+                    res = model(input_ids=new[:, -1:], use_cache=True, **{cache_arg: past}, **where)
                 past = getattr(res, cache_arg, None) if cache_arg else None
                 nxt = res.logits[:, -1].argmax(-1)
                 new = torch.cat([new, nxt[:, None]], 1)

@@ -12,6 +12,7 @@ from ledger import BaftConfig, Fact, Ledger, LocalityPrompt
 from ledger.evaluate import (GEN_LOCALITY_TOKENS, GEN_NEW_TOKENS, Generations, fluency, generate_many,
                              generation_metrics, generation_scores, greedy_generate, greedy_token_ids,
                              mean_metrics, n_generations, repeats, starts_with_target)
+from ledger.editing import looping_wordings
 from ledger.facts import facts_from_records
 
 from support import FACT, FACT2, FACT3, FAST, TOK, Oracle
@@ -127,6 +128,14 @@ def test_greedy_generation_with_max_new_tokens():
     # max_length mode (prompt included) is unchanged: 20 tokens in all
     [out] = greedy_generate(cyc, TOK, ["ab abc"], max_length=20)
     assert out == "abcabcabcabcab"
+
+
+def test_looping_wordings_are_those_whose_continuation_repeats_a_word():
+    # EDITED loops after "Zoe says" (" no, no, no, ...") and not after "Max hums" (" ok sir")
+    # or "Ann is in" (" NYC"); each fact's prompt is checked with its wordings.
+    found = looping_wordings(EDITED, TOK, [LOOP, CITY], [["Max hums"], ["She lives at", "Zoe says"]])
+    assert found == [["Zoe says"], ["Zoe says"]]
+    assert looping_wordings(BASE, TOK, [LOOP, CITY], [["Max hums"], ["She lives at", "Zoe says"]]) == [[], []]
 
 
 # --- Ledger.evaluate and `ledger eval` -----------------------------------------------------------

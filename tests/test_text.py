@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from ledger.models import load_base
-from ledger.text import (cache_keyword, continue_greedily, encode_pair, head_matches_logits, logits, make_batch,
-                         prompt_ids, scored_logits, target_ids)
+from ledger.text import (cache_keyword, continue_greedily, encode_pair, greedy_token_ids, head_matches_logits, logits,
+                         make_batch, prompt_ids, scored_logits, target_ids)
 
 from support import TOK
 
@@ -71,3 +71,15 @@ def test_continue_greedily_equals_one_generate_per_prompt(tiny_llama):
             out = model.generate(**enc, max_new_tokens=k, do_sample=False, pad_token_id=tok.pad_token_id)
         assert text == p + tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert continue_greedily(model, tok, prompts, 0) == prompts
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
+def test_padded_greedy_generation_equals_the_one_group_per_length(family, request):
+    """padded=True runs prompts of different lengths as one left-padded batch: each row's
+    continuation is the one its own length group gives."""
+    base = load_base(str(request.getfixturevalue(family)))
+    prompts = ["Alice lives in", "Bob", "The weather is mild today and", "A", "Bob"]
+    exact = greedy_token_ids(base.model, base.tokenizer, prompts, [6, 4, 6, 6, 2])
+    padded = greedy_token_ids(base.model, base.tokenizer, prompts, [6, 4, 6, 6, 2], padded=True)
+    assert padded == exact
+    assert [len(x) for x in padded] == [6, 4, 6, 6, 2]

@@ -126,6 +126,12 @@ class BaftConfig:
     # KL after the answer in every wording holds back the value that carries the edit to
     # unseen wordings (docs/design.md, under the field's name).
     after_target_wordings: int = 0
+    # After training, the edited model continues the prompt and its trained wordings greedily
+    # (12 tokens); where at least this many of them loop (a word three times in a row), the fact
+    # is trained again with an after-target row for each looping wording. 0: no check. With 3,
+    # counterfact-val[0:40] single edits loop in 0.017 of generations against 0.050, at equal
+    # generalisation, 1.2 times the steps (docs/design.md, under the field's name).
+    loop_check: int = 3
     # Short fixed prefixes before the prompt, for generalisation (as ROME does).
     n_prefixes: int = 2
     # Locality prompts are continued by this many tokens of the parent's own greedy output
@@ -185,6 +191,8 @@ class BaftConfig:
             raise InputError(f"other_relations must be between 0 and 16, got {self.other_relations}")
         if not 0 <= self.after_target_tokens <= 32:
             raise InputError(f"after_target_tokens must be between 0 and 32, got {self.after_target_tokens}")
+        if not 0 <= self.loop_check <= 64:
+            raise InputError(f"loop_check must be between 0 and 64, got {self.loop_check}")
         if not 0 <= self.after_target_wordings <= 32:
             raise InputError(f"after_target_wordings must be between 0 and 32, got {self.after_target_wordings}")
         if self.wordings_related < 0:
@@ -214,7 +222,7 @@ STORED_BEFORE: dict[str, Any] = {"gate_floor": 0.0, "gate_lr_scale": 1.0, "wordi
                                  "train_dtype": "float32", "rotation_init": "random", "gate_key_shrinkage": 1.0,
                                  "adam_beta1": 0.9, "wordings_nearest": False,
                                  "other_relations": 0, "after_target_tokens": 0,
-                                 "after_target_wordings": 0}
+                                 "after_target_wordings": 0, "loop_check": 0}
 
 
 def default_layer(n_layers: int) -> int:

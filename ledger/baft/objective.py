@@ -89,7 +89,8 @@ class EditProblem:
 
     def __init__(self, model, tok, sites: dict[int, InterventionSite], layers, facts: list[Fact],
                  cfg: BaftConfig, *, layer: int, retention: list[tuple[str, str]] = (),
-                 extra_prompts: list[list[str]] | None = None, other_prompts: list[list[str]] | None = None):
+                 extra_prompts: list[list[str]] | None = None, other_prompts: list[list[str]] | None = None,
+                 after_prompts: list[list[str]] | None = None):
         self.model, self.cfg, self.layer, self.layers = model, cfg, layer, layers
         self.device = device = next(model.parameters()).device
         rng = random.Random(cfg.seed)
@@ -98,8 +99,8 @@ class EditProblem:
             raise ValueError("extra_prompts needs one list per fact")
         self.n_extra = sum(len(x) for x in extra)
         others = [list(x) for x in other_prompts] if other_prompts is not None else [[] for _ in facts]
-        self.rows = rows = TrainingRows(tok, build_rows(model, tok, facts, cfg, list(retention), rng, extra, others),
-                                        cfg, len(facts), device)
+        texts = build_rows(model, tok, facts, cfg, list(retention), rng, extra, others, after_prompts)
+        self.rows = rows = TrainingRows(tok, texts, cfg, len(facts), device)
 
         self.own_site = layer not in sites
         if self.own_site:

@@ -86,10 +86,12 @@ class RowTexts:
 
 
 def build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[tuple[str, str]],
-               rng: random.Random, extra: list[list[str]], others: list[list[str]]) -> RowTexts:
+               rng: random.Random, extra: list[list[str]], others: list[list[str]],
+               after: list[list[str]] | None = None) -> RowTexts:
     """The rows of one training run. extra: per fact, other wordings of its relation filled
     with the subject (edit rows); others: per fact, prompts of its subject in other relations
-    (unrelated rows, continued by the parent)."""
+    (unrelated rows, continued by the parent); after: per fact, more wordings to continue after
+    the new target (after-target rows)."""
     pairs: list[tuple[str, str | None]] = []
     owner: list[int] = []
     for k, fact in enumerate(facts):
@@ -145,6 +147,7 @@ def build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[t
         said = []
         for k, fact in enumerate(facts):
             wordings = [fact.prompt] + extra[k][: cfg.after_target_wordings]
+            wordings += [w for w in (after[k] if after else []) if w not in wordings]
             said += [(k, w + " " + fact.target_new.strip()) for w in wordings]
         continued = continue_greedily(model, tok, [s for _, s in said], cfg.after_target_tokens)
         for (k, s), text in zip(said, continued):
