@@ -19,7 +19,9 @@ from ledger.baft.config import MAX_PREFIXES
 # only by those that run the model: `ledger --help` imports neither.
 if TYPE_CHECKING:
     from ledger import Ledger
+    from ledger.explain import Explanation
     from ledger.results import DiffResult, EvalReport, RevertResult, RevisionInfo
+    from ledger.replay import ReplayResult
     from ledger.wordings import ImportResult
 
 
@@ -152,8 +154,9 @@ def cli(ctx: click.Context, db: str | None, author: str | None, device: str, thr
 
 
 @cli.command()
-@click.option("--model", default=None, metavar="PATH",
-              help="Local Hugging Face model directory [default: the bundled SmolLM2-135M-Instruct].")
+@click.option("--model", default=None, metavar="PATH|NAME",
+              help="Local Hugging Face model directory, or a packaged model's name: smollm2-135m-instruct "
+                   "(the default) or gemma3-270m.")
 @click.option("--no-wordings", is_flag=True,
               help="Start with an empty table of relation wordings instead of the built-in ones "
                    "(CounterFact's relations and a catalogue of everyday relations; `ledger wordings`).")
@@ -464,6 +467,37 @@ def generate(lg: Ledger, prompt: str, rev: str | None, max_new_tokens: int) -> d
     return {"revision": f"rev-{lg.model_at(rev).revision}", "prompt": prompt, "completion": text}
 
 
+def _print_explanation(ex: Explanation) -> None:
+    """A line per token (repr-style, so whitespace and control characters stay on it) with the
+    edits firing there, then the top-k next tokens after the prompt."""
+    width = min(16, max([len(repr(t.token)) for t in ex.tokens] + [len(repr(r["token"])) for r in ex.top_next]))
+    click.echo(f"{ex.revision}  prompt {ex.prompt!r}" + (f"  continuation {ex.continuation!r}" if ex.continuation else ""))
+    click.echo(f"   #  {'token':<{width}}  edits firing: gate weight after the floor, norm of the change written"
+               + (" (+: generated)" if any(t.generated for t in ex.tokens) else ""))
+    for t in ex.tokens:
+        fired = "; ".join(f"{f.edit} (layer {f.layer}) weight {f.weight:.3f} norm {f.norm:.4g}"
+                          for f in t.firings) or "-"
+        click.echo(f"{t.index:>4}{'+' if t.generated else ' '} {repr(t.token):<{width}}  {fired}")
+    click.echo(f"\n   #  {'next token':<{width}}  {'p at ' + ex.revision:>12}  {'p at base':>12}")
+    for k, r in enumerate(ex.top_next, 1):
+        click.echo(f"{k:>4}  {repr(r['token']):<{width}}  {r['p_revision']:>12.4f}  {r['p_base']:>12.4f}")
+
+
+@reads(cli, text=_print_explanation)
+@click.argument("prompt")
+@click.option("--rev", default="HEAD", show_default=True, help="Revision to explain.")
+@click.option("--max-new-tokens", type=int, default=0, show_default=True,
+              help="Also explain this many tokens of the greedy continuation.")
+@click.option("--top-k", type=int, default=5, show_default=True, help="Next tokens to list after the prompt.")
+def explain(lg: Ledger, prompt: str, rev: str, max_new_tokens: int, top_k: int) -> Explanation:
+    """Which edits fire on which token of PROMPT.
+
+    Per token of PROMPT (and of its greedy continuation), the active edits whose gate after
+    the floor is open there, with that weight and the norm of the change the edit writes; then
+    the top-k next tokens with their probabilities at the revision and at the base model."""
+    return lg.explain(prompt, rev=rev, max_new_tokens=max_new_tokens, top_k=top_k)
+
+
 def _print_problems(out: dict[str, Any]) -> None:
     for p in out["problems"]:
         click.echo(p)
@@ -491,9 +525,56 @@ _NUMERIC_SETTINGS = ("hidden_size", "n_layers")
 @reads(cli, text=_print_status)
 def status(lg: Ledger) -> dict[str, Any]:
     """Where HEAD is, and the ledger's base model."""
-    from ledger.store.engine import describe
     settings = {k: int(v) if k in _NUMERIC_SETTINGS else v for k, v in lg.settings().items()}
-    return {**lg.head(), **settings, "database": describe(lg.engine)}
+    return {**lg.head(), **settings, "database": lg.database_url}
+
+
+def _print_replay(res: ReplayResult) -> None:
+    click.echo(f"replayed {res.source} {res.source_revision} ({res.source_model}) onto {res.model}\n"
+               f"new ledger {res.database} (fingerprint {res.fingerprint[:12]}), "
+               f"{_n(res.wordings, 'wording')} copied")
+    for f in res.facts:
+        old = _headline(f.source_metrics)
+        if f.metrics is None:
+            click.echo(f"{f.source_edit}  {f.fact['prompt']} -> {f.fact['target_new']}  skipped: {f.skipped}")
+            continue
+        click.echo(f"{f.source_edit} -> {f.revision} {f.edit}  {f.fact['prompt']} -> {f.fact['target_new']}  "
+                   f"layer {f.source_layer} -> {f.layer}\n    old base: {old}\n    new base: {_headline(f.metrics)}")
+    done = [f for f in res.facts if f.metrics is not None]
+    if done:
+        old, new = res.means("source"), res.means("new")
+        click.echo("mean over " + _n(len(done), "fact") + ": " + "  ".join(
+            f"{k} {old[k]:.2f} -> {new[k]:.2f}" for k in ("reliability", "generalization", "locality")
+            if k in old and k in new))
+    click.echo(f"{_n(len(done), 'fact')} replayed, {len(res.facts) - len(done)} skipped, in {res.seconds:.1f}s",
+               err=True)
+
+
+@cli.command()
+@click.option("--onto-model", "onto", required=True, metavar="PATH|NAME",
+              help="The new base model: a local Hugging Face directory or a packaged model's name "
+                   "(smollm2-135m-instruct, gemma3-270m).")
+@click.option("--db", "new_db", default=None, metavar="URL",
+              help="Where the new ledger goes [default: ./NAME/.ledger/ledger.db, NAME the model's]; "
+                   "an existing ledger is never overwritten.")
+@click.option("--rev", default="HEAD", show_default=True, help="Replay the facts active at this revision.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def replay(ctx: click.Context, onto: str, new_db: str | None, rev: str, as_json: bool) -> None:
+    """Rebuild the ledger on another base model.
+
+    The facts active at REV are retrained on the new model and added, in the order they were
+    committed and each with the config it was trained with, to a new ledger; each new revision
+    names the edit it replays and keeps its author. Prints each fact's metrics on the old base and the
+    new. A fact the new model already answers is skipped. The global --db names the source
+    ledger; this command's --db the new one."""
+    with _open(ctx) as lg:
+        with _Bar(fill=True) as bar:
+            res = lg.replay(onto, new_db, rev=rev, progress=bar)
+    if as_json:
+        _dump(res.to_dict())
+    else:
+        _print_replay(res)
 
 
 def _print_revert(res: RevertResult) -> None:
@@ -653,6 +734,31 @@ def export(lg: Ledger, rev: str, out: str, force: bool, base_ref: bool) -> dict[
 def gc(lg: Ledger) -> dict[str, int]:
     """Delete tensor blobs that no edit refers to."""
     return lg.gc()
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 127.0.0.1 keeps the ui to this machine.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port to listen on (0: any free port).")
+@click.option("--db", "db_url", default=None, metavar="URL", help="The ledger database (as the global --db).")
+@click.option("--allow-writes", is_flag=True,
+              help="Enable tag, branch, checkout and revert from the page, each behind a token printed at start-up.")
+@click.pass_context
+def ui(ctx: click.Context, host: str, port: int, db_url: str | None, allow_writes: bool) -> None:
+    """Serve a local web view of the ledger (read-only by default).
+
+    History, revisions, edits, diffs, the audit log, evaluation charts and a playground,
+    read through the same library as the commands. Ctrl-C stops it."""
+    try:
+        from ledger.web import serve
+    except ImportError as e:
+        raise InputError(f"`ledger ui` needs the web dependencies ({e.name} is missing): "
+                         "pip install -e '.[web]' or run scripts/setup.sh") from None
+    if db_url:
+        ctx.obj["db"] = db_url
+    with _open(ctx) as lg:
+        serve(lg, host=host, port=port, allow_writes=allow_writes, echo=click.echo)
 
 
 @cli.group()

@@ -14,10 +14,7 @@ from typing import Any, Iterable
 
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine
-
 from . import history, refs
-from . import wordings as wd
 from .baft import BaftConfig
 from .errors import StateError
 from .facts import Fact
@@ -25,14 +22,21 @@ from .progress import Progress, ProgressEvent
 from .results import (AddResult, AddResults, DiffResult, EditInfo, EvalReport, LayerStats, Remeasure, RevertResult,
                       RevisionInfo)
 from .handle import Handle, default_author, generate, library_versions
+from .store.database import Database
 from .store.engine import check_reachable, check_schema, database_url, has_ledger_tables, make_engine
 
 # The commands that train, compose or export (editing, evaluation, maintenance, export, and
 # the model modules under them) import torch and transformers: each method imports its
-# module when called, so opening a ledger to read its history stays quick.
+# module when called, so opening a ledger to read its history stays quick. SQLAlchemy comes
+# with the engine, made on first use (store/database.py): the reading commands do without.
 if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from . import wordings as wd
     from .compose import Block, ComposedModel
+    from .explain import Explanation
     from .models import BaseModel
+    from .replay import ReplayResult
 
 __all__ = ["Ledger", "AddResult", "AddResults", "DiffResult", "EditInfo", "EvalReport", "LayerStats", "Progress", "ProgressEvent",
            "Remeasure", "RevertResult", "RevisionInfo", "default_author", "library_versions"]
@@ -41,18 +45,20 @@ __all__ = ["Ledger", "AddResult", "AddResults", "DiffResult", "EditInfo", "EvalR
 class Ledger:
     """An open ledger: a database plus, loaded on first use, its base model."""
 
-    def __init__(self, engine: Engine, *, author: str | None = None, device: str = "cpu"):
-        self.handle = Handle(engine, author=author, device=device)
+    def __init__(self, db: Database | Engine, *, author: str | None = None, device: str = "cpu"):
+        self.handle = Handle(db, author=author, device=device)
 
     # --- opening ---------------------------------------------------------------------------
 
     @classmethod
     def init(cls, db: str | None = None, *, model: str | None = None, author: str | None = None,
-             device: str = "cpu", wordings: bool = True) -> "Ledger":
+             device: str = "cpu", wordings: bool = True, base: BaseModel | None = None) -> "Ledger":
         """Create a ledger: migrate an empty database to head, record the base model's
         fingerprint, and write rev-1, the base model with no edits. With `wordings` (the
         default) the table of relation wordings starts with the tables that ship with the
-        package (wordings.BUILTIN), so edits carry over to other wordings out of the box."""
+        package (wordings.BUILTIN), so edits carry over to other wordings out of the box.
+        `base`: the model `model` names, already loaded (replay loads it first to compare
+        fingerprints), so it is not loaded twice."""
         from . import maintenance
         from .models import load_base, resolve_spec
         spec = resolve_spec(model)
@@ -60,7 +66,8 @@ class Ledger:
         check_reachable(engine)
         if has_ledger_tables(engine):
             raise StateError(f"{engine.url.render_as_string(hide_password=True)} already holds a ledger")
-        base = load_base(spec, device=device)   # before any write: a bad model writes nothing
+        if base is None or base.spec != spec:
+            base = load_base(spec, device=device)   # before any write: a bad model writes nothing
         ledger = cls(engine, author=author, device=device)
         ledger.handle.base_model = base
         maintenance.create(engine, spec, base, ledger.author, wordings=wordings)
@@ -69,9 +76,13 @@ class Ledger:
     @classmethod
     def open(cls, db: str | None = None, *, author: str | None = None, device: str = "cpu") -> "Ledger":
         """Open an existing ledger; refuse one whose schema is not at this version's head migration."""
-        engine = make_engine(database_url(db, search=True))
-        check_schema(engine)
-        return cls(engine, author=author, device=device)
+        database = Database.open(database_url(db, search=True))
+        try:
+            check_schema(database)
+        except BaseException:
+            database.close()
+            raise
+        return cls(database, author=author, device=device)
 
     def close(self) -> None:
         self.handle.close()
@@ -87,6 +98,12 @@ class Ledger:
     @property
     def engine(self) -> Engine:
         return self.handle.engine
+
+    @property
+    def database_url(self) -> str:
+        """The database's URL as a user can pass it again from anywhere: no password, and a
+        SQLite file as an absolute path."""
+        return self.handle.db.describe()
 
     @property
     def author(self) -> str:
@@ -146,11 +163,19 @@ class Ledger:
     def show(self, rev: str = "HEAD") -> RevisionInfo:
         return history.show(self.handle, rev)
 
-    def active_edits(self, rev: str = "HEAD") -> list[EditInfo]:
-        return history.active_edits(self.handle, rev)
+    def active_edits(self, rev: str = "HEAD", *, offset: int = 0, limit: int | None = None) -> list[EditInfo]:
+        return history.active_edits(self.handle, rev, offset=offset, limit=limit)
 
     def edit(self, edit: str) -> EditInfo:
         return history.edit(self.handle, edit)
+
+    def edit_tensors(self, edit: str) -> dict[str, dict[str, Any]]:
+        """Each tensor of an edit: {"shape": [...], "norm": Frobenius norm}, without torch."""
+        return history.edit_tensors(self.handle, edit)
+
+    def evaluation_history(self, *, limit: int = 5000) -> list[EvalReport]:
+        """Stored evaluations of every revision (means only), by revision: the newest `limit`."""
+        return history.evaluation_history(self.handle, limit=limit)
 
     def verify(self) -> list[str]:
         return history.verify(self.handle)
@@ -174,6 +199,12 @@ class Ledger:
     def generate(self, prompt: str, *, rev: str | None = None, max_new_tokens: int = 20) -> str:
         return generate(self.handle, prompt, rev=rev, max_new_tokens=max_new_tokens)
 
+    def explain(self, prompt: str, *, rev: str = "HEAD", max_new_tokens: int = 0, top_k: int = 5) -> Explanation:
+        """Which active edits fire on which token of the prompt (and of its greedy
+        continuation), and the top-k next tokens at the revision and at the base model."""
+        from .explain import explain
+        return explain(self, prompt, rev=rev, max_new_tokens=max_new_tokens, top_k=top_k)
+
     # --- editing ---------------------------------------------------------------------------------
 
     def add(self, facts: list[Fact], config: BaftConfig | None = None, *, message: str | None = None,
@@ -181,6 +212,14 @@ class Ledger:
         from . import editing
         return editing.add(self.handle, facts, config, message=message, batch=batch, progress=progress,
                            skip_known=skip_known)
+
+    def replay(self, onto_model: str, db: str | None = None, *, rev: str = "HEAD",
+               progress: Progress | None = None) -> ReplayResult:
+        """The facts active at `rev` retrained, in order, on another base model into a new
+        ledger at `db` (default ./NAME/.ledger/ledger.db, NAME the model's); each fact's metrics
+        on the old base and the new (replay.py)."""
+        from .replay import replay
+        return replay(self, onto_model, db, rev=rev, progress=progress)
 
     def revert(self, target: str, *, message: str | None = None) -> RevertResult:
         from . import maintenance
@@ -229,9 +268,11 @@ class Ledger:
         return evaluation.evaluations(self.handle, rev, per_fact=per_fact)
 
     def import_wordings(self, path: str | Path, *, exclude: Iterable[tuple[str, str]] = ()) -> wd.ImportResult:
+        from . import wordings as wd
         return wd.import_file(self.handle, path, exclude=exclude)
 
     def wordings(self, relation: str | None = None) -> dict[str, Any]:
+        from . import wordings as wd
         return wd.listing(self.handle, relation)
 
     def export(self, rev: str, out: str | os.PathLike, *, force: bool = False,

@@ -30,7 +30,7 @@ import torch
 from .baft.hooks import InterventionSite
 from .errors import InputError, IntegrityError, StateError
 from .history import active_edits
-from .models import DEFAULT_MODEL, default_model_dir
+from .models import spec_dir
 from .names import rev_name
 from .handle import Handle, library_versions
 from .store import audit, refs, revisions
@@ -230,7 +230,7 @@ def export_revision(s: Handle, rev: str, out: str | os.PathLike, *, force: bool 
     base_dir = None
     if base_ref:
         spec = settings["base_model"]
-        base_dir = default_model_dir() if spec == DEFAULT_MODEL else Path(spec)
+        base_dir = spec_dir(spec)   # a named model: its converted cache directory
     manifest = write_snapshot(s.base, composed.sites, Path(out), manifest, force=force, base_ref=base_dir)
     with write_transaction(s.engine) as conn:
         audit.record(conn, s.author, "export", rid, None, {"out": str(Path(out).resolve()), "force": force,

@@ -9,17 +9,19 @@ from __future__ import annotations
 import getpass
 import os
 import platform
-from typing import TYPE_CHECKING, Iterable
-
-from sqlalchemy import Connection, Engine
+from typing import TYPE_CHECKING, ContextManager, Iterable
 
 from . import __version__
 from .errors import InputError, StateError
 from .store import blobs, edits, refs, revisions, settings as stored_settings
+from .store.database import Database
 
-# The model side (torch, transformers) is imported where a model is needed: the reading
-# commands open a Handle and never load it.
+# The model side (torch, transformers) is imported where a model is needed, and SQLAlchemy
+# where the engine is: the reading commands open a Handle and load neither.
 if TYPE_CHECKING:
+    from sqlalchemy import Connection, Engine
+
+    from .store.sql import Conn
     from .compose import Block, ComposedModel
     from .models import BaseModel
 
@@ -45,8 +47,8 @@ def library_versions() -> dict[str, str]:
 class Handle:
     """An open ledger's working state; every command function takes one."""
 
-    def __init__(self, engine: Engine, *, author: str | None = None, device: str = "cpu"):
-        self.engine = engine
+    def __init__(self, db: Database | Engine, *, author: str | None = None, device: str = "cpu"):
+        self.db = db if isinstance(db, Database) else Database(engine=db)
         self.author = author or default_author()
         self.device = device
         self.base_model: BaseModel | None = None
@@ -55,8 +57,18 @@ class Handle:
         # How often an add retrains when another writer moved the branch meanwhile.
         self.max_attempts = 20
 
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine, created on first use."""
+        return self.db.engine
+
+    def reading(self) -> ContextManager[Conn]:
+        """A connection for one read (store/database.py): a plain driver connection while no
+        engine is in use, so a reading command never imports SQLAlchemy."""
+        return self.db.reading()
+
     def settings(self) -> dict[str, str]:
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             return stored_settings.read(conn)
 
     @property
@@ -114,7 +126,7 @@ class Handle:
     def close(self) -> None:
         if self.composed:
             self.composed.clear()
-        self.engine.dispose()
+        self.db.close()
 
 
 def generate(s: Handle, prompt: str, *, rev: str | None = None, max_new_tokens: int = 20) -> str:

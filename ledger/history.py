@@ -8,28 +8,27 @@ from dataclasses import asdict
 from datetime import date, datetime, time, timezone
 from typing import Any
 
-from sqlalchemy import Connection, Row
-
-from .errors import InputError
+from .errors import InputError, NotFoundError
 from .names import edit_name, eval_name, parse_edit, rev_name
 from .results import DiffResult, EditInfo, EvalReport, LayerStats, RevisionInfo
 from .handle import Handle
 from .store import audit as audit_store
 from .store import blobs, edits, evaluations, refs, revisions
+from .store.sql import Conn
 
 
 def resolve(s: Handle, rev: str = "HEAD") -> int:
-    with s.engine.connect() as conn:
+    with s.reading() as conn:
         return refs.resolve(conn, rev)
 
 
 def head(s: Handle) -> dict[str, Any]:
-    with s.engine.connect() as conn:
+    with s.reading() as conn:
         state = refs.head(conn)
     return {"revision": rev_name(state.revision), "branch": state.branch, "detached": state.branch is None}
 
 
-def _info(conn: Connection, r: Row, names: dict[int, list[str]]) -> RevisionInfo:
+def _info(conn: Conn, r: Any, names: dict[int, list[str]]) -> RevisionInfo:
     changes = revisions.changes_of(conn, r.id)
     return RevisionInfo(
         revision=rev_name(r.id), parent=rev_name(r.parent_id) if r.parent_id else None,
@@ -44,19 +43,19 @@ def log(s: Handle, rev: str = "HEAD", limit: int = 20) -> list[RevisionInfo]:
     """Revisions from `rev` back through its parents, newest first."""
     if limit < 1:
         raise InputError("--limit must be at least 1")
-    with s.engine.connect() as conn:
+    with s.reading() as conn:
         start = refs.resolve(conn, rev)
         names = refs.by_revision(conn)
         return [_info(conn, r, names) for r in revisions.ancestors(conn, start, limit)]
 
 
-def evaluations_at(conn: Connection, rid: int, *, per_fact: bool) -> list[EvalReport]:
+def evaluations_at(conn: Conn, rid: int, *, per_fact: bool) -> list[EvalReport]:
     return [EvalReport.from_row(r, per_fact=per_fact) for r in evaluations.of_revision(conn, rid, per_fact=per_fact)]
 
 
 def show(s: Handle, rev: str = "HEAD") -> RevisionInfo:
     """One revision with the full records of the edits its change set names."""
-    with s.engine.connect() as conn:
+    with s.reading() as conn:
         rid = refs.resolve(conn, rev)
         info = _info(conn, revisions.get(conn, rid), refs.by_revision(conn))
         ids = [e for e, _ in revisions.changes_of(conn, rid)]
@@ -66,24 +65,50 @@ def show(s: Handle, rev: str = "HEAD") -> RevisionInfo:
         return info
 
 
-def active_edits(s: Handle, rev: str = "HEAD") -> list[EditInfo]:
-    with s.engine.connect() as conn:
+def active_edits(s: Handle, rev: str = "HEAD", *, offset: int = 0, limit: int | None = None) -> list[EditInfo]:
+    """The edits active at `rev`, by id; with offset/limit, that slice of them (a page: only
+    its rows are read, however many edits are active)."""
+    if offset < 0 or (limit is not None and limit < 0):
+        raise InputError("offset and limit must not be negative")
+    with s.reading() as conn:
         ids = sorted(revisions.active_set(conn, refs.resolve(conn, rev)))
+        ids = ids[offset:] if limit is None else ids[offset:offset + limit]
         return [EditInfo.from_row(e) for e in edits.rows(conn, ids)]
+
+
+def edit_tensors(s: Handle, name: str) -> dict[str, dict[str, Any]]:
+    """Each tensor of an edit's blob: its shape and Frobenius norm, read without torch (the
+    blob is verified as every read verifies it)."""
+    eid = parse_edit(name)
+    with s.reading() as conn:
+        row = edits.get(conn, eid)
+        if row is None:
+            raise NotFoundError(f"no edit {name}")
+        return blobs.get_tensor_norms(conn, row.blob_sha256)
+
+
+def evaluation_history(s: Handle, *, limit: int = 5000) -> list[EvalReport]:
+    """The stored evaluations of every revision, without their per-fact rows, by revision
+    then evaluation: the means over the history (the newest `limit` of them)."""
+    if limit < 1:
+        raise InputError("limit must be at least 1")
+    with s.reading() as conn:
+        rows = evaluations.newest(conn, limit)
+    return [EvalReport.from_row(r, per_fact=False) for r in sorted(rows, key=lambda r: (r.revision_id, r.id))]
 
 
 def edit(s: Handle, name: str) -> EditInfo:
     eid = parse_edit(name)
-    with s.engine.connect() as conn:
+    with s.reading() as conn:
         row = edits.get(conn, eid)
     if row is None:
-        raise InputError(f"no edit {name}")
+        raise NotFoundError(f"no edit {name}")
     return EditInfo.from_row(row)
 
 
 def verify(s: Handle) -> list[str]:
     """Every problem found by recomputing all hashes; empty when the ledger is intact."""
-    with s.engine.connect() as conn:
+    with s.reading() as conn:
         return revisions.verify(conn)
 
 
@@ -122,7 +147,7 @@ def audit(s: Handle, *, rev: str | None = None, edit: str | None = None, actor: 
     an `until` date includes that whole day)."""
     lo = audit_time(since, option="--since") if since is not None else None
     hi = audit_time(until, option="--until", end_of_day=True) if until is not None else None
-    with s.engine.connect() as conn:
+    with s.reading() as conn:
         rid = refs.resolve(conn, rev) if rev else None
         eid = parse_edit(edit) if edit else None
         rows = audit_store.events(conn, revision=rid, edit=eid, actor=actor, since=lo, until=hi,
@@ -138,7 +163,7 @@ def audit(s: Handle, *, rev: str | None = None, edit: str | None = None, actor: 
 def diff(s: Handle, a: str, b: str) -> DiffResult:
     """What changes from revision a to revision b: edits, per-layer blocks and rank, the
     norm of the added and removed tensors, and metric deltas of edits present in both."""
-    with s.engine.connect() as conn:
+    with s.reading() as conn:
         ra, rb = refs.resolve(conn, a), refs.resolve(conn, b)
         sa, sb = revisions.active_set(conn, ra), revisions.active_set(conn, rb)
         added, removed = sorted(sb - sa), sorted(sa - sb)
@@ -170,7 +195,7 @@ def diff(s: Handle, a: str, b: str) -> DiffResult:
                       metric_deltas=deltas, eval_deltas=eval_deltas)
 
 
-def _metric_deltas(conn: Connection, ra: int, rb: int, common: set[int]) -> dict[str, dict[str, float]]:
+def _metric_deltas(conn: Conn, ra: int, rb: int, common: set[int]) -> dict[str, dict[str, float]]:
     """Edits present in both whose latest measurement differs between the two revisions."""
     if not common:
         return {}
@@ -194,7 +219,7 @@ def _metric_deltas(conn: Connection, ra: int, rb: int, common: set[int]) -> dict
     return out
 
 
-def _eval_deltas(conn: Connection, ra: int, rb: int) -> list[dict[str, Any]]:
+def _eval_deltas(conn: Conn, ra: int, rb: int) -> list[dict[str, Any]]:
     """Per dataset evaluated at both revisions: the latest evaluation on each side and the
     deltas (b - a) of the means they share."""
     latest: dict[tuple[int, str], Any] = {}

@@ -1,9 +1,7 @@
 """Moving HEAD and naming revisions: checkout, branch, tag, and listing refs and their moves."""
 from __future__ import annotations
 
-from typing import Any
-
-from sqlalchemy import Connection
+from typing import TYPE_CHECKING, Any
 
 from .errors import InputError
 from .history import head
@@ -11,6 +9,9 @@ from .names import check_ref_name, rev_name
 from .handle import Handle
 from .store import audit, refs, revisions
 from .store.engine import write_transaction
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
 
 # A checkout names at most this many revisions it leaves without a ref.
 LEFT_BEHIND_LIMIT = 1000
@@ -75,7 +76,7 @@ def tag(s: Handle, name: str, rev: str) -> dict[str, Any]:
 
 def list_refs(s: Handle) -> list[dict[str, Any]]:
     """HEAD, then branches and tags by name."""
-    with s.engine.connect() as conn:
+    with s.reading() as conn:
         state = refs.head(conn)
         out = [{"name": "HEAD", "kind": "head", "revision": rev_name(state.revision), "target": state.branch}]
         for name, kind, rid in refs.named(conn):
@@ -85,7 +86,7 @@ def list_refs(s: Handle) -> list[dict[str, Any]]:
 
 def reflog(s: Handle, ref: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
     """Every move of a ref (or of all refs), newest first."""
-    with s.engine.connect() as conn:
+    with s.reading() as conn:
         return [{"ref": r.ref, "old": rev_name(r.old_revision) if r.old_revision else None,
                  "new": rev_name(r.new_revision) if r.new_revision else None,
                  "old_branch": r.old_symbolic, "new_branch": r.new_symbolic,

@@ -193,8 +193,12 @@ def _replay_facts(new: Ledger, replayer: str, sources: list[EditInfo], hashes: d
         new.handle.author = e.author          # the fact keeps its author
         message = f"replay {e.id} of {provenance['source']} {provenance['source_revision']}: " \
                   f"{fact.prompt} -> {fact.target_new}"
-        added = new.add([fact], cfg, message=message, skip_known=True,
-                        progress=_relabelled(progress, i, len(sources), offset, total))
+        try:
+            added = new.add([fact], cfg, message=message, skip_known=True,
+                            progress=_relabelled(progress, i, len(sources), offset, total))
+        except InputError as err:      # e.g. a prompt longer than the new model's context
+            raise InputError(f"{e.id} cannot be replayed onto {new.settings()['base_model']}: "
+                             f"{str(err).removeprefix('record 0: ')}; nothing was written") from None
         offset += cfg.steps
         item = ReplayedFact(source_edit=e.id, fact=e.fact, author=e.author, source_layer=e.layer, layer=layer,
                             source_metrics=e.metrics)

@@ -13,13 +13,14 @@ from datetime import datetime, timezone
 
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Connection, select
-
 from ..errors import IntegrityError, StateError
-from .schema import Blob
+from .sql import Conn, on
 
+# Reads are SQL text (sql.py), on a plain driver connection or a SQLAlchemy Connection alike;
+# writes go through SQLAlchemy's table.
 if TYPE_CHECKING:
     import torch
+    from sqlalchemy import Connection
 
 MAX_HEADER = 1 << 20
 _ITEMSIZE = {"F32": 4, "I64": 8}
@@ -119,6 +120,17 @@ def norm(data: bytes, address: str | None = None, *, what: str = "blob") -> floa
     return math.sqrt(math.fsum(float(np.square(a.astype(np.float64)).sum()) for a in np_load(data).values()))
 
 
+def tensor_norms(data: bytes, address: str | None = None, *, what: str = "blob") -> dict[str, dict]:
+    """Each of a blob's tensors by name: its shape and Frobenius norm, without torch."""
+    import math
+
+    import numpy as np
+    from safetensors.numpy import load as np_load
+    check(data, address, what=what)
+    return {name: {"shape": list(a.shape), "norm": math.sqrt(float(np.square(a.astype(np.float64)).sum()))}
+            for name, a in sorted(np_load(data).items())}
+
+
 def _checked(data: bytes, address: str | None, what: str) -> bool:
     """Check the hash and the header; True when every tensor is float32 and every value finite
     (False leaves the values to be checked tensor by tensor)."""
@@ -145,6 +157,7 @@ def _name_non_finite(tensors: dict, what: str) -> None:
 
 def put(conn: Connection, data: bytes) -> str:
     """Store bytes under their sha256 (a no-op when already there); return the address."""
+    from .schema import Blob
     address = sha256(data)
     table = Blob.__table__
     values = {"sha256": address, "size": len(data), "data": data, "created_at": now()}
@@ -158,13 +171,15 @@ def put(conn: Connection, data: bytes) -> str:
     return address
 
 
-def get_many(conn: Connection, addresses, *, chunk: int = 500) -> dict[str, dict[str, torch.Tensor]]:
+def get_many(conn: Conn | Connection, addresses, *, chunk: int = 500) -> dict[str, dict[str, torch.Tensor]]:
     """Many blobs in a few queries (one per `chunk` addresses), each verified as `get` does."""
+    q = on(conn)
     wanted = sorted(set(addresses))
     out: dict[str, dict[str, torch.Tensor]] = {}
     for i in range(0, len(wanted), chunk):
-        part = wanted[i : i + chunk]
-        for address, data in conn.execute(select(Blob.sha256, Blob.data).where(Blob.sha256.in_(part))):
+        part = {f"a{j}": a for j, a in enumerate(wanted[i : i + chunk])}
+        for address, data in q.rows(f"SELECT sha256, data FROM blobs WHERE sha256 IN "
+                                    f"({', '.join(':' + name for name in part)})", **part):
             out[address] = decode(bytes(data), address)
     for address in wanted:
         if address not in out:
@@ -181,19 +196,24 @@ def get_norm(conn: Connection, address: str) -> float:
     return norm(_fetch(conn, address), address)
 
 
-def _fetch(conn: Connection, address: str) -> bytes:
-    data = conn.execute(select(Blob.data).where(Blob.sha256 == address)).scalar_one_or_none()
+def get_tensor_norms(conn: Connection, address: str) -> dict[str, dict]:
+    """tensor_norms of a stored blob, verified as `get` does."""
+    return tensor_norms(_fetch(conn, address), address)
+
+
+def _fetch(conn: Conn | Connection, address: str) -> bytes:
+    data = on(conn).scalar("SELECT data FROM blobs WHERE sha256 = :address", address=address)
     if data is None:
         raise IntegrityError(f"blob {address[:12]} is missing from the database")
     return bytes(data)
 
 
-def orphans(conn: Connection) -> list[tuple[str, int]]:
+def orphans(conn: Conn | Connection) -> list[tuple[str, int]]:
     """(address, size) of every blob no edit refers to."""
-    from .schema import Edit
-    return [tuple(r) for r in conn.execute(select(Blob.sha256, Blob.size)
-                                           .where(Blob.sha256.not_in(select(Edit.blob_sha256)))).all()]
+    return [tuple(r) for r in on(conn).rows(
+        "SELECT sha256, size FROM blobs WHERE sha256 NOT IN (SELECT blob_sha256 FROM edits)")]
 
 
 def remove(conn: Connection, addresses: list[str]) -> None:
+    from .schema import Blob
     conn.execute(Blob.__table__.delete().where(Blob.sha256.in_(addresses)))

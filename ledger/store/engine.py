@@ -4,22 +4,25 @@ SQLite (the embedded default): WAL so readers never block the writer, foreign ke
 busy timeout, and every write transaction opened with BEGIN IMMEDIATE so two writers queue
 on the lock instead of failing half-way. PostgreSQL: every write transaction first takes one
 transaction-scoped advisory lock, which serialises appends to the ledger across processes.
+
+SQLAlchemy is imported inside the functions that use it: the reading commands open a
+Database (database.py) and check its schema here without it.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Iterator
-
-from sqlalchemy import (ARRAY, Connection, Engine, Integer, any_, bindparam, create_engine, event, func, inspect,
-                        literal_column, select, text)
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from typing import TYPE_CHECKING, Iterator
 
 from ..errors import InputError, SchemaError, StateError
+from .database import Database, check_sqlite_file
+from .sql import Conn, DatabaseError
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection, Engine
+    from sqlalchemy.engine import URL
 
 DEFAULT_FILE = ".ledger/ledger.db"
 DEFAULT_URL = "sqlite:///" + DEFAULT_FILE
@@ -60,6 +63,7 @@ def describe(engine: Engine) -> str:
 def check_supported(u: URL) -> None:
     """Refuse, in one line, a URL of a database or driver the ledger does not run on, naming
     the schemes it supports and, for a known scheme, the driver package that scheme needs."""
+    from sqlalchemy.exc import NoSuchModuleError
     scheme = u.drivername
     shown = u.render_as_string(hide_password=True)
     try:
@@ -82,6 +86,9 @@ def check_supported(u: URL) -> None:
 
 
 def make_engine(url: str, *, create_dir: bool = False) -> Engine:
+    from sqlalchemy import create_engine, event
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
     try:
         u = make_url(url)
     except ArgumentError:
@@ -90,17 +97,7 @@ def make_engine(url: str, *, create_dir: bool = False) -> Engine:
     if u.get_backend_name() == "sqlite":
         db = u.database
         if db and db != ":memory:":
-            path = Path(db).expanduser()
-            if create_dir and not path.parent.is_dir():
-                # Only the ledger's own directory is made (`.ledger/` in an existing directory,
-                # as in the default URL); any other missing directory is more likely a typo.
-                if path.parent.name == ".ledger" and path.parent.parent.is_dir():
-                    path.parent.mkdir()
-                else:
-                    raise InputError(f"no directory {path.parent} for the ledger database: create it first")
-            elif not create_dir and not path.exists():
-                # Connecting would create an empty file; say what is wrong instead.
-                raise StateError(f"no ledger database at {path}: run `ledger init` (or pass --db)")
+            check_sqlite_file(db, create_dir=create_dir)
         try:
             engine = create_engine(u, connect_args={"timeout": 60})
         except (ArgumentError, NoSuchModuleError) as e:
@@ -132,6 +129,7 @@ def make_engine(url: str, *, create_dir: bool = False) -> Engine:
 @contextlib.contextmanager
 def write_transaction(engine: Engine) -> Iterator[Connection]:
     """One serialised write transaction: all of it commits, or none of it does."""
+    from sqlalchemy import text
     with engine.connect().execution_options(ledger_write=True) as conn:
         with conn.begin():
             if engine.dialect.name == "postgresql":
@@ -150,6 +148,7 @@ def writer_lock(engine: Engine) -> Iterator[None]:
     wait on it; the head check inside the commit transaction stays as the safety net.
     """
     if engine.dialect.name == "postgresql":
+        from sqlalchemy import text
         with engine.connect() as conn:
             conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _WRITE_LOCK_KEY + 1})
             conn.commit()
@@ -170,27 +169,6 @@ def writer_lock(engine: Engine) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def among(column, ids: Iterable[int], conn: Connection):
-    """`column IN ids` as ONE bound parameter, whatever the number of ids: PostgreSQL plans a
-    10,000-item IN list slowly, and SQLite caps the number of parameters."""
-    ids = sorted(int(i) for i in ids)
-    if conn.dialect.name == "postgresql":
-        return column == any_(bindparam("ids_array", ids, type_=ARRAY(Integer)))
-    if conn.dialect.name == "sqlite":
-        return column.in_(select(literal_column("value")).select_from(
-            func.json_each(bindparam("ids_json", json.dumps(ids)))))
-    return column.in_(ids)
-
-
-def check_reachable(engine: Engine) -> None:
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except OperationalError as e:
-        first = str(e.orig).strip().splitlines()[0] if e.orig else str(e).splitlines()[0]
-        raise StateError(f"cannot reach the database {engine.url.render_as_string(hide_password=True)}: {first}") from None
 
 
 # --- migrations -------------------------------------------------------------------------------
@@ -240,15 +218,59 @@ def _alembic_head() -> str:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
-def current_revision(engine: Engine) -> str | None:
+def _database(db: Engine | Database) -> Database:
+    return db if isinstance(db, Database) else Database(engine=db)
+
+
+def check_reachable(db: Engine | Database) -> None:
+    """Refuse, in one line, a database the driver cannot connect to."""
+    db = _database(db)
+    if db.reads_plain:
+        try:
+            with db.reading() as conn:
+                conn.scalar("SELECT 1")
+        except DatabaseError as e:
+            if db.unreachable(e):
+                raise StateError(f"cannot reach the database {db.render()}: {e.first_line}") from None
+            raise
+        return
+    from sqlalchemy.exc import OperationalError
+    try:
+        with db.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    except OperationalError as e:
+        first = str(e.orig).strip().splitlines()[0] if e.orig else str(e).splitlines()[0]
+        raise StateError(f"cannot reach the database {db.render()}: {first}") from None
+
+
+# Whether a table exists, as SQLAlchemy's inspector asks each database: SQLite's catalogue of
+# the main schema; PostgreSQL's tables (and views) visible on the search path.
+_HAS_TABLE = {
+    "sqlite": "SELECT 1 FROM sqlite_master WHERE type IN ('table', 'view') AND name = :name",
+    "postgresql": "SELECT 1 FROM pg_catalog.pg_class c WHERE c.relname = :name "
+                  "AND c.relkind IN ('r', 'p', 'f', 'v', 'm') AND pg_catalog.pg_table_is_visible(c.oid)",
+}
+
+
+def _has_table(conn: Conn, name: str) -> bool:
+    return conn.scalar(_HAS_TABLE[conn.dialect], name=name) is not None
+
+
+def has_ledger_tables(db: Engine | Database) -> bool:
+    with _database(db).reading() as conn:
+        return _has_table(conn, "alembic_version")
+
+
+def current_revision(db: Engine | Database) -> str | None:
     """The database's migration (None: not migrated), from alembic's version table."""
-    with engine.connect() as conn:
-        if not inspect(conn).has_table("alembic_version"):
+    db = _database(db)
+    with db.reading() as conn:
+        if not _has_table(conn, "alembic_version"):
             return None
-        rows = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+        rows = conn.column("SELECT version_num FROM alembic_version")
     if len(rows) > 1:   # several heads: alembic's reader reports it
         from alembic.runtime.migration import MigrationContext
-        with engine.connect() as conn:
+        with db.engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
     return rows[0] if rows else None
 
@@ -269,16 +291,13 @@ def downgrade(engine: Engine, target: str) -> None:
         command.downgrade(cfg, target)
 
 
-def has_ledger_tables(engine: Engine) -> bool:
-    return inspect(engine).has_table("alembic_version")
-
-
-def check_schema(engine: Engine) -> None:
+def check_schema(db: Engine | Database) -> None:
     """Refuse to work on a database that is not at this version's head migration, changing nothing."""
-    check_reachable(engine)
-    if not has_ledger_tables(engine):
-        raise StateError(f"no ledger in {engine.url.render_as_string(hide_password=True)}: run `ledger init`")
-    current, head = current_revision(engine), head_revision()
+    db = _database(db)
+    check_reachable(db)
+    if not has_ledger_tables(db):
+        raise StateError(f"no ledger in {db.render()}: run `ledger init`")
+    current, head = current_revision(db), head_revision()
     if current != head:
         raise SchemaError(f"the database schema is at {current or 'nothing'}, this version needs {head}: "
                           "run `ledger db upgrade`")

@@ -7,22 +7,29 @@
 - The active set of a revision (which edits it composes) is a packed checkpoint every
   CHECKPOINT_EVERY revisions of depth, plus the change sets after it: resolving it reads at
   most CHECKPOINT_EVERY small change sets, whatever the length of the history.
+
+Reads are SQL text (sql.py), run on a plain driver connection or a SQLAlchemy Connection
+alike; appending writes through SQLAlchemy's tables, imported there.
 """
 from __future__ import annotations
 
 import hashlib
 import zlib
 from array import array
-from typing import Any, Iterable
-
-from sqlalchemy import Connection, Row, func, select, text
+from typing import TYPE_CHECKING, Any, Iterable
 
 from ..errors import InputError, NotFoundError, StateError
 from ..names import edit_name, rev_name
-from . import blobs
+from . import blobs, edits
 from .blobs import now
 from .edits import canonical, content_hashes, edit_hash
-from .schema import Blob, Edit, Revision, RevisionChange
+from .sql import Conn, on
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
+# A revision row's columns, in the table's order.
+COLUMNS = "id, parent_id, operation, author, created_at, message, depth, n_active, checkpoint, chain_hash"
 
 CHECKPOINT_EVERY = 128
 
@@ -48,9 +55,10 @@ def unpack_ids(data: bytes) -> set[int]:
     return set(a)
 
 
-def active_set(conn: Connection, rev_id: int) -> set[int]:
+def active_set(conn: Conn | Connection, rev_id: int) -> set[int]:
     """Edit ids active at a revision: nearest checkpoint at or above it plus later changes."""
-    chain = conn.execute(text("""
+    q = on(conn)
+    chain = q.rows("""
         WITH RECURSIVE chain(id, parent_id, has_cp, step) AS (
             SELECT id, parent_id, CASE WHEN checkpoint IS NULL THEN 0 ELSE 1 END, 0
               FROM revisions WHERE id = :rev
@@ -58,20 +66,19 @@ def active_set(conn: Connection, rev_id: int) -> set[int]:
             SELECT r.id, r.parent_id, CASE WHEN r.checkpoint IS NULL THEN 0 ELSE 1 END, chain.step + 1
               FROM revisions r JOIN chain ON r.id = chain.parent_id
              WHERE chain.has_cp = 0)
-        SELECT id, has_cp, step FROM chain ORDER BY step"""), {"rev": rev_id}).all()
+        SELECT id, has_cp, step FROM chain ORDER BY step""", rev=rev_id)
     if not chain:
         raise NotFoundError(f"no revision {rev_name(rev_id)}")
     cp_id, has_cp, _ = chain[-1]
     if not has_cp:
         raise StateError(f"{rev_name(rev_id)} reaches the root without a checkpoint: the history is damaged")
-    cp = conn.execute(select(Revision.checkpoint).where(Revision.id == cp_id)).scalar_one()
-    active = unpack_ids(cp)
+    active = unpack_ids(q.scalar("SELECT checkpoint FROM revisions WHERE id = :id", id=cp_id))
     later = [row[0] for row in chain[:-1]]  # newest first
     if later:
         changes: dict[int, list[tuple[int, str]]] = {}
-        for rid, eid, action in conn.execute(
-                select(RevisionChange.revision_id, RevisionChange.edit_id, RevisionChange.action)
-                .where(RevisionChange.revision_id.in_(later))):
+        where, ids = q.among("revision_id", later)
+        for rid, eid, action in q.rows(f"SELECT revision_id, edit_id, action FROM revision_changes WHERE {where}",
+                                       ids=ids):
             changes.setdefault(rid, []).append((eid, action))
         for rid in reversed(later):  # oldest first
             for eid, action in changes.get(rid, ()):
@@ -84,83 +91,88 @@ def active_set(conn: Connection, rev_id: int) -> set[int]:
 
 # --- reading -------------------------------------------------------------------------------------
 
-def exists(conn: Connection, rev_id: int) -> bool:
-    return conn.execute(select(Revision.id).where(Revision.id == rev_id)).scalar_one_or_none() is not None
+def exists(conn: Conn | Connection, rev_id: int) -> bool:
+    return on(conn).scalar("SELECT id FROM revisions WHERE id = :id", id=rev_id) is not None
 
 
-def get(conn: Connection, rev_id: int) -> Row:
-    return conn.execute(select(Revision).where(Revision.id == rev_id)).one()
+def get(conn: Conn | Connection, rev_id: int) -> Any:
+    """The revision's row (COLUMNS)."""
+    row = on(conn).first(f"SELECT {COLUMNS} FROM revisions WHERE id = :id", id=rev_id)
+    if row is None:
+        raise NotFoundError(f"no revision {rev_name(rev_id)}")
+    return row
 
 
-def parent_of(conn: Connection, rev_id: int) -> int | None:
-    return conn.execute(select(Revision.parent_id).where(Revision.id == rev_id)).scalar_one()
+def parent_of(conn: Conn | Connection, rev_id: int) -> int | None:
+    return on(conn).scalar("SELECT parent_id FROM revisions WHERE id = :id", id=rev_id)
 
 
-def chain_hash(conn: Connection, rev_id: int) -> str:
-    return conn.execute(select(Revision.chain_hash).where(Revision.id == rev_id)).scalar_one()
+def chain_hash(conn: Conn | Connection, rev_id: int) -> str:
+    return on(conn).scalar("SELECT chain_hash FROM revisions WHERE id = :id", id=rev_id)
 
 
-def changes_of(conn: Connection, rev_id: int) -> list[tuple[int, str]]:
-    return [(e, a) for e, a in conn.execute(
-        select(RevisionChange.edit_id, RevisionChange.action)
-        .where(RevisionChange.revision_id == rev_id).order_by(RevisionChange.edit_id))]
+def changes_of(conn: Conn | Connection, rev_id: int) -> list[tuple[int, str]]:
+    return [(e, a) for e, a in on(conn).rows(
+        "SELECT edit_id, action FROM revision_changes WHERE revision_id = :rev ORDER BY edit_id", rev=rev_id)]
 
 
-def ancestors(conn: Connection, rev_id: int, limit: int) -> list[Row]:
-    """rev_id and its ancestors, newest first, at most `limit`."""
-    ids = [r[0] for r in conn.execute(text("""
+def ancestors(conn: Conn | Connection, rev_id: int, limit: int) -> list[Any]:
+    """rev_id and its ancestors, newest first, at most `limit`: their rows (COLUMNS)."""
+    columns = ", ".join(f"r.{c}" for c in COLUMNS.split(", "))
+    return on(conn).rows(f"""
         WITH RECURSIVE chain(id, parent_id, step) AS (
             SELECT id, parent_id, 0 FROM revisions WHERE id = :rev
             UNION ALL
             SELECT r.id, r.parent_id, chain.step + 1 FROM revisions r JOIN chain ON r.id = chain.parent_id
              WHERE chain.step + 1 < :limit)
-        SELECT id FROM chain ORDER BY step"""), {"rev": rev_id, "limit": limit})]
-    rows = {r.id: r for r in conn.execute(select(Revision).where(Revision.id.in_(ids))).all()}
-    return [rows[i] for i in ids]
+        SELECT {columns} FROM chain JOIN revisions r ON r.id = chain.id ORDER BY chain.step""",
+        rev=rev_id, limit=limit)
 
 
-def is_ancestor(conn: Connection, anc: int, desc: int) -> bool:
+def is_ancestor(conn: Conn | Connection, anc: int, desc: int) -> bool:
     """True when `anc` is `desc` or one of its ancestors (walks at most the depth gap)."""
-    depths = dict(conn.execute(select(Revision.id, Revision.depth).where(Revision.id.in_([anc, desc]))).all())
+    q = on(conn)
+    depths = dict(q.rows("SELECT id, depth FROM revisions WHERE id IN (:anc, :desc)", anc=anc, desc=desc))
     if anc not in depths or desc not in depths or depths[anc] > depths[desc]:
         return False
-    row = conn.execute(text("""
+    row = q.first("""
         WITH RECURSIVE chain(id, parent_id, step) AS (
             SELECT id, parent_id, 0 FROM revisions WHERE id = :desc
             UNION ALL
             SELECT r.id, r.parent_id, chain.step + 1 FROM revisions r JOIN chain ON r.id = chain.parent_id
              WHERE chain.step < :gap)
-        SELECT id FROM chain WHERE step = :gap"""), {"desc": desc, "gap": depths[desc] - depths[anc]}).first()
+        SELECT id FROM chain WHERE step = :gap""", desc=desc, gap=depths[desc] - depths[anc])
     return row is not None and row[0] == anc
 
 
-def rebase_replacements(conn: Connection) -> dict[int, int]:
+def rebase_replacements(conn: Conn | Connection) -> dict[int, int]:
     """Old edit -> the edit a `rebase` revision replaced it with."""
     by_rev: dict[int, dict[str, int]] = {}
-    for rid, eid, action in conn.execute(
-            select(RevisionChange.revision_id, RevisionChange.edit_id, RevisionChange.action)
-            .join(Revision, Revision.id == RevisionChange.revision_id).where(Revision.operation == "rebase")):
+    for rid, eid, action in on(conn).rows(
+            "SELECT c.revision_id, c.edit_id, c.action FROM revision_changes c "
+            "JOIN revisions r ON r.id = c.revision_id WHERE r.operation = 'rebase'"):
         by_rev.setdefault(rid, {})[action] = eid
     return {ch["remove"]: ch["add"] for ch in by_rev.values() if "add" in ch and "remove" in ch}
 
 
 # --- appending -------------------------------------------------------------------------------------
 
-def next_revision_id(conn: Connection) -> int:
+def next_revision_id(conn: Conn | Connection) -> int:
     # Runs inside the serialised write transaction, so max + 1 cannot race.
-    return (conn.execute(select(func.max(Revision.id))).scalar() or 0) + 1
+    return (on(conn).scalar("SELECT max(id) FROM revisions") or 0) + 1
 
 
 def append(conn: Connection, *, parent_id: int | None, operation: str, author: str, message: str,
-           changes: list[tuple[int, str]], parent_active: set[int] | None = None) -> Row:
+           changes: list[tuple[int, str]], parent_active: set[int] | None = None) -> Any:
     """Write one immutable revision on top of parent_id. Changes are (edit_id, "add"|"remove").
     A writer appending many revisions in a row may pass the parent's active set it already
-    holds (it is not modified); otherwise it is resolved here."""
+    holds (it is not modified); otherwise it is resolved here. The new revision's row (COLUMNS)."""
+    from .schema import Revision, RevisionChange
     if parent_id is None:
         active: set[int] = set()
         depth, parent_hash = 0, None
     else:
-        parent = conn.execute(select(Revision.depth, Revision.chain_hash).where(Revision.id == parent_id)).one()
+        parent = get(conn, parent_id)
         active = set(parent_active) if parent_active is not None else active_set(conn, parent_id)
         depth, parent_hash = parent.depth + 1, parent.chain_hash
     for eid, action in changes:
@@ -189,11 +201,12 @@ def append(conn: Connection, *, parent_id: int | None, operation: str, author: s
 
 # --- verification ------------------------------------------------------------------------------
 
-def verify(conn: Connection) -> list[str]:
+def verify(conn: Conn | Connection) -> list[str]:
     """Recompute every edit hash, blob hash and revision chain hash; return the problems."""
+    q = on(conn)
     problems: list[str] = []
     edit_hashes: dict[int, str] = {}
-    for e in conn.execute(select(Edit).order_by(Edit.id)).all():
+    for e in q.rows(f"SELECT {edits.COLUMNS} FROM edits ORDER BY id"):
         try:
             h = edit_hash(e)
         except (ValueError, TypeError):
@@ -201,17 +214,16 @@ def verify(conn: Connection) -> list[str]:
         edit_hashes[e.id] = e.content_hash
         if h != e.content_hash:
             problems.append(f"{edit_name(e.id)}: its stored content does not match its hash")
-    for address, data in conn.execute(select(Blob.sha256, Blob.data)):
+    for address, data in q.rows("SELECT sha256, data FROM blobs"):
         try:
             blobs.check(bytes(data), address)
         except StateError as err:
             problems.append(f"blob {address[:12]}: {err}")
     chain: dict[int, str] = {}
     changes: dict[int, list[tuple[int, str]]] = {}
-    for rid, eid, action in conn.execute(select(RevisionChange.revision_id, RevisionChange.edit_id,
-                                                RevisionChange.action)):
+    for rid, eid, action in q.rows("SELECT revision_id, edit_id, action FROM revision_changes"):
         changes.setdefault(rid, []).append((eid, action))
-    for r in conn.execute(select(Revision).order_by(Revision.id)).all():
+    for r in q.rows(f"SELECT {COLUMNS} FROM revisions ORDER BY id"):
         row = {"id": r.id, "parent_id": r.parent_id, "operation": r.operation, "author": r.author,
                "created_at": r.created_at, "message": r.message, "depth": r.depth, "n_active": r.n_active}
         parent_hash = chain.get(r.parent_id) if r.parent_id is not None else None
