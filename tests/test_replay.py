@@ -116,18 +116,25 @@ def test_replay_failure_leaves_no_ledger(ledger, fact_file, tiny_llama_other, tm
     assert len(calls) == 2 and list((tmp_path / "out").iterdir()) == []
 
 
-def test_replay_postgresql_target_dropped_on_failure(ledger, fact_file, tiny_llama_other, db_url, monkeypatch):
+def test_replay_postgresql_target_dropped_on_failure(ledger, fact_file, tiny_llama_other, monkeypatch):
     """Into a PostgreSQL database (the source is on each engine): built in place, its tables
     dropped again when the replay fails."""
-    if not db_url.startswith("postgresql"):
-        pytest.skip("the target is the PostgreSQL database of the postgresql case")
+    import uuid
+
     from sqlalchemy import create_engine, inspect, text
-    admin_url = db_url.rsplit("/", 1)[0] + "/postgres"
-    name = db_url.rsplit("/", 1)[1] + "_new"
+
+    from conftest import PG_ADMIN_URL, _pg_available
+    reason = _pg_available()
+    if reason is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"PostgreSQL is required in CI and not reachable: {reason}")
+        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {reason}")
+    admin_url = PG_ADMIN_URL
+    name = f"ledger_test_{uuid.uuid4().hex[:12]}_new"
     admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as c:
         c.execute(text(f'CREATE DATABASE "{name}"'))
-    target = db_url.rsplit("/", 1)[0] + "/" + name
+    target = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
     try:
         ledger.add(load_facts(fact_file), BaftConfig(**FAST))
         from ledger import editing
