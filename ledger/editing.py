@@ -210,25 +210,28 @@ def train(s: Handle, facts: list[Fact], cfg: BaftConfig, layer: int, inputs: Tra
     composed = inputs.composed
     model, tok = composed.model, composed.tokenizer
     before = measure_many(model, tok, facts)
-    trained = train_edits(model, tok, composed.sites, s.base.layers, facts, cfg, layer=layer,
+
+    def train_and_compose(after: list[list[str]] | None = None) -> list[TrainedEdit]:
+        """The new blocks trained on the parent's composition, then composed after the kept ones."""
+        if after is not None:
+            composed.compose(kept, None)      # the first run's blocks off again
+        new = train_edits(model, tok, composed.sites, s.base.layers, facts, cfg, layer=layer,
                           retention=inputs.retention, extra_prompts=inputs.wordings, other_prompts=inputs.others,
-                          progress=progress)
-    composed.compose(kept + [Block(UNCOMMITTED + k, layer, t.tensors) for k, t in enumerate(trained)], None)
+                          progress=progress, after_prompts=after)
+        composed.compose(kept + [Block(UNCOMMITTED + k, layer, t.tensors) for k, t in enumerate(new)], None)
+        return new
+
+    trained = train_and_compose()
     looping = looping_wordings(model, tok, facts, inputs.wordings) if cfg.loop_check else []
     if any(len(w) >= cfg.loop_check for w in looping):
-        # Trained again from the parent (the new blocks off), with an after-target row for
-        # each wording that loops, so the edited model goes on after the answer as the parent does.
-        composed.compose(kept, None)
+        # Trained again from the parent, with an after-target row for each wording that
+        # loops, so the edited model goes on after the answer as the parent does.
         looped = [w if len(w) >= cfg.loop_check else [] for w in looping]
-        first_run = trained
-        trained = train_edits(model, tok, composed.sites, s.base.layers, facts, cfg, layer=layer,
-                              retention=inputs.retention, extra_prompts=inputs.wordings,
-                              other_prompts=inputs.others, progress=progress, after_prompts=looped)
+        first_run, trained = trained, train_and_compose(looped)
         for t, w, first in zip(trained, looped, first_run):
             t.stats["loop_retrained"] = len(w)       # wordings that looped after the first training
             t.stats["first_steps"] = first.stats["steps"]
             t.stats["seconds"] = round(t.stats["seconds"] + first.stats["seconds"], 3)
-        composed.compose(kept + [Block(UNCOMMITTED + k, layer, t.tensors) for k, t in enumerate(trained)], None)
     for t, prompts, other in zip(trained, inputs.wordings, inputs.others):
         t.stats["wording_prompts"] = prompts      # what this edit was trained on, for the audit
         t.stats["other_relation_prompts"] = other
