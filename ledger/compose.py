@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .baft.baserows import BaseRows
 from .baft.hooks import InterventionSite, attach_sites, detach_sites
 from .baft.layer import FusedIntervention
 from .models import BaseModel
@@ -47,6 +48,9 @@ class ComposedModel:
         self.sites: dict[int, InterventionSite] = {}
         self.revision: int | None = None
         self.edit_ids: frozenset[int] | None = frozenset()   # None while an uncommitted block is on
+        # The base's continuations and references, reused by training wherever no active gate
+        # opens (baft/baserows.py); None: training computes every row anew.
+        self.base_rows: BaseRows | None = BaseRows()
 
     @property
     def model(self):

@@ -217,7 +217,7 @@ def train(s: Handle, facts: list[Fact], cfg: BaftConfig, layer: int, inputs: Tra
             composed.compose(kept, None)      # the first run's blocks off again
         new = train_edits(model, tok, composed.sites, s.base.layers, facts, cfg, layer=layer,
                           retention=inputs.retention, extra_prompts=inputs.wordings, other_prompts=inputs.others,
-                          progress=progress, after_prompts=after)
+                          progress=progress, after_prompts=after, base_rows=composed.base_rows)
         composed.compose(kept + [Block(UNCOMMITTED + k, layer, t.tensors) for k, t in enumerate(new)], None)
         return new
 

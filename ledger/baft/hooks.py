@@ -30,6 +30,12 @@ class InterventionSite(nn.Module):
                 return self._delta(h.float())
         return self._delta(h)
 
+    def opens(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., T) bool: where the site may change h (a block in training: everywhere)."""
+        if len(self.trainable):
+            return torch.ones(h.shape[:-1], dtype=torch.bool, device=h.device)
+        return self.fused.opens(h.float() if torch.is_autocast_enabled(h.device.type) else h)
+
     def _delta(self, h: torch.Tensor) -> torch.Tensor | None:
         out = self.fused.change(h)
         for block in self.trainable:

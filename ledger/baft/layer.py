@@ -186,6 +186,21 @@ class FusedIntervention(nn.Module):
         """The stacked rotations, n x d (a view of the transposed buffer)."""
         return self.R_t.T
 
+    def opens(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., T) bool: where some basis's gate is open, so the change may be non-zero (no
+        stacked block: nowhere; no floor at all: everywhere, a sigmoid is never 0). The same
+        gate arithmetic as `change`, so "shut" here is exactly "no change" there."""
+        if self.rank == 0:
+            return torch.zeros(h.shape[:-1], dtype=torch.bool, device=h.device)
+        if not self.has_floor:
+            return torch.ones(h.shape[:-1], dtype=torch.bool, device=h.device)
+        n, w, bias = self.rank, self.in_weight, self.in_bias
+        if w.dtype != h.dtype:
+            w, bias = w.to(h.dtype), bias.to(h.dtype)
+        floor, scale = self.floor.to(h.dtype), self.floor_scale.to(h.dtype)
+        gate = floored_gate(torch.sigmoid(F.linear(h, w[:n], bias[:n])), floor, scale)
+        return (gate > 0).any(-1)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """The additive change (sum over blocks), shaped like h."""
         out = self.change(h)

@@ -40,6 +40,7 @@ from .config import BaftConfig
 from .hooks import InterventionSite
 from .layer import BaftBlock, FusedIntervention
 from .packing import block_output, map_hidden, packing_works
+from .baserows import BaseRows, shut_rows
 from .rows import TrainingRows, build_rows
 
 # The gate's key init: the gate is ~0.95 at the key and ~0.05 this share of the key's distance
@@ -90,7 +91,7 @@ class EditProblem:
     def __init__(self, model, tok, sites: dict[int, InterventionSite], layers, facts: list[Fact],
                  cfg: BaftConfig, *, layer: int, retention: list[tuple[str, str]] = (),
                  extra_prompts: list[list[str]] | None = None, other_prompts: list[list[str]] | None = None,
-                 after_prompts: list[list[str]] | None = None):
+                 after_prompts: list[list[str]] | None = None, base_rows: BaseRows | None = None):
         self.model, self.cfg, self.layer, self.layers = model, cfg, layer, layers
         self.device = device = next(model.parameters()).device
         rng = random.Random(cfg.seed)
@@ -99,8 +100,24 @@ class EditProblem:
             raise ValueError("extra_prompts needs one list per fact")
         self.n_extra = sum(len(x) for x in extra)
         others = [list(x) for x in other_prompts] if other_prompts is not None else [[] for _ in facts]
-        texts = build_rows(model, tok, facts, cfg, list(retention), rng, extra, others, after_prompts)
+        parent_sites = dict(sites)
+        cont = None
+        if base_rows is not None:
+            def cont(prompts, max_new_tokens):
+                return base_rows.continue_greedily(model, tok, layers, parent_sites, prompts, max_new_tokens)
+        texts = build_rows(model, tok, facts, cfg, list(retention), rng, extra, others, after_prompts, cont)
         self.rows = rows = TrainingRows(tok, texts, cfg, len(facts), device)
+        # The base's reference distributions are reused in the default precision only (a
+        # bfloat16 pass gives other values).
+        self.base_rows = base_rows if cfg.train_dtype == "float32" else None
+        # Per unrelated row: every parent gate shut along it (checked here, before a training
+        # path rearranges the model's blocks).
+        self._shut = [False] * rows.n_unrelated
+        if self.base_rows is not None:
+            b = rows.batch
+            self._shut = shut_rows(model, layers, sites, [b.input_ids[r, : b.lengths[r]].tolist()
+                                                          for r in range(rows.n_edit, b.input_ids.shape[0])],
+                                   tok.pad_token_id if tok.pad_token_id is not None else 0)
 
         self.own_site = layer not in sites
         if self.own_site:
@@ -274,13 +291,50 @@ class EditProblem:
         missing = need & (self._ref_index < 0)
         if bool(missing.any()):
             run = torch.unique(rows.row_of_pos[missing]) + rows.n_edit
-            keep_all = rows.keep_pos(run)
-            with self.parent():
-                logits = path.logits(run, parent=True)
-            fresh = keep_all[rows.n_tgt:].nonzero().squeeze(1)
-            self._ref_index[fresh] = torch.arange(len(fresh), device=self.device) + len(self._ref_logp)
-            self._ref_logp = torch.cat([self._ref_logp, torch.log_softmax(logits.float(), -1)])
+            if self.base_rows is not None:
+                run = self._reuse_references(run)
+            if len(run):
+                keep_all = rows.keep_pos(run)
+                with self.parent():
+                    logits = path.logits(run, parent=True)
+                fresh = keep_all[rows.n_tgt:].nonzero().squeeze(1)
+                start = len(self._ref_logp)
+                self._ref_index[fresh] = torch.arange(len(fresh), device=self.device) + start
+                self._ref_logp = torch.cat([self._ref_logp, torch.log_softmax(logits.float(), -1)])
+                if self.base_rows is not None:
+                    self._keep_references(run)
         return self._ref_logp[self._ref_index[need]]
+
+    # --- the base's references, reused (baserows.py) --------------------------------------------
+
+    def _row_key(self, r: int) -> tuple[list[int], int]:
+        """Row r's tokens and its first read position."""
+        b = self.rows.batch
+        ids = b.input_ids[r, : b.lengths[r]].tolist()
+        return ids, int(self.rows.read[r].nonzero()[0, 0])
+
+    def _row_positions(self, r: int) -> torch.Tensor:
+        """The unrelated read positions of row r, in read order."""
+        return (self.rows.row_of_pos == r - self.rows.n_edit).nonzero().squeeze(1)
+
+    def _reuse_references(self, run: torch.Tensor) -> torch.Tensor:
+        """Fill the references of the rows of `run` the base has and no parent gate opens on;
+        the rows left to compute."""
+        left = []
+        for r in run.tolist():
+            got = self.base_rows.reference(*self._row_key(r)) if self._shut[r - self.rows.n_edit] else None
+            if got is None:
+                left.append(r)
+                continue
+            pos = self._row_positions(r)
+            self._ref_index[pos] = torch.arange(len(pos), device=self.device) + len(self._ref_logp)
+            self._ref_logp = torch.cat([self._ref_logp, got.to(self.device)])
+        return torch.tensor(left, dtype=torch.long, device=self.device)
+
+    def _keep_references(self, run: torch.Tensor) -> None:
+        for r in run.tolist():
+            if self._shut[r - self.rows.n_edit]:
+                self.base_rows.keep_reference(*self._row_key(r), self._ref_logp[self._ref_index[self._row_positions(r)]])
 
     @contextmanager
     def parent(self) -> Iterator[None]:
