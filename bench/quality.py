@@ -151,8 +151,9 @@ class Ledgers:
     loaded base handed over instead of loaded again (same model, same fingerprint)."""
 
     def __init__(self, workdir: Path, model: str | None, wordings: list[Path] = (),
-                 held_out: set[tuple[str, str]] = frozenset()):
+                 held_out: set[tuple[str, str]] = frozenset(), keep: Path | None = None):
         self.workdir = workdir
+        self.keep = keep        # where each ledger's database is copied when its run ends
         self.template = workdir / "template.db"
         lg = Ledger.init(f"sqlite:///{self.template}", model=model, wordings=False)
         self.base: BaseModel = lg.base
@@ -183,6 +184,9 @@ class Ledgers:
             yield lg
         finally:
             lg.close()          # detaches the hooks: the next run starts from the bare base
+            if self.keep is not None:
+                self.keep.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(d / "ledger.db", self.keep / f"ledger-{self.count}.db")
             shutil.rmtree(d, ignore_errors=True)
 
 
@@ -443,6 +447,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="strict: every evaluated rephrase wording leaves the table for every edit of the run; "
                          "per-fact: the whole table, and each edit skips its own fact's wordings (the product's "
                          "rule) (default strict)")
+    ap.add_argument("--keep-ledgers", type=Path, default=None, metavar="DIR",
+                    help="copy each run's ledger database into DIR when the run ends (ledger-N.db, N in run "
+                         "order), e.g. for bench/serving.py --db")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON lines to this file")
     args = ap.parse_args(argv)
 
@@ -489,7 +496,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.held_out == "strict" else set()
 
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
-        ledgers = Ledgers(Path(tmp), args.model, wordings_paths, held_out)
+        ledgers = Ledgers(Path(tmp), args.model, wordings_paths, held_out, args.keep_ledgers)
         base = ledgers.base
         n_layers = len(base.layers)
         common = {"model": "SmolLM2-135M-Instruct" if base.spec == "smollm2-135m-instruct" else base.spec,
