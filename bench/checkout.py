@@ -16,6 +16,7 @@ generation, the base model's median from the same run, and their ratio (goal: <=
 the time goes; nested phases are named parent.child).
 
     .venv/bin/python bench/checkout.py [--edits 1000] [--repeats 7] [--threads 1]
+    .venv/bin/python bench/checkout.py --ledger URL [--rev REV]    # a ledger of trained edits
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def child(args) -> None:
     _instrument(phases)
     t0 = time.perf_counter()
     if args.child == "base":
-        base = ledger.models.load_base()
+        base = ledger.models.load_base(args.model) if args.model else ledger.models.load_base()
         phases["generate"] = _generate(base.model, base.tokenizer)
     else:
         from ledger import Ledger
@@ -116,6 +117,8 @@ def child(args) -> None:
 
 def run_child(kind: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--threads", str(args.threads)]
+    if args.model:
+        cmd += ["--model", args.model]
     if kind == "ledger":
         cmd += ["--db", args.db, "--rev", args.rev]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -132,6 +135,10 @@ def main() -> None:
     ap.add_argument("--child", choices=["base", "ledger"])
     ap.add_argument("--db")
     ap.add_argument("--rev")
+    ap.add_argument("--model", help=argparse.SUPPRESS)    # the base model of the children (--ledger's)
+    ap.add_argument("--ledger", metavar="URL", default=None,
+                    help="check out --rev (default HEAD) of this ledger of trained edits instead of building "
+                         "one of synthetic edits")
     args = ap.parse_args()
     if args.child:
         return child(args)
@@ -146,17 +153,27 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-checkout-"))
     try:
-        args.db = f"sqlite:///{tmp / 'ledger.db'}"
-        t = time.perf_counter()
-        lg = Ledger.init(args.db, author="bench")
-        d, n_layers = lg.base.hidden_size, len(lg.base.layers)
-        last = write_edits(lg.engine, args.edits, d, n_layers)
-        with lg.engine.connect() as conn:
-            assert len(revs.active_set(conn, last)) == args.edits
-        lg.close()
-        args.rev = names.rev_name(last)
-        print(json.dumps({"op": "build", "edits": args.edits, "revision": args.rev,
-                          "seconds": round(time.perf_counter() - t, 1)}), flush=True)
+        if args.ledger:
+            args.db = args.ledger
+            with Ledger.open(args.db) as lg:
+                last = lg.resolve(args.rev or "HEAD")
+                args.model = lg.handle.settings()["base_model"]
+                with lg.engine.connect() as conn:
+                    args.edits = len(revs.active_set(conn, last))
+            args.rev = names.rev_name(last)
+            print(json.dumps({"op": "trained", "edits": args.edits, "revision": args.rev}), flush=True)
+        else:
+            args.db = f"sqlite:///{tmp / 'ledger.db'}"
+            t = time.perf_counter()
+            lg = Ledger.init(args.db, author="bench")
+            d, n_layers = lg.base.hidden_size, len(lg.base.layers)
+            last = write_edits(lg.engine, args.edits, d, n_layers)
+            with lg.engine.connect() as conn:
+                assert len(revs.active_set(conn, last)) == args.edits
+            lg.close()
+            args.rev = names.rev_name(last)
+            print(json.dumps({"op": "build", "edits": args.edits, "revision": args.rev,
+                              "seconds": round(time.perf_counter() - t, 1)}), flush=True)
         run_child("ledger", args)                # warm-up: the OS page cache of model and database
         modes = ["ledger_checkout"]
         results: dict[str, list[dict]] = {m: [] for m in ["base"] + modes}
@@ -169,7 +186,8 @@ def main() -> None:
             total = statistics.median(r["total_s"] for r in results[m])
             phases = sorted({k for r in results[m] for k in r["phases"]})
             print(json.dumps({
-                "n_edits": 0 if m == "base" else args.edits, "mode": m, "seconds": round(total, 3),
+                "n_edits": 0 if m == "base" else args.edits, "edits": "trained" if args.ledger else "synthetic",
+                "mode": m, "seconds": round(total, 3),
                 "baseline_seconds": round(base_s, 3), "ratio": round(total / base_s, 3),
                 "goal_ratio": 1.2, "repeats": args.repeats, "threads": args.threads,
                 "phases_median_s": {k: round(statistics.median(r["phases"].get(k, 0.0) for r in results[m]), 4)

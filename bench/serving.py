@@ -31,6 +31,9 @@ exactness figures. Goal: fused ratio >= 0.95 at N=1000. N=0 is the composer with
 empty revision (no site attached), so its ratio is the run's noise floor.
 
     .venv/bin/python bench/serving.py [--n 0,10,100,1000,10000] [--repeats 7] [--threads 1]
+
+With `--ledger URL [--rev REV]` the edits are the trained ones active at that revision of a
+real ledger (e.g. one kept by `bench/quality.py --keep-ledgers`), on that ledger's base model.
 """
 from __future__ import annotations
 
@@ -162,10 +165,23 @@ def main() -> None:
                     help="each synthetic edit's gate floor (default: BaftConfig's; 0: no floor)")
     ap.add_argument("--open-share", type=float, default=0.01,
                     help="share of edits whose gate is open on every token (default 0.01)")
+    ap.add_argument("--ledger", metavar="URL", default=None,
+                    help="measure the trained edits active at --rev of this ledger instead of synthetic ones")
+    ap.add_argument("--rev", default="HEAD", help="the revision of --ledger (default HEAD)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    base = load_base()
+    trained = None
+    if args.ledger:
+        from ledger import Ledger
+        lg = Ledger.open(args.ledger)
+        at = lg.model_at(args.rev)
+        trained = [lg.handle.blocks[i] for i in sorted(at.edit_ids)]
+        base = lg.base
+        at.clear()           # the base bare again: the bench composes the blocks itself
+        args.n = str(len(trained))
+    else:
+        base = load_base()
     d, n_layers = base.hidden_size, len(base.layers)
     tok = base.tokenizer
     enc = tok(PROMPT, return_tensors="pt")
@@ -174,8 +190,8 @@ def main() -> None:
     for _ in range(2):   # warm-up
         tokens_per_s(base.model, enc, tok.pad_token_id)
     for n in [int(x) for x in args.n.split(",")]:
-        blocks = synthetic_blocks(n, d, n_layers, rank=args.rank, floor=args.gate_floor,
-                                  open_share=args.open_share)
+        blocks = trained if trained is not None else \
+            synthetic_blocks(n, d, n_layers, rank=args.rank, floor=args.gate_floor, open_share=args.open_share)
         sites = fuse(blocks, d)
         per_edit = PerEditHooks(blocks, d)
         check = exactness(base, blocks, sites, per_edit) if n else {}
@@ -215,7 +231,9 @@ def main() -> None:
                    "baseline_tokens_per_s": round(btps, 2), "ratio": round(paired, 3),
                    "ratio_of_medians": round(tps / btps, 3),
                    "repeats": len(rows[m]), "edited_layers": layers_used, "rank_per_edit": args.rank,
-                   "threads": args.threads, "gate_floor": args.gate_floor, "open_share": args.open_share}
+                   "threads": args.threads}
+            row.update({"edits": "trained", "ledger": args.ledger, "rev": args.rev} if trained is not None else
+                       {"edits": "synthetic", "gate_floor": args.gate_floor, "open_share": args.open_share})
             if m == "fused":
                 row["goal_ratio_at_1000"] = 0.95
             row.update({k: float(f"{v:.3g}") for k, v in check.items()})
