@@ -111,12 +111,30 @@ def explain(ledger: "Ledger", prompt: str, *, rev: str = "HEAD", max_new_tokens:
     top_next = [{"token": tok.decode([i]), "p_revision": float(p_rev[i]), "p_base": float(p_base[i])}
                 for i in top.indices.tolist()]
     all_ids = p_ids + new_ids
-    tokens = [TokenExplanation(index=i, token=tok.decode([t]), generated=i >= len(p_ids),
-                               firings=per_position[i])
-              for i, t in enumerate(all_ids)]
+    tokens = [TokenExplanation(index=i, token=piece, generated=i >= len(p_ids), firings=per_position[i])
+              for i, piece in enumerate(token_texts(tok, all_ids))]
     return Explanation(revision=rev_name(rid), prompt=prompt,
                        continuation=tok.decode(new_ids, skip_special_tokens=True),
                        tokens=tokens, top_next=top_next)
+
+
+def token_texts(tok, ids: list[int]) -> list[str]:
+    """Each token's share of the decoded text, so that the pieces join to it. A token that
+    ends inside a UTF-8 character (byte-level vocabularies split them) gets "" and the token
+    that completes the character gets all of it, where decoding tokens one by one would show
+    "\ufffd" for each part."""
+    out, done = [], ""
+    for i, t in enumerate(ids):
+        text = tok.decode(ids[: i + 1])
+        if not text.startswith(done):           # the decoder rewrote earlier text: this token alone
+            out.append(tok.decode([t]))
+            done = text
+        elif text.endswith("\ufffd") and i + 1 < len(ids):
+            out.append("")                      # an unfinished character: the next token shows it
+        else:
+            out.append(text[len(done):])
+            done = text
+    return out
 
 
 def _forward_keeping_states(composed, seq: "torch.Tensor") -> tuple[dict[int, "torch.Tensor"], "torch.Tensor"]:

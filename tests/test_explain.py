@@ -139,7 +139,7 @@ def test_the_named_edit_fires_exactly_where_its_gate_is_open(hand_ledger):
     composed = lg.model_at()
     ids = prompt_ids(composed.tokenizer, PROMPT)
     ids += greedy_token_ids(composed.model, composed.tokenizer, [PROMPT], 4)[0]
-    assert [t.token for t in ex.tokens] == [composed.tokenizer.decode([i]) for i in ids]
+    assert "".join(t.token for t in ex.tokens) == composed.tokenizer.decode(ids)
     ref = reference(lg, ids, tensors, layers)
     for t in ex.tokens:
         got = {f.edit: f for f in t.firings}
@@ -150,6 +150,22 @@ def test_the_named_edit_fires_exactly_where_its_gate_is_open(hand_ledger):
             else:
                 assert name not in got
     assert ex.tokens[OPEN_AT].firings[1].weight > 0.99 and ex.tokens[OPEN_AT].firings[1].norm > 0
+
+
+def test_a_character_split_over_tokens_shows_whole():
+    """A byte-level vocabulary splits "é" and "日" into several tokens: the token that completes
+    the character shows it whole, the ones before it show nothing, and the pieces join to the
+    text, where decoding tokens one by one would show a replacement character for each part."""
+    from support import byte_tokenizer
+    from ledger.explain import token_texts
+    tok = byte_tokenizer()
+    text = "Café 日本 ok"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tok.decode([i]) for i in ids)       # the case exists
+    pieces = token_texts(tok, ids)
+    assert len(pieces) == len(ids) and "".join(pieces) == text
+    assert "\ufffd" not in "".join(pieces)
+    assert "é" in pieces and "日" in pieces and "" in pieces
 
 
 def test_top_next_at_the_revision_and_at_the_base(hand_ledger):
