@@ -109,20 +109,22 @@ def _problem(base, sites, cache):
                        retention=[("Paris is in", "France")], base_rows=cache)
 
 
-@pytest.mark.parametrize("with_parent", [False, True])
-def test_reused_references_equal_the_computed_ones(tiny_llama, with_parent):
+@pytest.mark.parametrize("parent_layer", [None, 1, 0])
+def test_reused_references_equal_the_computed_ones(tiny_llama, parent_layer):
     """The parent's log-probabilities handed out from the cache equal those a problem computes
-    without it, to 1e-6, on a ledger with no edit and under a parent edit shut on some rows."""
+    without it, to 1e-6: on a ledger with no edit, and under a parent edit at the trained
+    layer shut on some rows (reused there only). A parent edit at another layer turns reuse
+    off."""
     base = load_base(str(tiny_llama))
     sites = {}
-    if with_parent:
+    if parent_layer is not None:
         probe = _problem(base, {}, None)
         b = probe.rows.batch
         seqs = [b.input_ids[r, : b.lengths[r]].tolist() for r in range(probe.rows.n_edit, b.input_ids.shape[0])]
         probe.close()
-        site, _ = _site_between(base, 0, seqs)
-        site.attach(base.layers[0])
-        sites = {0: site}
+        site, _ = _site_between(base, parent_layer, seqs)
+        site.attach(base.layers[parent_layer])
+        sites = {parent_layer: site}
     cache = BaseRows()
     out = {}
     try:
@@ -138,8 +140,11 @@ def test_reused_references_equal_the_computed_ones(tiny_llama, with_parent):
     finally:
         for s in sites.values():
             s.detach()
-    assert cache.hits["references"] == sum(shut) > 0
-    assert with_parent != all(shut)
+    if parent_layer == 0:
+        assert not any(shut) and cache.hits["references"] == 0
+    else:
+        assert cache.hits["references"] == sum(shut) > 0
+        assert (parent_layer is None) == all(shut)
     for name in ("fill", "reuse"):
         assert out[name].shape == out["anew"].shape
         assert (out[name] - out["anew"]).abs().max() <= 1e-6, name

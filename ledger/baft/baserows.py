@@ -87,10 +87,14 @@ class BaseRows:
     # --- greedy continuations -------------------------------------------------------------------
 
     def continue_greedily(self, model, tok, layers, sites: dict[int, InterventionSite], prompts: list[str],
-                          max_new_tokens: int | list[int]) -> list[str]:
+                          max_new_tokens: int | list[int], keep: list[bool] | None = None) -> list[str]:
         """As text.continue_greedily on the composed model, with the base's continuation reused
-        wherever the composition's gates are shut along it."""
+        wherever the composition's gates are shut along it. keep: per prompt, whether its
+        continuation is worth keeping for later runs (a row that recurs, such as a generic
+        negative); with an edit active, keeping costs a check, so a row used once is not
+        checked (default: keep all)."""
         limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        keep = [True] * len(prompts) if keep is None else list(keep)
         keys = list(zip(prompts, limits))
         gens = [self._continuations.get(k) for k in keys]
         cached = [g is not None for g in gens]
@@ -100,11 +104,15 @@ class BaseRows:
             for i, g in zip(misses, fresh):
                 gens[i] = g
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        shut = shut_rows(model, layers, sites, [prompt_ids(tok, p) + g for p, g in zip(prompts, gens)], pad)
+        live = bool(active_sites(sites))
+        check = [i for i in range(len(prompts)) if cached[i] or (keep[i] and live)]
+        shut = dict(zip(check, shut_rows(model, layers, sites, [prompt_ids(tok, prompts[i]) + gens[i]
+                                                                    for i in check], pad)))
         redo = []
-        for i, (key, ok) in enumerate(zip(keys, shut)):
-            if ok:
-                self._continuations[key] = gens[i]     # the base's too: nothing acted along it
+        for i, key in enumerate(keys):
+            if shut.get(i, not live):
+                if keep[i] or cached[i]:
+                    self._continuations[key] = gens[i]     # the base's too: nothing acted along it
                 self.hits["continuations"] += cached[i]
             elif cached[i]:
                 redo.append(i)                          # an edit acts there: the composition's own

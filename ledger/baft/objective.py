@@ -40,7 +40,7 @@ from .config import BaftConfig
 from .hooks import InterventionSite
 from .layer import BaftBlock, FusedIntervention
 from .packing import block_output, map_hidden, packing_works
-from .baserows import BaseRows, shut_rows
+from .baserows import BaseRows, active_sites
 from .rows import TrainingRows, build_rows
 
 # The gate's key init: the gate is ~0.95 at the key and ~0.05 this share of the key's distance
@@ -103,21 +103,15 @@ class EditProblem:
         parent_sites = dict(sites)
         cont = None
         if base_rows is not None:
-            def cont(prompts, max_new_tokens):
-                return base_rows.continue_greedily(model, tok, layers, parent_sites, prompts, max_new_tokens)
+            def cont(prompts, max_new_tokens, keep=None):
+                if isinstance(keep, bool):
+                    keep = [keep] * len(prompts)
+                return base_rows.continue_greedily(model, tok, layers, parent_sites, prompts, max_new_tokens, keep)
         texts = build_rows(model, tok, facts, cfg, list(retention), rng, extra, others, after_prompts, cont)
         self.rows = rows = TrainingRows(tok, texts, cfg, len(facts), device)
         # The base's reference distributions are reused in the default precision only (a
         # bfloat16 pass gives other values).
         self.base_rows = base_rows if cfg.train_dtype == "float32" else None
-        # Per unrelated row: every parent gate shut along it (checked here, before a training
-        # path rearranges the model's blocks).
-        self._shut = [False] * rows.n_unrelated
-        if self.base_rows is not None:
-            b = rows.batch
-            self._shut = shut_rows(model, layers, sites, [b.input_ids[r, : b.lengths[r]].tolist()
-                                                          for r in range(rows.n_edit, b.input_ids.shape[0])],
-                                   tok.pad_token_id if tok.pad_token_id is not None else 0)
 
         self.own_site = layer not in sites
         if self.own_site:
@@ -135,6 +129,16 @@ class EditProblem:
         self.site_out = block_output(model, layers[layer], batch.input_ids, batch.attention_mask,
                                      packed=self.head_ok and packing_works(model), base=self.head_ok)
         self.site_h = (self.site_out[0] if isinstance(self.site_out, tuple) else self.site_out).detach()
+        # Per unrelated row: whether every parent gate is shut along it, so the parent's
+        # distributions there are the base's (baserows.py). Read for free from the set-up pass
+        # where every active parent edit sits at this layer (the site reads site_h); with
+        # edits at other layers, no reuse.
+        self._shut = [False] * rows.n_unrelated
+        if self.base_rows is not None:
+            others = [k for k in active_sites(sites) if k != layer]
+            if not others:
+                opened = self.site.fused.opens(self.site_h) & batch.attention_mask.bool()
+                self._shut = (~opened[rows.n_edit:].any(1)).tolist()
         # The parent's log-probabilities at the unrelated read positions, filled row by row
         # on first need: _ref_index[i] is position i's row in _ref_logp, -1 until computed.
         vocab = self.head.weight.shape[0] if self.head is not None else model.config.vocab_size

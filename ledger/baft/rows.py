@@ -90,14 +90,15 @@ class RowTexts:
 def build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[tuple[str, str]],
                rng: random.Random, extra: list[list[str]], others: list[list[str]],
                after: list[list[str]] | None = None,
-               continue_greedily: Callable[[list[str], int | list[int]], list[str]] | None = None) -> RowTexts:
+               continue_greedily: Callable[..., list[str]] | None = None) -> RowTexts:
     """The rows of one training run. extra: per fact, other wordings of its relation filled
     with the subject (edit rows); others: per fact, prompts of its subject in other relations
     (unrelated rows, continued by the parent); after: per fact, more wordings to continue after
-    the new target (after-target rows). continue_greedily(prompts, max_new_tokens): the
-    parent's greedy continuations (default: generated here; baserows.py reuses the base's)."""
+    the new target (after-target rows). continue_greedily(prompts, max_new_tokens, keep=...):
+    the parent's greedy continuations, keep saying which rows recur (the generic negatives)
+    (default: generated here; baserows.py reuses the base's)."""
     if continue_greedily is None:
-        def continue_greedily(prompts, max_new_tokens):
+        def continue_greedily(prompts, max_new_tokens, keep=None):
             return continue_text(model, tok, prompts, max_new_tokens)
     pairs: list[tuple[str, str | None]] = []
     owner: list[int] = []
@@ -135,7 +136,8 @@ def build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[t
     # A locality prompt continued by the parent's OWN greedy continuation: the KL then
     # protects what the model actually goes on to say there, not just the next token.
     texts += continue_greedily(loc_prompts + neg_prompts,
-                               [cfg.continuation_tokens] * len(loc_prompts) + [cfg.neg_continuation_tokens] * len(neg_prompts))
+                               [cfg.continuation_tokens] * len(loc_prompts) + [cfg.neg_continuation_tokens] * len(neg_prompts),
+                               keep=[False] * len(loc_prompts) + [True] * len(neg_prompts))
     texts += list(NEUTRAL)
     n = cfg.retention_samples * max(1, min(len(facts), 4))
     keep = pick_retention(tok, facts, retention, n, rng)
@@ -144,7 +146,7 @@ def build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[t
     # of its subject, not every prompt that names it.
     subject_rows: dict[int, tuple[list[int], int]] = {}
     own = [(k, p) for k, ps in enumerate(others) for p in ps]
-    for (k, p), text in zip(own, continue_greedily([p for _, p in own], cfg.neg_continuation_tokens)):
+    for (k, p), text in zip(own, continue_greedily([p for _, p in own], cfg.neg_continuation_tokens, keep=False)):
         subject_rows[len(texts)] = (subject_positions(tok, text, facts[k].subject), 0)
         texts.append(text)
     # The prompt (and up to after_target_wordings of its other wordings) with its new target,
@@ -156,7 +158,7 @@ def build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[t
             wordings = [fact.prompt] + extra[k][: cfg.after_target_wordings]
             wordings += [w for w in (after[k] if after else []) if w not in wordings]
             said += [(k, w + " " + fact.target_new.strip()) for w in wordings]
-        continued = continue_greedily([s for _, s in said], cfg.after_target_tokens)
+        continued = continue_greedily([s for _, s in said], cfg.after_target_tokens, keep=False)
         for (k, s), text in zip(said, continued):
             start = len(prompt_ids(tok, s)) - 1     # the position predicting what follows the target
             subject_rows[len(texts)] = (subject_positions(tok, text, facts[k].subject), start)
