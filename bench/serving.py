@@ -177,6 +177,9 @@ def main() -> None:
         lg = Ledger.open(args.ledger)
         at = lg.model_at(args.rev)
         trained = [lg.handle.blocks[i] for i in sorted(at.edit_ids)]
+        # The edits' own prompts too, where their gates open: on unrelated text a trained gate
+        # is shut and the exactness figures would compare zeros.
+        CHECK_PROMPTS.extend(lg.edit(f"edit-{i}").fact["prompt"] for i in sorted(at.edit_ids)[:4])
         base = lg.base
         at.clear()           # the base bare again: the bench composes the blocks itself
         args.n = str(len(trained))
