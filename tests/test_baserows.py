@@ -68,13 +68,13 @@ def test_shut_rows_says_where_the_composed_model_is_the_base(tiny_llama):
     base = load_base(str(tiny_llama))
     tok = base.tokenizer
     seqs = [prompt_ids(tok, p) for p in PROMPTS]
-    assert shut_rows(base.model, base.layers, {}, seqs) == [True] * len(seqs)
+    assert shut_rows(base.model, tok, base.layers, {}, seqs) == [True] * len(seqs)
     site, _ = _site_between(base, 1, seqs)
     with torch.no_grad():
         plain = [base.model(input_ids=torch.tensor([s])).logits for s in seqs]
         site.attach(base.layers[1])
         try:
-            shut = shut_rows(base.model, base.layers, {1: site}, seqs, tok.pad_token_id)
+            shut = shut_rows(base.model, tok, base.layers, {1: site}, seqs)
             composed = [base.model(input_ids=torch.tensor([s])).logits for s in seqs]
         finally:
             site.detach()

@@ -21,7 +21,7 @@ from collections import OrderedDict
 
 import torch
 
-from ..text import greedy_token_ids, prompt_ids
+from ..text import batch_of, greedy_token_ids, prompt_ids
 from .hooks import InterventionSite
 
 
@@ -35,19 +35,15 @@ def active_sites(sites: dict[int, InterventionSite]) -> dict[int, InterventionSi
 
 
 @torch.no_grad()
-def shut_rows(model, layers, sites: dict[int, InterventionSite], seqs: list[list[int]], pad: int = 0) -> list[bool]:
+def shut_rows(model, tok, layers, sites: dict[int, InterventionSite], seqs: list[list[int]]) -> list[bool]:
     """Per token sequence, whether every active gate is shut at every one of its positions in
     the composition `sites` (so the composed model computes the base's states along it)."""
     live = active_sites(sites)
     if not seqs or not live:
         return [True] * len(seqs)
     device = next(model.parameters()).device
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long, device=device)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, device=device)
-        mask[i, :len(s)] = 1
+    batch = batch_of(tok, [(s, [False] * len(s)) for s in seqs], device)
+    ids, mask = batch.input_ids, batch.attention_mask
     real = mask.bool()
     opened = torch.zeros(len(seqs), dtype=torch.bool, device=device)
     top = max(live)
@@ -87,14 +83,14 @@ class BaseRows:
     # --- greedy continuations -------------------------------------------------------------------
 
     def continue_greedily(self, model, tok, layers, sites: dict[int, InterventionSite], prompts: list[str],
-                          max_new_tokens: int | list[int], keep: list[bool] | None = None) -> list[str]:
+                          max_new_tokens: int | list[int], keep: bool | list[bool] = True) -> list[str]:
         """As text.continue_greedily on the composed model, with the base's continuation reused
-        wherever the composition's gates are shut along it. keep: per prompt, whether its
-        continuation is worth keeping for later runs (a row that recurs, such as a generic
-        negative); with an edit active, keeping costs a check, so a row used once is not
-        checked (default: keep all)."""
+        wherever the composition's gates are shut along it. keep: per prompt (or for all),
+        whether its continuation is worth keeping for later runs (a row that recurs, such as a
+        generic negative); with an edit active, keeping costs a check, so a row used once is
+        not checked."""
         limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        keep = [True] * len(prompts) if keep is None else list(keep)
+        keep = [keep] * len(prompts) if isinstance(keep, bool) else list(keep)
         keys = list(zip(prompts, limits))
         gens = [self._continuations.get(k) for k in keys]
         cached = [g is not None for g in gens]
@@ -103,15 +99,14 @@ class BaseRows:
             fresh = greedy_token_ids(model, tok, [prompts[i] for i in misses], [limits[i] for i in misses])
             for i, g in zip(misses, fresh):
                 gens[i] = g
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         live = bool(active_sites(sites))
         check = [i for i in range(len(prompts)) if cached[i] or (keep[i] and live)]
-        shut = dict(zip(check, shut_rows(model, layers, sites, [prompt_ids(tok, prompts[i]) + gens[i]
-                                                                    for i in check], pad)))
+        shut = dict(zip(check, shut_rows(model, tok, layers, sites,
+                                         [prompt_ids(tok, prompts[i]) + gens[i] for i in check])))
         redo = []
         for i, key in enumerate(keys):
             if shut.get(i, not live):
-                if keep[i] or cached[i]:
+                if keep[i] and not cached[i]:
                     self._continuations[key] = gens[i]     # the base's too: nothing acted along it
                 self.hits["continuations"] += cached[i]
             elif cached[i]:

@@ -194,12 +194,21 @@ class FusedIntervention(nn.Module):
             return torch.zeros(h.shape[:-1], dtype=torch.bool, device=h.device)
         if not self.has_floor:
             return torch.ones(h.shape[:-1], dtype=torch.bool, device=h.device)
-        n, w, bias = self.rank, self.in_weight, self.in_bias
-        if w.dtype != h.dtype:
-            w, bias = w.to(h.dtype), bias.to(h.dtype)
-        floor, scale = self.floor.to(h.dtype), self.floor_scale.to(h.dtype)
-        gate = floored_gate(torch.sigmoid(F.linear(h, w[:n], bias[:n])), floor, scale)
-        return (gate > 0).any(-1)
+        w, bias, _ = self._weights(h.dtype)
+        return (self._floored_gate(h, w, bias) > 0).any(-1)
+
+    def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """in_weight, in_bias and R_t in h's dtype."""
+        w, bias, r_t = self.in_weight, self.in_bias, self.R_t
+        if w.dtype != dtype:
+            w, bias, r_t = w.to(dtype), bias.to(dtype), r_t.to(dtype)
+        return w, bias, r_t
+
+    def _floored_gate(self, h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The gates after their floors (0 where shut), from weights in h's dtype."""
+        n = self.rank
+        return floored_gate(torch.sigmoid(F.linear(h, w[:n], bias[:n])), self.floor.to(h.dtype),
+                            self.floor_scale.to(h.dtype))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """The additive change (sum over blocks), shaped like h."""
@@ -211,14 +220,11 @@ class FusedIntervention(nn.Module):
         caller can skip the addition."""
         if self.rank == 0:
             return None
-        w, bias, r_t = self.in_weight, self.in_bias, self.R_t
-        if w.dtype != h.dtype:
-            w, bias, r_t = w.to(h.dtype), bias.to(h.dtype), r_t.to(h.dtype)
+        w, bias, r_t = self._weights(h.dtype)
         n = self.rank
         serving = not (torch.is_grad_enabled() and h.requires_grad)
         if self.has_floor:
-            floor, scale = self.floor.to(h.dtype), self.floor_scale.to(h.dtype)
-            gate = floored_gate(torch.sigmoid(F.linear(h, w[:n], bias[:n])), floor, scale)
+            gate = self._floored_gate(h, w, bias)
             if serving:
                 open_ = (gate > 0).reshape(-1, n).any(0)
                 k = int(open_.sum())

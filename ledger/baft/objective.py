@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import random
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -100,13 +101,7 @@ class EditProblem:
             raise ValueError("extra_prompts needs one list per fact")
         self.n_extra = sum(len(x) for x in extra)
         others = [list(x) for x in other_prompts] if other_prompts is not None else [[] for _ in facts]
-        parent_sites = dict(sites)
-        cont = None
-        if base_rows is not None:
-            def cont(prompts, max_new_tokens, keep=None):
-                if isinstance(keep, bool):
-                    keep = [keep] * len(prompts)
-                return base_rows.continue_greedily(model, tok, layers, parent_sites, prompts, max_new_tokens, keep)
+        cont = None if base_rows is None else partial(base_rows.continue_greedily, model, tok, layers, dict(sites))
         texts = build_rows(model, tok, facts, cfg, list(retention), rng, extra, others, after_prompts, cont)
         self.rows = rows = TrainingRows(tok, texts, cfg, len(facts), device)
         # The base's reference distributions are reused in the default precision only (a
@@ -324,15 +319,19 @@ class EditProblem:
     def _reuse_references(self, run: torch.Tensor) -> torch.Tensor:
         """Fill the references of the rows of `run` the base has and no parent gate opens on;
         the rows left to compute."""
-        left = []
+        left, found = [], []
+        start = len(self._ref_logp)
         for r in run.tolist():
             got = self.base_rows.reference(*self._row_key(r)) if self._shut[r - self.rows.n_edit] else None
             if got is None:
                 left.append(r)
                 continue
             pos = self._row_positions(r)
-            self._ref_index[pos] = torch.arange(len(pos), device=self.device) + len(self._ref_logp)
-            self._ref_logp = torch.cat([self._ref_logp, got.to(self.device)])
+            self._ref_index[pos] = torch.arange(len(pos), device=self.device) + start
+            start += len(pos)
+            found.append(got.to(self.device))
+        if found:      # one copy of the table, not one per row
+            self._ref_logp = torch.cat([self._ref_logp, *found])
         return torch.tensor(left, dtype=torch.long, device=self.device)
 
     def _keep_references(self, run: torch.Tensor) -> None:

@@ -98,7 +98,7 @@ def build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[t
     the parent's greedy continuations, keep saying which rows recur (the generic negatives)
     (default: generated here; baserows.py reuses the base's)."""
     if continue_greedily is None:
-        def continue_greedily(prompts, max_new_tokens, keep=None):
+        def continue_greedily(prompts, max_new_tokens, keep=True):
             return continue_text(model, tok, prompts, max_new_tokens)
     pairs: list[tuple[str, str | None]] = []
     owner: list[int] = []
