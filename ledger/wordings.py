@@ -234,12 +234,17 @@ def other_relations(fact: Fact, wordings: list[str], n: int, seed: int) -> list[
     capital of Russia is" for a fact about Russia's currency): what an edit must leave alone
     although its gate is open there. A relation sharing a content word with the fact's
     relation or with any wording it trains on is left out, so no paraphrase of the edited
-    relation is taken for another one. A fixed sample per (fact, seed)."""
+    relation is taken for another one, nor any of the fact's locality prompts. A fixed sample
+    per (fact, seed)."""
     relation = template_of(fact.prompt, fact.subject)
     if n <= 0 or relation is None:
         return []
     mine = content_words(relation).union(*(content_words(w) for w in wordings))
-    pool = [r for r, words in catalogue() if not words & mine and r != relation]
+    # The fact's own locality prompts are trained on as such or held out for evaluation
+    # (train_on_locality), never taken in again here.
+    own = {lp.prompt.strip().lower() for lp in fact.locality_prompts}
+    pool = [r for r, words in catalogue()
+            if not words & mine and r != relation and fill(r, fact.subject).strip().lower() not in own]
     rng = random.Random(f"{seed}:other:{fact.subject}:{fact.prompt}")
     return [fill(r, fact.subject) for r in (pool if len(pool) <= n else rng.sample(pool, n))]
 

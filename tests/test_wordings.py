@@ -264,3 +264,17 @@ def test_init_starts_with_the_builtin_tables_unless_told_not_to(db_url, tiny_lla
     assert res.exit_code == 0, res.output
     assert "relation wordings: 0 for 0 relations" in res.stdout
     assert n_wordings(f"sqlite:///{other}") == 0
+
+
+def test_other_relations_never_take_a_locality_prompt_of_the_fact():
+    """The subject in other relations is training data; the fact's locality prompts are held
+    out for evaluation (or trained on as such), so the sample never holds one of them."""
+    from ledger.facts import LocalityPrompt
+    from ledger.wordings import other_relations
+    plain = Fact(prompt="The currency of Russia is the", target_new="lira", subject="Russia")
+    everything = other_relations(plain, [], 16 * 4, seed=0)
+    assert "The capital of Russia is" in everything
+    held = Fact(prompt="The currency of Russia is the", target_new="lira", subject="Russia",
+                locality_prompts=(LocalityPrompt("the capital of Russia is ", "Moscow"),))
+    assert "The capital of Russia is" not in other_relations(held, [], 16 * 4, seed=0)
+    assert len(other_relations(held, [], 16 * 4, seed=0)) == len(everything) - 1
