@@ -104,14 +104,14 @@ def tokens_per_s(model, enc, pad_id) -> float:
     return NEW_TOKENS / secs
 
 
-def layer_inputs(base, layers: set[int]) -> dict[int, torch.Tensor]:
-    """Each layer's own output on the check prompts, in the base model (real hidden states)."""
+def layer_inputs(base, layers: set[int], prompts: list[str]) -> dict[int, torch.Tensor]:
+    """Each layer's own output on the prompts, in the base model (real hidden states)."""
     got: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
     handles = [base.layers[l].register_forward_hook(
         lambda m, a, o, l=l: got[l].append((o[0] if isinstance(o, tuple) else o).detach().clone()))
         for l in layers]
     try:
-        for p in CHECK_PROMPTS:
+        for p in prompts:
             base.model(**base.tokenizer(p, return_tensors="pt"))
     finally:
         for h in handles:
@@ -119,10 +119,11 @@ def layer_inputs(base, layers: set[int]) -> dict[int, torch.Tensor]:
     return {l: torch.cat([t.reshape(-1, t.shape[-1]) for t in ts]) for l, ts in got.items()}
 
 
-def exactness(base, blocks, sites, per_edit: PerEditHooks) -> dict:
-    """max |fused - sum of block deltas| over real hidden states, relative to max |delta|; and
-    max |logits(fused) - logits(per_edit)|; and the share of bases open per token."""
-    hs = layer_inputs(base, set(sites))
+def exactness(base, blocks, sites, per_edit: PerEditHooks, prompts: list[str]) -> dict:
+    """On the check prompts: max |fused - sum of block deltas| over real hidden states, relative
+    to max |delta|; max |logits(fused) - logits(per_edit)| (on CHECK_PROMPTS[1]); and the share
+    of bases open per token."""
+    hs = layer_inputs(base, set(sites), prompts)
     worst_abs, scale = 0.0, 0.0
     n_open, n_all = 0, 0
     for layer, site in sites.items():
@@ -172,6 +173,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     trained = None
+    check_prompts = list(CHECK_PROMPTS)
     if args.ledger:
         from ledger import Ledger
         lg = Ledger.open(args.ledger)
@@ -179,7 +181,7 @@ def main() -> None:
         trained = [lg.handle.blocks[i] for i in sorted(at.edit_ids)]
         # The edits' own prompts too, where their gates open: on unrelated text a trained gate
         # is shut and the exactness figures would compare zeros.
-        CHECK_PROMPTS.extend(lg.edit(f"edit-{i}").fact["prompt"] for i in sorted(at.edit_ids)[:4])
+        check_prompts += (lg.edit(f"edit-{i}").fact["prompt"] for i in sorted(at.edit_ids)[:4])
         base = lg.base
         at.clear()           # the base bare again: the bench composes the blocks itself
         args.n = str(len(trained))
@@ -197,7 +199,7 @@ def main() -> None:
             synthetic_blocks(n, d, n_layers, rank=args.rank, floor=args.gate_floor, open_share=args.open_share)
         sites = fuse(blocks, d)
         per_edit = PerEditHooks(blocks, d)
-        check = exactness(base, blocks, sites, per_edit) if n else {}
+        check = exactness(base, blocks, sites, per_edit, check_prompts) if n else {}
         layers_used = len(sites)
         rows: dict[str, list[float]] = {m: [] for m in modes}
         base_rows: dict[str, list[float]] = {m: [] for m in modes}

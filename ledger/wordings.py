@@ -243,10 +243,10 @@ def other_relations(fact: Fact, wordings: list[str], n: int, seed: int) -> list[
     # The fact's own locality prompts are trained on as such or held out for evaluation
     # (train_on_locality), never taken in again here.
     own = {lp.prompt.strip().lower() for lp in fact.locality_prompts}
-    pool = [r for r, words in catalogue()
-            if not words & mine and r != relation and fill(r, fact.subject).strip().lower() not in own]
+    filled = (fill(r, fact.subject) for r, words in catalogue() if not words & mine and r != relation)
+    pool = [p for p in filled if p.strip().lower() not in own]
     rng = random.Random(f"{seed}:other:{fact.subject}:{fact.prompt}")
-    return [fill(r, fact.subject) for r in (pool if len(pool) <= n else rng.sample(pool, n))]
+    return pool if len(pool) <= n else rng.sample(pool, n)
 
 
 def builtin_pairs() -> list[tuple[str, str]]:
