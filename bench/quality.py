@@ -283,6 +283,14 @@ def brief(m: dict[str, float]) -> str:
     return " ".join(f"{short[k]} {m[k]:.2f}" for k in short if k in m)
 
 
+def loops(stats: dict) -> str:
+    """The loop check's finding for a progress line: wordings that looped, and whether the
+    edit was trained again for them."""
+    if "looping_wordings" not in stats:
+        return ""
+    return f", loops {stats['looping_wordings']}" + (" (retrained)" if "loop_retrained" in stats else "")
+
+
 def add_one(lg, run: "Run", cfg: BaftConfig, i: int, facts, fid, fact, known):
     """Add one fact through `Ledger.add`, recording its time, steps and blob size in run;
     None (and a skip recorded) where the fact is known already or refused."""
@@ -319,7 +327,7 @@ def ledger_single(ledgers: Ledgers, run: Run, cfg: BaftConfig, facts, base_meas,
                 m.update(generation_metrics(fact, gen, run.base_gens[fid]))
             run.metrics.append(m)
             run.base_metrics.append(score(base_meas[fid], base_meas[fid]))
-            run.progress(i, len(facts), fid, f"{run.seconds[-1]:.1f} s, {res.stats['steps']} steps, {brief(m)}")
+            run.progress(i, len(facts), fid, f"{run.seconds[-1]:.1f} s, {res.stats['steps']} steps{loops(res.stats)}, {brief(m)}")
 
 
 def ledger_sequential(ledgers: Ledgers, run: Run, cfg: BaftConfig, facts, base_meas, known) -> None:
@@ -333,7 +341,7 @@ def ledger_sequential(ledgers: Ledgers, run: Run, cfg: BaftConfig, facts, base_m
             edited.append(fid)
             if res.superseded:
                 run.superseded.append(fid)
-            run.progress(i, len(facts), fid, f"{res.revision}, {run.seconds[-1]:.1f} s, {res.stats['steps']} steps, "
+            run.progress(i, len(facts), fid, f"{res.revision}, {run.seconds[-1]:.1f} s, {res.stats['steps']} steps{loops(res.stats)}, "
                                              f"at creation {brief(res.metrics)}")
         composed = lg.model_at()
         evaluate_all(composed.model, base.tokenizer, run, facts, base_meas, edited)

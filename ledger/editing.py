@@ -232,6 +232,8 @@ def train(s: Handle, facts: list[Fact], cfg: BaftConfig, layer: int, inputs: Tra
             t.stats["loop_retrained"] = len(w)       # wordings that looped after the first training
             t.stats["first_steps"] = first.stats["steps"]
             t.stats["seconds"] = round(t.stats["seconds"] + first.stats["seconds"], 3)
+    for k, t in enumerate(trained if looping else []):
+        t.stats["looping_wordings"] = len(looping[k])   # after the first training, retrained or not
     for t, prompts, other in zip(trained, inputs.wordings, inputs.others):
         t.stats["wording_prompts"] = prompts      # what this edit was trained on, for the audit
         t.stats["other_relation_prompts"] = other
