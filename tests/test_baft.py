@@ -1,8 +1,6 @@
 """The BaFT block and its trainer: BaFT reduces to LoReFT with a constant gate, the fused stack
 of k blocks equals the sum of the k blocks applied one by one, and the fast training path
 (fast.py) gives the plain path's loss, gradients and edits (plain.py)."""
-import math
-
 import torch
 
 from ledger.baft import BaftBlock, BaftConfig, FusedIntervention, InterventionSite
@@ -137,19 +135,16 @@ def _facts():
 
 
 # The product's case (a batch, floored and kept gates) runs in the fast set; the other 23 are slow.
-# With repeat rows (repeat_weight) the product's case runs once more, in the fast set.
 _GRADIENT_CASES = [
-    pytest.param(family, method, n_facts, floor, gate_lr, 0.0,
+    pytest.param(family, method, n_facts, floor, gate_lr,
                  marks=() if (family, method, n_facts, floor, gate_lr) == ("tiny_llama", "baft", 2, 0.3, 0.0)
                  else pytest.mark.slow)
     for family in ("tiny_llama", "tiny_gpt2") for method in ("baft", "reft") for n_facts in (1, 2)
-    for floor, gate_lr in ((0.0, 1.0), (0.3, 1.0), (0.3, 0.0))] + [
-    pytest.param("tiny_llama", "baft", 2, 0.3, 0.0, 1.0),
-    pytest.param("tiny_gpt2", "baft", 1, 0.0, 1.0, 1.0, marks=pytest.mark.slow)]
+    for floor, gate_lr in ((0.0, 1.0), (0.3, 1.0), (0.3, 0.0))]
 
 
-@pytest.mark.parametrize("family,method,n_facts,floor,gate_lr,repeat", _GRADIENT_CASES)
-def test_fast_path_gives_the_same_gradients(family, method, n_facts, floor, gate_lr, repeat, request):
+@pytest.mark.parametrize("family,method,n_facts,floor,gate_lr", _GRADIENT_CASES)
+def test_fast_path_gives_the_same_gradients(family, method, n_facts, floor, gate_lr, request):
     """The optimised training path (lower blocks replayed from cache, output head only where the
     loss reads, rows packed without pads, and with a gate floor only the rows where a new gate
     is open) gives the same loss and gradients as the plain full forward, to 1e-5."""
@@ -158,8 +153,7 @@ def test_fast_path_gives_the_same_gradients(family, method, n_facts, floor, gate
         pytest.skip("a ReFT gate is constant: no floor, nothing to freeze")
     base = load_base(str(request.getfixturevalue(family)))
     sites = _parent_sites(base)
-    cfg = BaftConfig(method=method, rank=2, n_prefixes=1, gate_floor=floor, gate_lr_scale=gate_lr,
-                     repeat_weight=repeat)
+    cfg = BaftConfig(method=method, rank=2, n_prefixes=1, gate_floor=floor, gate_lr_scale=gate_lr)
     facts = _facts()[:n_facts]
     problem = EditProblem(base.model, base.tokenizer, sites, base.layers, facts, cfg, layer=EDITED,
                           retention=[("Paris is in", "France")],
@@ -199,7 +193,6 @@ def test_fast_path_gives_the_same_gradients(family, method, n_facts, floor, gate
         for k in losses[True]:
             assert abs(losses[True][k] - losses[False][k]) <= 1e-5, k
         assert any(g.abs().max() > 1e-6 for g in grads[False])
-        assert (losses[False]["repeat"] > 0) == bool(repeat)
         gate_params = sum(1 for b in problem.blocks for p in (b.U, b.c) if p.requires_grad)
         assert gate_params == (2 * n_facts if method == "baft" and gate_lr else 0)
         for a, b in zip(grads[True], grads[False]):
@@ -570,68 +563,3 @@ def test_after_target_rows_cover_the_prompt_and_some_of_its_wordings(tiny_llama)
     assert after_rows(0) == [fact.prompt]
     assert after_rows(2) == [fact.prompt, *extra[:2]]
     assert after_rows(8) == [fact.prompt, *extra]
-
-
-def test_repeat_rows_read_the_targets_first_token_after_each_trained_wording(tiny_llama):
-    """repeat_weight: the prompt and each trained wording, with the new target and the parent's
-    continuation, is a row read from the position after the target, where the loss pushes
-    down the target's first token; it weighs nothing in the KL and the stop rule does not wait
-    for it. Without the weight there are no such rows and the other rows weigh as before."""
-    from ledger.baft.objective import EditProblem
-    from ledger.text import prompt_ids, target_ids
-    base = load_base(str(tiny_llama))
-    fact = _facts()[0]
-    extra = [f"Everyone knows that {fact.subject} is in", f"{fact.subject} lies in"]
-    tok = base.tokenizer
-    rows = {}
-    for weight in (0.0, 1.0):
-        cfg = BaftConfig(rank=2, n_prefixes=1, after_target_tokens=2, repeat_weight=weight)
-        problem = EditProblem(base.model, tok, {}, base.layers, [fact], cfg, layer=EDITED, extra_prompts=[extra])
-        rows[weight] = problem.rows
-        problem.close()
-    plain, rep = rows[0.0], rows[1.0]
-    assert plain.n_avoid == 0 and rep.n_unrelated == plain.n_unrelated + 3
-    first = target_ids(tok, fact.prompt, fact.target_new)[0]
-    real = rep.batch.attention_mask.bool()
-    said = []
-    for i in range(plain.n_unrelated, rep.n_unrelated):
-        row = rep.n_edit + i
-        text = tok.decode(rep.batch.input_ids[row][real[row]], skip_special_tokens=True)
-        wording = next(w for w in [fact.prompt, *extra] if text.startswith(w + " " + fact.target_new))
-        read = rep.read[row].nonzero().squeeze(1).tolist()
-        assert read[0] == len(prompt_ids(tok, wording + " " + fact.target_new)) - 1
-        on_row = rep.row_of_pos == i
-        assert rep.avoid_ids[on_row].tolist() == [first] * len(read)
-        assert float(rep.pos_weight[on_row].abs().sum()) == 0.0
-        assert not bool(rep.stop_row[i])
-        said.append(wording)
-    assert said == [fact.prompt, *extra]
-    assert rep.n_avoid == int((rep.avoid_ids >= 0).sum()) > 0
-    # the KL rows weigh as they do without repeat rows: one unit in all
-    assert torch.allclose(rep.pos_weight.sum(), plain.pos_weight.sum())
-    assert torch.equal(rep.pos_weight[: len(plain.pos_weight)], plain.pos_weight)
-
-
-def test_the_repeat_term_is_the_mean_unlikelihood_of_the_target_after_itself(tiny_llama):
-    """The step's repeat part is the mean over the repeat rows' read positions of
-    -log(1 - p(target's first token)), p read from the edited model run on the rows."""
-    from ledger.text import target_ids
-    base = load_base(str(tiny_llama))
-    cfg = BaftConfig(rank=2, n_prefixes=1, after_target_tokens=2, repeat_weight=1.0)
-    problem = _moved_problem(base, cfg, n_facts=1)
-    try:
-        rows, tok, fact = problem.rows, base.tokenizer, _facts()[0]
-        with PlainLogits(problem) as path:
-            parts = problem.step(path).parts
-            with torch.no_grad():     # the whole batch through the model, as the blocks see it
-                p = torch.softmax(base.model(input_ids=rows.batch.input_ids,
-                                             attention_mask=rows.batch.attention_mask).logits.float(), -1)
-        first = target_ids(tok, fact.prompt, fact.target_new)[0]
-        terms = []
-        for i in sorted(set(rows.row_of_pos[rows.avoid_ids >= 0].tolist())):
-            row = rows.n_edit + i
-            terms += [-math.log(1 - float(p[row, c, first])) for c in rows.read[row].nonzero().squeeze(1).tolist()]
-        assert len(terms) == rows.n_avoid > 0
-        assert abs(parts["repeat"] - sum(terms) / len(terms)) <= 1e-5
-    finally:
-        problem.close()

@@ -126,14 +126,6 @@ class BaftConfig:
     # KL after the answer in every wording holds back the value that carries the edit to
     # unseen wordings (docs/design.md, under the field's name).
     after_target_wordings: int = 0
-    # Each wording the edit trains on (the prompt and its relation's other wordings) with its
-    # new target, continued by the parent for after_target_tokens, as a row on which the loss
-    # pushes down the probability of the target's first token at every position after the
-    # target (an unlikelihood term of this weight), and nothing else: the edited model does not
-    # say the answer again ("painter painter painter"), while the rest of its distribution
-    # there stays free, so the value that carries the edit is not held back as a KL after the
-    # answer holds it (after_target_wordings). 0: off.
-    repeat_weight: float = 0.0
     # After training, the edited model continues the prompt and its trained wordings greedily
     # (12 tokens); where at least this many of them loop (a word three times in a row), the fact
     # is trained again with an after-target row for each looping wording. 0: no check. With 3,
@@ -205,7 +197,7 @@ class BaftConfig:
             raise InputError(f"after_target_wordings must be between 0 and 32, got {self.after_target_wordings}")
         if self.wordings_related < 0:
             raise InputError(f"--wordings-related must not be negative, got {self.wordings_related}")
-        for name in ("locality_weight", "gate_weight", "gate_open_weight", "gate_lr_scale", "repeat_weight"):
+        for name in ("locality_weight", "gate_weight", "gate_open_weight", "gate_lr_scale"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must not be negative")
         if self.layer is not None and self.layer < 0:
@@ -230,7 +222,7 @@ STORED_BEFORE: dict[str, Any] = {"gate_floor": 0.0, "gate_lr_scale": 1.0, "wordi
                                  "train_dtype": "float32", "rotation_init": "random", "gate_key_shrinkage": 1.0,
                                  "adam_beta1": 0.9, "wordings_nearest": False,
                                  "other_relations": 0, "after_target_tokens": 0,
-                                 "after_target_wordings": 0, "loop_check": 0, "repeat_weight": 0.0}
+                                 "after_target_wordings": 0, "loop_check": 0}
 
 
 def default_layer(n_layers: int) -> int:

@@ -9,7 +9,6 @@ Loss of one step, over the rows of rows.py:
 
     CE(target_new | edit rows)                                   make the edit
   + locality_weight * KL(parent || edited) over unrelated rows    leave the rest alone
-  + repeat_weight * -log(1 - p(target's first token)) after it   do not say the answer again
   + gate_weight * mean gate s where the edit must not fire        keep the gate shut there
   + gate_open_weight * -log s at the subject's last token         ... and open on the subject
 
@@ -387,7 +386,7 @@ class EditProblem:
         tgt_hit = torch.zeros(n_tgt, dtype=torch.bool, device=self.device)
         row_kl = torch.zeros(max(1, rows.n_unrelated), device=self.device)
         active_tgt = self._active_targets()
-        ce_total = kl_total = rep_total = 0.0
+        ce_total = kl_total = 0.0
         rows_run = tokens_run = 0
         for group in groups:
             keep = None if group is None else rows.keep_pos(group)
@@ -409,15 +408,8 @@ class EditProblem:
             row_of_pos = rows.row_of_pos if ukeep is None else rows.row_of_pos[ukeep]
             kl_pos = (ref.exp() * (ref - logp[n_t:])).sum(-1)
             kl = (kl_pos * pos_weight).sum()
-            row_kl.index_add_(0, row_of_pos, kl_pos.detach() * pos_weight * rows.n_kl_rows)
+            row_kl.index_add_(0, row_of_pos, kl_pos.detach() * pos_weight * rows.n_unrelated)
             part = ce + cfg.locality_weight * kl
-            if rows.n_avoid:
-                avoid = rows.avoid_ids if ukeep is None else rows.avoid_ids[ukeep]
-                at = avoid >= 0
-                p_again = logp[n_t:][at].gather(-1, avoid[at][:, None]).squeeze(-1).exp()
-                rep = -torch.log1p(-p_again.clamp(max=1 - 1e-6)).sum() / rows.n_avoid
-                part = part + cfg.repeat_weight * rep
-                rep_total += rep.item()
             ce_total += ce.item()
             kl_total += kl.item()
             pending = part if pending is None else pending + part
@@ -426,8 +418,8 @@ class EditProblem:
                     pending.backward()
                 pending = None
         gate_part = cfg.gate_weight * close.item() + cfg.gate_open_weight * opened.item()
-        loss = ce_total + cfg.locality_weight * kl_total + cfg.repeat_weight * rep_total + gate_part
-        parts = {"loss": loss, "ce": ce_total, "kl": kl_total, "repeat": rep_total, "gate": close.item(),
+        loss = ce_total + cfg.locality_weight * kl_total + gate_part
+        parts = {"loss": loss, "ce": ce_total, "kl": kl_total, "gate": close.item(),
                  "gate_open": opened.item(), "worst_kl": float(row_kl.max()),
                  "rows_run": rows_run, "tokens_run": tokens_run}
         return Step(loss, parts, self._reached(tgt_hit, tgt_logp, row_kl, live), pending)

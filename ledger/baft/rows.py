@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from ..facts import Fact
-from ..text import Batch, make_batch, prompt_ids, target_ids
+from ..text import Batch, make_batch, prompt_ids
 from ..text import continue_greedily as continue_text
 from .config import MAX_PREFIXES, BaftConfig
 
@@ -85,10 +85,6 @@ class RowTexts:
     # negatives for the gate's key, and the stop rule does not wait for them (the gate is open
     # there by design).
     subject_rows: dict[int, tuple[list[int], int]] = field(default_factory=dict)
-    # Repeat rows (a wording, its new target, the parent's continuation), by index among the
-    # unrelated rows: the target's first token, whose probability the loss pushes down at the
-    # row's read positions. No KL is taken on them.
-    repeat_rows: dict[int, int] = field(default_factory=dict)
 
 
 def build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[tuple[str, str]],
@@ -167,21 +163,9 @@ def build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[t
             start = len(prompt_ids(tok, s)) - 1     # the position predicting what follows the target
             subject_rows[len(texts)] = (subject_positions(tok, text, facts[k].subject), start)
             texts.append(text)
-    # Each trained wording with its new target, continued by the parent: the rows on which the
-    # edited model must not say the target again.
-    repeat_rows: dict[int, int] = {}
-    if cfg.repeat_weight:
-        said = [(k, w) for k, fact in enumerate(facts) for w in [fact.prompt] + extra[k]]
-        continued = continue_greedily([w + " " + facts[k].target_new.strip() for k, w in said],
-                                      max(1, cfg.after_target_tokens), keep=False)
-        for (k, w), text in zip(said, continued):
-            start = len(prompt_ids(tok, w + " " + facts[k].target_new.strip())) - 1
-            subject_rows[len(texts)] = (subject_positions(tok, text, facts[k].subject), start)
-            repeat_rows[len(texts)] = target_ids(tok, w, facts[k].target_new)[0]
-            texts.append(text)
     pairs += [(t, None) for t in texts]
     owner += [-1] * len(texts)
-    return RowTexts(pairs, owner, subject_pos, subject_rows, repeat_rows)
+    return RowTexts(pairs, owner, subject_pos, subject_rows)
 
 
 def pick_retention(tok, facts: list[Fact], retention: list[tuple[str, str]], n: int,
@@ -250,17 +234,9 @@ class TrainingRows:
         self.target_ids = batch.next_ids[:n_edit][batch.target_mask[:n_edit]]
         self.n_tgt = len(self.target_ids)
         # The unrelated read positions, in read order: their weight in the KL and their row.
-        # A repeat row weighs nothing in the KL; its positions hold the token to push down.
         unrel = self.read[n_edit:]
         row_len = unrel.sum(1, keepdim=True).float()
-        kl_row = torch.ones(self.n_unrelated, 1, device=device)
-        avoid = torch.full((self.n_unrelated, 1), -1, dtype=torch.long, device=device)
-        for i, token in texts.repeat_rows.items():
-            kl_row[i], avoid[i] = 0.0, token
-        self.n_kl_rows = self.n_unrelated - len(texts.repeat_rows)
-        self.pos_weight = (kl_row / row_len).expand_as(unrel)[unrel] / max(1, self.n_kl_rows)
-        self.avoid_ids = avoid.expand_as(unrel)[unrel]
-        self.n_avoid = int((self.avoid_ids >= 0).sum())
+        self.pos_weight = (1.0 / row_len).expand_as(unrel)[unrel] / max(1, self.n_unrelated)
         self.row_of_pos = torch.arange(self.n_unrelated, device=device)[:, None].expand_as(unrel)[unrel]
         self.read_row = self.read.nonzero()[:, 0]       # the row of each read position
 
