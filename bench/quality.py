@@ -275,6 +275,7 @@ def evaluate_all(model, tok, run: Run, facts: list[tuple[str, Fact]], base_meas:
             m.update(generation_metrics(by_id[fid], gens[k], run.base_gens[fid]))
         run.metrics.append(m)
         run.base_metrics.append(score(base_meas[fid], base_meas[fid]))
+        run.progress(k + 1, len(edited), fid, f"at the last revision {brief(m)}")
 
 
 def brief(m: dict[str, float]) -> str:
