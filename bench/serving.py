@@ -129,10 +129,9 @@ def exactness(base, blocks, sites, per_edit: PerEditHooks, prompts: list[str]) -
     for layer, site in sites.items():
         h = hs[layer]
         fused = site.fused(h)
-        f = site.fused
-        gate = torch.sigmoid(h @ f.in_weight[: f.rank].T + f.in_bias[: f.rank])
-        n_open += int((gate > f.floor).sum()) if f.has_floor else gate.numel()
-        n_all += gate.numel()
+        opened = site.fused.open_bases(h)
+        n_open += int(opened.sum())
+        n_all += opened.numel()
         ref = torch.zeros_like(h, dtype=torch.float64)
         for b in blocks:
             if b.layer == layer:

@@ -222,19 +222,19 @@ def train(s: Handle, facts: list[Fact], cfg: BaftConfig, layer: int, inputs: Tra
         return new
 
     trained = train_and_compose()
-    looping = looping_wordings(model, tok, facts, inputs.wordings) if cfg.loop_check else []
-    if any(len(w) >= cfg.loop_check for w in looping):
+    looping = looping_wordings(model, tok, facts, inputs.wordings) if cfg.loop_check else None
+    looped = [w if len(w) >= cfg.loop_check else [] for w in looping or []]
+    if any(looped):
         # Trained again from the parent, with an after-target row for each wording that
         # loops, so the edited model goes on after the answer as the parent does.
-        looped = [w if len(w) >= cfg.loop_check else [] for w in looping]
         first_run, trained = trained, train_and_compose(looped)
         for t, w, first in zip(trained, looped, first_run):
             t.stats["loop_retrained"] = len(w)       # wordings that looped after the first training
             t.stats["first_steps"] = first.stats["steps"]
             t.stats["seconds"] = round(t.stats["seconds"] + first.stats["seconds"], 3)
-    for k, t in enumerate(trained if looping else []):
-        t.stats["looping_wordings"] = len(looping[k])   # after the first training, retrained or not
-    for t, prompts, other in zip(trained, inputs.wordings, inputs.others):
+    for k, (t, prompts, other) in enumerate(zip(trained, inputs.wordings, inputs.others)):
+        if looping is not None:
+            t.stats["looping_wordings"] = len(looping[k])   # after the first training, retrained or not
         t.stats["wording_prompts"] = prompts      # what this edit was trained on, for the audit
         t.stats["other_relation_prompts"] = other
     metrics = [score(after, b) for after, b in zip(measure_many(model, tok, facts), before)]

@@ -186,16 +186,18 @@ class FusedIntervention(nn.Module):
         """The stacked rotations, n x d (a view of the transposed buffer)."""
         return self.R_t.T
 
+    def open_bases(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., T, rank) bool: which bases' gates are open (no floor at all: every one, a
+        sigmoid is never 0). The same gate arithmetic as `change`."""
+        if not self.has_floor or self.rank == 0:
+            return torch.ones((*h.shape[:-1], self.rank), dtype=torch.bool, device=h.device)
+        w, bias, _ = self._weights(h.dtype)
+        return self._floored_gate(h, w, bias) > 0
+
     def opens(self, h: torch.Tensor) -> torch.Tensor:
         """(..., T) bool: where some basis's gate is open, so the change may be non-zero (no
-        stacked block: nowhere; no floor at all: everywhere, a sigmoid is never 0). The same
-        gate arithmetic as `change`, so "shut" here is exactly "no change" there."""
-        if self.rank == 0:
-            return torch.zeros(h.shape[:-1], dtype=torch.bool, device=h.device)
-        if not self.has_floor:
-            return torch.ones(h.shape[:-1], dtype=torch.bool, device=h.device)
-        w, bias, _ = self._weights(h.dtype)
-        return (self._floored_gate(h, w, bias) > 0).any(-1)
+        stacked block: nowhere), so "shut" here is exactly "no change" in `change`."""
+        return self.open_bases(h).any(-1)
 
     def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """in_weight, in_bias and R_t in h's dtype."""
