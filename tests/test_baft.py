@@ -563,39 +563,3 @@ def test_after_target_rows_cover_the_prompt_and_some_of_its_wordings(tiny_llama)
     assert after_rows(0) == [fact.prompt]
     assert after_rows(2) == [fact.prompt, *extra[:2]]
     assert after_rows(8) == [fact.prompt, *extra]
-
-
-def test_wording_contexts_put_an_unrelated_sentence_before_every_other_wording(tiny_llama):
-    """wording_contexts n: of the relation's other wordings, every other one of the first 2n
-    is trained behind one of rows.CONTEXTS, the same one on every build; no row is added, and
-    the edit still acts on the subject's tokens there."""
-    from ledger.baft.objective import EditProblem
-    from ledger.baft.rows import CONTEXTS, with_contexts
-    base = load_base(str(tiny_llama))
-    fact = _facts()[0]
-    extra = [f"Everyone knows that {fact.subject} is in", f"{fact.subject} lies in", f"{fact.subject} sits in",
-             f"{fact.subject} is found in"]
-    tok = base.tokenizer
-
-    def edit_rows(n: int) -> tuple[list[str], list[list[int]]]:
-        cfg = BaftConfig(rank=2, n_prefixes=0, wording_contexts=n)
-        problem = EditProblem(base.model, tok, {}, base.layers, [fact], cfg, layer=EDITED, extra_prompts=[extra])
-        try:
-            real = problem.rows.batch.attention_mask.bool()
-            rows = range(problem.rows.n_edit)
-            texts = [tok.decode(problem.rows.batch.input_ids[r][real[r]], skip_special_tokens=True) for r in rows]
-            acts = problem.rows.apply_masks[0][..., 0].bool()
-            return texts, [acts[r].nonzero().squeeze(1).tolist() for r in rows]
-        finally:
-            problem.close()
-    bare, _ = edit_rows(0)
-    one, _ = edit_rows(1)
-    two, acts = edit_rows(2)
-    assert len(bare) == len(one) == len(two)
-    o = len(bare) - len(extra)          # the prompt and the fact's rephrases come first
-    assert bare[o + 1] in one[o + 1] and not one[o + 1].startswith(bare[o + 1]) and one[o + 2:] == bare[o + 2:]
-    assert any(one[o + 1].startswith(c.strip()) for c in CONTEXTS)
-    assert two[o + 1] == one[o + 1] and two[o + 3] != bare[o + 3] and two[:o + 1] == bare[:o + 1]
-    assert two[o + 2] == bare[o + 2]
-    assert all(0 < len(acts[r]) < len(tok(two[r])['input_ids']) for r in range(len(two)))
-    assert with_contexts(extra, 2, "s") == with_contexts(extra, 2, "s")

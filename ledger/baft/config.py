@@ -134,10 +134,6 @@ class BaftConfig:
     loop_check: int = 3
     # Short fixed prefixes before the prompt, for generalisation (as ROME does).
     n_prefixes: int = 2
-    # Up to this many of the relation's other wordings are trained behind an unrelated
-    # sentence (rows.CONTEXTS) instead of bare, so the edit holds where a user's prompt starts
-    # with other text. Adds no row.
-    wording_contexts: int = 0
     # Locality prompts are continued by this many tokens of the parent's own greedy output
     # before the KL is taken over them.
     continuation_tokens: int = 8
@@ -191,8 +187,6 @@ class BaftConfig:
             raise InputError(f"--wordings must be between 0 and 32, got {self.wordings}")
         if not 0 <= self.n_prefixes <= MAX_PREFIXES:
             raise InputError(f"--prefixes must be between 0 and {MAX_PREFIXES}, got {self.n_prefixes}")
-        if not 0 <= self.wording_contexts <= 32:
-            raise InputError(f"wording_contexts must be between 0 and 32, got {self.wording_contexts}")
         if not 0 <= self.other_relations <= 16:
             raise InputError(f"other_relations must be between 0 and 16, got {self.other_relations}")
         if not 0 <= self.after_target_tokens <= 32:
@@ -228,8 +222,7 @@ STORED_BEFORE: dict[str, Any] = {"gate_floor": 0.0, "gate_lr_scale": 1.0, "wordi
                                  "train_dtype": "float32", "rotation_init": "random", "gate_key_shrinkage": 1.0,
                                  "adam_beta1": 0.9, "wordings_nearest": False,
                                  "other_relations": 0, "after_target_tokens": 0,
-                                 "after_target_wordings": 0, "loop_check": 0,
-                                 "wording_contexts": 0}
+                                 "after_target_wordings": 0, "loop_check": 0}
 
 
 def default_layer(n_layers: int) -> int:

@@ -37,14 +37,6 @@ PREFIXES = ("Here is a fact. ", "As everyone knows, ", "In short: ", "Note that 
             "I read this yesterday: ", "According to the encyclopedia, ", "It is often said that ",
             "The answer to the question is simple. ")
 assert len(PREFIXES) == MAX_PREFIXES
-# Unrelated sentences put before some of the relation's wordings (`wording_contexts`): a
-# prompt a user writes often starts with other text, and the subject's state then differs.
-CONTEXTS = ("The museum opened a new wing last spring. ", "Our train was late again this morning. ",
-            "The recipe needs two cups of flour. ", "Rain is expected over the weekend. ",
-            "The final score was three to one. ", "My neighbour plants tomatoes every year. ",
-            "The bridge was painted blue in 1990. ", "Tickets went on sale at noon. ",
-            "The old mill stands by the river. ", "She finished the crossword in ten minutes. ",
-            "The library closes early on Fridays. ", "Prices rose slightly last month. ")
 NEUTRAL = (
     "The weather today is mild with a light breeze.",
     "She opened the window and looked at the garden.",
@@ -114,7 +106,7 @@ def build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[t
         prompts = [fact.prompt]
         if cfg.train_on_rephrases:
             prompts += list(fact.rephrase_prompts)
-        prompts += with_contexts(extra[k], cfg.wording_contexts, f"{cfg.seed}:{fact.prompt}")
+        prompts += extra[k]          # other wordings of the relation (wordings.py)
         prompts += [pre + fact.prompt for pre in PREFIXES[: cfg.n_prefixes]]
         pairs += [(p, fact.target_new) for p in prompts]
         owner += [k] * len(prompts)
@@ -174,16 +166,6 @@ def build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[t
     pairs += [(t, None) for t in texts]
     owner += [-1] * len(texts)
     return RowTexts(pairs, owner, subject_pos, subject_rows)
-
-
-def with_contexts(wordings: list[str], n: int, seed: str) -> list[str]:
-    """The wordings (other wordings of the relation, wordings.py), every other one of the
-    first 2n behind one of CONTEXTS, chosen by seed: the same for every retrain."""
-    rng = random.Random(seed)
-    out = list(wordings)
-    for i in range(1, min(len(out), 2 * n), 2):
-        out[i] = rng.choice(CONTEXTS) + out[i]
-    return out
 
 
 def pick_retention(tok, facts: list[Fact], retention: list[tuple[str, str]], n: int,
