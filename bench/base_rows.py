@@ -11,7 +11,6 @@ Prints one JSON line: {"op": "base_rows", "median_s", "baseline_median_s", "rati
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import statistics
@@ -26,7 +25,10 @@ from safetensors.torch import save
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from ledger import InputError, Ledger, load_facts  # noqa: E402
+from ledger import InputError, Ledger  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from fresh_add import fact_arguments, facts_of  # noqa: E402  (bench/fresh_add.py)
 
 
 def blob_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -34,15 +36,8 @@ def blob_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(ROOT / "bench" / "data" / "everyday-dev.json"),
-                    help="a fact file (any format `ledger add` reads)")
-    ap.add_argument("-n", type=int, default=8, help="facts to add (default 8)")
-    ap.add_argument("--offset", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    facts = load_facts(args.data)[args.offset: args.offset + args.n]
+    args = fact_arguments(__doc__.splitlines()[0]).parse_args()
+    facts = facts_of(args)
     seconds: dict[str, list[float]] = {"reuse": [], "anew": []}
     steps: dict[str, list[int]] = {"reuse": [], "anew": []}
     same = 0

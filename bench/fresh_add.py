@@ -28,18 +28,29 @@ sys.path.insert(0, str(ROOT))
 from ledger import BaftConfig, InputError, Ledger, load_facts  # noqa: E402
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def fact_arguments(description: str) -> argparse.ArgumentParser:
+    """The options of a benchmark that adds the facts of a file (this one and bench/base_rows.py)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--data", default=str(ROOT / "bench" / "data" / "everyday-dev.json"),
                     help="a fact file (any format `ledger add` reads)")
     ap.add_argument("-n", type=int, default=8, help="facts to add (default 8)")
     ap.add_argument("--offset", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
+def facts_of(args: argparse.Namespace) -> list:
+    """args.n facts of args.data from args.offset, with torch set to args.threads."""
+    torch.set_num_threads(args.threads)
+    return load_facts(args.data)[args.offset: args.offset + args.n]
+
+
+def main() -> None:
+    ap = fact_arguments(__doc__.splitlines()[0])
     ap.add_argument("--baseline-config", type=json.loads, default={}, metavar="JSON",
                     help="BaftConfig fields of the baseline adds (default: the same defaults)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    facts = load_facts(args.data)[args.offset: args.offset + args.n]
+    facts = facts_of(args)
     cfg, base_cfg = BaftConfig(), BaftConfig.from_dict(args.baseline_config)
     seconds: dict[str, list[float]] = {"builtin": [], "none": []}
     steps: dict[str, list[int]] = {"builtin": [], "none": []}

@@ -143,22 +143,35 @@ def with_database(engine_name: str, fn):
         admin.dispose()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def scale_arguments(description: str, repeats: int) -> argparse.Namespace:
+    """The options of a benchmark at history scale (this one and bench/web.py)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--revisions", type=int, default=100_000)
     ap.add_argument("--edits", type=int, default=10_000)
     ap.add_argument("--baseline-revisions", type=int, default=1_000)
-    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=repeats)
     ap.add_argument("--engines", default="sqlite,postgresql")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def at_both_sizes(engine_name: str, args: argparse.Namespace, measure_fn) -> tuple[dict, float, dict]:
+    """measure_fn(url, n_revisions, repeats) on a ledger of args.baseline_revisions and on one
+    of args.revisions, each built with edits in the same proportion: (the baseline's figures,
+    seconds to build the full ledger, the full ledger's figures)."""
+    def run(url, n_rev, n_edits):
+        secs = build(url, n_rev, n_edits)
+        return secs, measure_fn(url, n_rev, args.repeats)
+    base_edits = max(1, args.edits * args.baseline_revisions // args.revisions)
+    _, base = with_database(engine_name, lambda u: run(u, args.baseline_revisions, base_edits))
+    full_secs, full = with_database(engine_name, lambda u: run(u, args.revisions, args.edits))
+    return base, full_secs, full
+
+
+def main() -> None:
+    args = scale_arguments(__doc__.splitlines()[0], repeats=30)
     torch.set_num_threads(1)
     for engine_name in args.engines.split(","):
-        def run(url, n_rev, n_edits):
-            secs = build(url, n_rev, n_edits)
-            return secs, measure(url, n_rev, args.repeats)
-        base_secs, base = with_database(engine_name, lambda u: run(u, args.baseline_revisions,
-                                                                    max(1, args.edits * args.baseline_revisions // args.revisions)))
-        full_secs, full = with_database(engine_name, lambda u: run(u, args.revisions, args.edits))
+        base, full_secs, full = at_both_sizes(engine_name, args, measure)
         print(json.dumps({"engine": engine_name, "op": "build", "revisions": args.revisions, "edits": args.edits,
                           "seconds": round(full_secs, 1), "revisions_per_s": round(args.revisions / full_secs, 1)}),
               flush=True)

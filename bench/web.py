@@ -12,7 +12,6 @@ milliseconds at full size, the baseline's and their ratio. Goal: every page <= 2
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from history import build, with_database  # noqa: E402  (bench/history.py)
+from history import at_both_sizes, scale_arguments  # noqa: E402  (bench/history.py)
 from starlette.testclient import TestClient  # noqa: E402
 
 from ledger import Ledger  # noqa: E402
@@ -71,21 +70,10 @@ def measure(url: str, n_revisions: int, repeats: int, seed: int = 1) -> dict[str
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--revisions", type=int, default=100_000)
-    ap.add_argument("--edits", type=int, default=10_000)
-    ap.add_argument("--baseline-revisions", type=int, default=1_000)
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--engines", default="sqlite,postgresql")
-    args = ap.parse_args()
+    args = scale_arguments(__doc__.splitlines()[0], repeats=20)
     torch.set_num_threads(1)
     for engine_name in args.engines.split(","):
-        def run(url, n_rev, n_edits):
-            secs = build(url, n_rev, n_edits)
-            return secs, measure(url, n_rev, args.repeats)
-        base_edits = max(1, args.edits * args.baseline_revisions // args.revisions)
-        _, base = with_database(engine_name, lambda u: run(u, args.baseline_revisions, base_edits))
-        full_secs, full = with_database(engine_name, lambda u: run(u, args.revisions, args.edits))
+        base, full_secs, full = at_both_sizes(engine_name, args, measure)
         print(json.dumps({"engine": engine_name, "op": "build", "revisions": args.revisions, "edits": args.edits,
                           "seconds": round(full_secs, 1)}), flush=True)
         for page, ms in full.items():
