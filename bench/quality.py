@@ -90,6 +90,17 @@ GEN_METRICS = ("gen_reliability", "gen_generalization", "gen_locality", "repetit
 
 # --- inputs ------------------------------------------------------------------------------------
 
+def record_range(text: str) -> tuple[int, int]:
+    a, sep, b = text.partition(":")
+    try:
+        start, end = int(a), int(b)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected A:B, two record numbers, got {text!r}") from None
+    if not sep or start < 0 or end <= start:
+        raise argparse.ArgumentTypeError(f"expected A:B with 0 <= A < B, got {text!r}")
+    return start, end
+
+
 def int_list(text: str) -> list[int]:
     try:
         out = [int(x) for x in text.split(",") if x.strip()]
@@ -456,6 +467,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="strict: every evaluated rephrase wording leaves the table for every edit of the run; "
                          "per-fact: the whole table, and each edit skips its own fact's wordings (the product's "
                          "rule) (default strict)")
+    ap.add_argument("--held-out-records", type=record_range, default=None, metavar="A:B",
+                    help="with --held-out strict: hold out the rephrase wordings of records [A, B) of each file "
+                         "instead of the evaluated ones, so that one run split over processes (--offset, --n, "
+                         "single edits) trains every edit as the whole run would (e.g. 0:200 in two runs of "
+                         "--n 100 at --offset 0 and 100)")
     ap.add_argument("--keep-ledgers", type=Path, default=None, metavar="DIR",
                     help="copy each run's ledger database into DIR when the run ends (ledger-N.db, N in run "
                          "order), e.g. for bench/serving.py --db")
@@ -501,7 +517,13 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"no wordings file at {path}")
     count = max([args.n if "single" in settings else 0, *seq_T, *batch_K])
     data = {name: load_dataset(args.data_dir, name, args.offset, count) for name in args.datasets}
-    held_out = held_out_pairs(wordings_paths, [f for facts in data.values() for _, f in facts]) \
+    if args.held_out_records and not args.held_out_records[0] <= args.offset < args.offset + count <= args.held_out_records[1]:
+        ap.error(f"--held-out-records {args.held_out_records[0]}:{args.held_out_records[1]} must cover the evaluated "
+                 f"records {args.offset}:{args.offset + count}")
+    held = data if args.held_out_records is None else \
+        {name: load_dataset(args.data_dir, name, args.held_out_records[0],
+                            args.held_out_records[1] - args.held_out_records[0]) for name in args.datasets}
+    held_out = held_out_pairs(wordings_paths, [f for facts in held.values() for _, f in facts]) \
         if args.held_out == "strict" else set()
 
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
@@ -511,6 +533,7 @@ def main(argv: list[str] | None = None) -> None:
         common = {"model": "SmolLM2-135M-Instruct" if base.spec == "smollm2-135m-instruct" else base.spec,
                   "model_fingerprint": base.fingerprint[:16], "offset": args.offset, "threads": args.threads,
                   "held_out_eval_prompts": True, "held_out_wordings": args.held_out, "torch": torch.__version__,
+                  **({"held_out_records": "{}:{}".format(*args.held_out_records)} if args.held_out_records else {}),
                   "wordings": ledgers.wordings and {k: ledgers.wordings[k] for k in
                                                      ("source", "pairs", "added", "excluded")},
                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **git_state()}
