@@ -1,0 +1,44 @@
+"""bench/quality.py's strict hold-out over a record range (--held-out-records): the wordings
+left out of the table for a split run are those of the whole range, and a range that does not
+cover the evaluated records is refused before any model is loaded."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+import quality
+from ledger.facts import fact_from_record
+
+WORDINGS = [quality.DATA_DIR / name for name in quality.BUILTIN]
+
+
+def test_record_range_parses_a_to_b_and_refuses_the_rest():
+    assert quality.record_range("0:200") == (0, 200)
+    for bad in ("5", "3:3", "4:2", "-1:5", "a:b", ":7"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            quality.record_range(bad)
+
+
+def test_the_hold_out_of_a_range_is_the_union_of_its_parts():
+    facts = [fact for _, fact in quality.load_dataset(quality.ROOT / "bench" / "data", "everyday", 0, 40)]
+    parts = quality.held_out_pairs(WORDINGS, facts[:20]) | quality.held_out_pairs(WORDINGS, facts[20:])
+    whole = quality.held_out_pairs(WORDINGS, facts)
+    assert whole == parts and quality.held_out_pairs(WORDINGS, facts[:20]) < whole
+
+
+def test_a_record_range_that_misses_evaluated_records_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        quality.main(["--datasets", "everyday", "--settings", "single", "--methods", "baft", "--n", "5",
+                      "--offset", "10", "--held-out-records", "0:12"])
+    assert e.value.code == 2
+    assert "must cover the evaluated records 10:15" in capsys.readouterr().err
+
+
+def test_a_rephrase_of_the_range_leaves_the_table():
+    rec = {"prompt": "The painter of {} is", "subject": "Guernica", "target_new": "Monet",
+           "rephrase_prompts": ["{} was painted by"]}
+    fact = fact_from_record({**rec, "prompt": rec["prompt"].format(rec["subject"]),
+                             "rephrase_prompts": [p.format(rec["subject"]) for p in rec["rephrase_prompts"]]})
+    out = quality.held_out_pairs(WORDINGS, [fact])
+    assert out and all("{} was painted by" in pair for pair in out)
