@@ -212,6 +212,30 @@ def already_answers(model, tok, fact: Fact) -> bool:
     return answers(measure(model, tok, Fact(prompt=fact.prompt, target_new=fact.target_new)))
 
 
+# CounterFact's rephrase prompts are of two kinds. Most paraphrase the fact's relation ("Logan
+# Thomas, the" for "Logan Thomas plays in the position of"). Others are CounterFact's
+# generation prompts, which ask another question about the subject, so that target_new is
+# not what the question asks for ("Where Richard Wagner passed away, people speak the
+# language of" with target "Paris", "Christiane Taubira was born in" with target "Spanish"):
+# scored right only where the edit makes the subject say its target whatever is asked. These
+# are the phrases of those prompts, read off failing rephrases of counterfact-val and edit-1k;
+# each recurs in counterfact-train (4,343 of its 10,000 rephrases hold one). Nothing trains on
+# them: they only split the reported generalisation.
+ANOTHER_QUESTION = ("people speak the language of", "people around", "surrounded by", "surroundings include",
+                    "by navigating", "the locals held a", "religious events at the local",
+                    "aired alongside other programs", "is known for", "is incredible at", "becomes important when",
+                    "friends all speak", "has its name is that", "was born in", "favorite product out of",
+                    "has to", "greatest accomplishment", "greatest strength", "the expertise of")
+REPHRASE_KINDS = ("paraphrase", "another_question")
+
+
+def rephrase_kind(fact: Fact) -> str:
+    """'another_question' where a rephrase prompt of the fact holds one of ANOTHER_QUESTION's
+    phrases, else 'paraphrase'."""
+    text = " ".join(fact.rephrase_prompts).lower()
+    return "another_question" if any(p in text for p in ANOTHER_QUESTION) else "paraphrase"
+
+
 # --- one run -----------------------------------------------------------------------------------
 
 class Run:
@@ -225,6 +249,7 @@ class Run:
         self.base_gens = base_gens
         self.metrics: list[dict[str, float]] = []
         self.base_metrics: list[dict[str, float]] = []
+        self.kinds: list[str] = []          # per edited fact, rephrase_kind(fact)
         self.seconds: list[float] = []
         self.steps: list[int] = []
         self.bytes: list[int] = []
@@ -239,8 +264,25 @@ class Run:
         size = f" T={self.size}" if self.setting == "sequential" else f" K={self.size}" if self.setting == "batch" else ""
         return f"{self.dataset}/{self.method}/{self.setting}{size}"
 
+    def record(self, fact: Fact, m: dict[str, float], base_m: dict[str, float]) -> None:
+        """One edited fact's metrics, and the base model's on it."""
+        self.metrics.append(m)
+        self.base_metrics.append(base_m)
+        self.kinds.append(rephrase_kind(fact))
+
     def progress(self, i: int, total: int, fid: str, text: str) -> None:
         print(f"[{self.label}] {i}/{total} {fid}: {text}", file=sys.stderr, flush=True)
+
+    def by_rephrase_kind(self) -> dict[str, dict[str, float]]:
+        """Generalisation over the facts whose rephrase is a paraphrase, and over those whose
+        rephrase asks another question (rephrase_kind): a diagnosis, not a headline figure."""
+        out = {}
+        for kind in REPHRASE_KINDS:
+            rows = [m for m, k in zip(self.metrics, self.kinds) if k == kind]
+            if rows:
+                out[kind] = {"n": len(rows), **{key: round(statistics.mean(m[key] for m in rows), 4)
+                                                  for key in ("generalization", "gen_generalization") if key in rows[0]}}
+        return out
 
     def row(self, common: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
         def means(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -257,6 +299,8 @@ class Run:
         out.update({"n": self.n, "n_edited": len(self.metrics), "skipped": self.skipped})
         out.update({k: m.get(k) for k in METRICS if k in m or self.dataset == "counterfact" or k not in CF_ONLY})
         out.update({k: m[k] for k in GEN_METRICS if k in m})
+        if self.dataset == "counterfact" and self.metrics:
+            out["by_rephrase_kind"] = self.by_rephrase_kind()
         if self.superseded:
             out["superseded"] = self.superseded
         if self.error:
@@ -284,8 +328,7 @@ def evaluate_all(model, tok, run: Run, facts: list[tuple[str, Fact]], base_meas:
         m = score(measure(model, tok, by_id[fid]), base_meas[fid])
         if gens is not None:
             m.update(generation_metrics(by_id[fid], gens[k], run.base_gens[fid]))
-        run.metrics.append(m)
-        run.base_metrics.append(score(base_meas[fid], base_meas[fid]))
+        run.record(by_id[fid], m, score(base_meas[fid], base_meas[fid]))
         run.progress(k + 1, len(edited), fid, f"at the last revision {brief(m)}")
 
 
@@ -337,8 +380,7 @@ def ledger_single(ledgers: Ledgers, run: Run, cfg: BaftConfig, facts, base_meas,
             if run.base_gens is not None:
                 [gen] = generate_many(composed.model, base.tokenizer, [fact])
                 m.update(generation_metrics(fact, gen, run.base_gens[fid]))
-            run.metrics.append(m)
-            run.base_metrics.append(score(base_meas[fid], base_meas[fid]))
+            run.record(fact, m, score(base_meas[fid], base_meas[fid]))
             run.progress(i, len(facts), fid, f"{run.seconds[-1]:.1f} s, {res.stats['steps']} steps{loops(res.stats)}, {brief(m)}")
 
 
@@ -399,8 +441,7 @@ def ftm_run(editor: FTMEditor, run: Run, facts, base_meas, known, *, restore_eac
             run.bytes.append(editor.delta_bytes)
             if restore_each:
                 m = score(measure(model, tok, fact), base_meas[fid])
-                run.metrics.append(m)
-                run.base_metrics.append(score(base_meas[fid], base_meas[fid]))
+                run.record(fact, m, score(base_meas[fid], base_meas[fid]))
                 editor.restore()
                 run.progress(i, len(facts), fid, f"{run.seconds[-1]:.1f} s, {stats['steps']} steps, {brief(m)}")
             else:

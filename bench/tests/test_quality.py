@@ -1,6 +1,6 @@
-"""bench/quality.py's strict hold-out over a record range (--held-out-records): the wordings
-left out of the table for a split run are those of the whole range, and a range that does not
-cover the evaluated records is refused before any model is loaded."""
+"""bench/quality.py's bookkeeping: the strict hold-out over a record range (--held-out-records)
+is the union of its parts' and must cover the evaluated records; CounterFact rows split
+generalisation by the kind of rephrase (a paraphrase, or a question about something else)."""
 from __future__ import annotations
 
 import argparse
@@ -42,3 +42,26 @@ def test_a_rephrase_of_the_range_leaves_the_table():
                              "rephrase_prompts": [p.format(rec["subject"]) for p in rec["rephrase_prompts"]]})
     out = quality.held_out_pairs(WORDINGS, [fact])
     assert out and all("{} was painted by" in pair for pair in out)
+
+
+def _fact(rephrase: str):
+    return fact_from_record({"prompt": "Richard Wagner died in", "subject": "Richard Wagner", "target_new": "Paris",
+                             "rephrase_prompts": [rephrase]})
+
+
+def test_a_rephrase_asking_another_question_is_told_from_a_paraphrase():
+    assert quality.rephrase_kind(_fact("Richard Wagner passed away in")) == "paraphrase"
+    assert quality.rephrase_kind(_fact("Where Richard Wagner passed away, people speak the language of")) \
+        == "another_question"
+
+
+def test_a_counterfact_row_splits_generalisation_by_rephrase_kind():
+    run = quality.Run("counterfact", "baft", "single", None)
+    for rephrase, gen in (("Richard Wagner passed away in", 1.0), ("Richard Wagner's life ended in", 0.5),
+                          ("Richard Wagner's surroundings include", 0.0)):
+        run.record(_fact(rephrase), {"reliability": 1.0, "generalization": gen, "locality": 1.0}, {})
+    row = run.row({}, {})
+    assert row["generalization"] == 0.5
+    assert row["by_rephrase_kind"] == {"paraphrase": {"n": 2, "generalization": 0.75},
+                                       "another_question": {"n": 1, "generalization": 0.0}}
+    assert "by_rephrase_kind" not in quality.Run("everyday", "baft", "single", None).row({}, {})
