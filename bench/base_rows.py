@@ -26,8 +26,6 @@ from safetensors.torch import save
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from ledger import InputError, Ledger  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "bench"))
 from fresh_add import fact_arguments, facts_of  # noqa: E402  (bench/fresh_add.py)
 
 

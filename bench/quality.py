@@ -557,13 +557,13 @@ def main(argv: list[str] | None = None) -> None:
         if not path.is_file():
             ap.error(f"no wordings file at {path}")
     count = max([args.n if "single" in settings else 0, *seq_T, *batch_K])
-    data = {name: load_dataset(args.data_dir, name, args.offset, count) for name in args.datasets}
-    if args.held_out_records and not args.held_out_records[0] <= args.offset < args.offset + count <= args.held_out_records[1]:
-        ap.error(f"--held-out-records {args.held_out_records[0]}:{args.held_out_records[1]} must cover the evaluated "
-                 f"records {args.offset}:{args.offset + count}")
-    held = data if args.held_out_records is None else \
-        {name: load_dataset(args.data_dir, name, args.held_out_records[0],
-                            args.held_out_records[1] - args.held_out_records[0]) for name in args.datasets}
+    # The records whose rephrase wordings are held out: the evaluated ones, or --held-out-records
+    # around them (read once; the evaluated records are a slice of them).
+    first, end = args.held_out_records or (args.offset, args.offset + count)
+    if args.held_out_records and not first <= args.offset < args.offset + count <= end:
+        ap.error(f"--held-out-records {first}:{end} must cover the evaluated records {args.offset}:{args.offset + count}")
+    held = {name: load_dataset(args.data_dir, name, first, end - first) for name in args.datasets}
+    data = {name: facts[args.offset - first: args.offset - first + count] for name, facts in held.items()}
     held_out = held_out_pairs(wordings_paths, [f for facts in held.values() for _, f in facts]) \
         if args.held_out == "strict" else set()
 
