@@ -265,6 +265,10 @@ _NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at e
 @click.option("--other-relations", type=click.IntRange(0, 16), default=BaftConfig.other_relations, show_default=True,
               help="Keep what the model says of the subject in up to N other catalogued relations "
                    "(more steps; fewer changed neighbours that share the subject).")
+@click.option("--subject-variants", type=click.IntRange(0, 32), default=BaftConfig.subject_variants,
+              show_default=True, help="Keep what the model says on up to N near misses of the prompt, one word of "
+                                      "the subject swapped for a near one (fewer changed neighbours that share "
+                                      "words with the subject).")
 @click.option("--after-target-wordings", type=click.IntRange(0, 32), default=BaftConfig.after_target_wordings,
               show_default=True, help="Train N of the fact's wordings, not only its prompt, to go on as the model "
                                       "did after the new answer (fewer loops on the answer, less carry-over to "
@@ -287,8 +291,8 @@ _NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at e
 @click.pass_context
 def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int, steps: int, lr: float,
         stop_prob: float, locality_weight: float, gate_floor: float, n_wordings: int, wordings_related: int,
-        other_relations: int, after_target_wordings: int, n_prefixes: int, fmt: str, offset: int,
-        limit: int | None, skip_bad: bool, strict: bool, batch: int, seed: int, message: str | None,
+        other_relations: int, subject_variants: int, after_target_wordings: int, n_prefixes: int, fmt: str,
+        offset: int, limit: int | None, skip_bad: bool, strict: bool, batch: int, seed: int, message: str | None,
         as_json: bool) -> None:
     """Train and commit one BaFT edit per fact in FILE.
 
@@ -309,7 +313,8 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
     cfg = BaftConfig(method=method, layer=layer, rank=rank, steps=steps, lr=lr, stop_prob=stop_prob,
                      locality_weight=locality_weight, gate_floor=gate_floor,
                      wordings=n_wordings, wordings_related=wordings_related, other_relations=other_relations,
-                     after_target_wordings=after_target_wordings, n_prefixes=n_prefixes, seed=seed)
+                     subject_variants=subject_variants, after_target_wordings=after_target_wordings,
+                     n_prefixes=n_prefixes, seed=seed)
     if skip_bad:
         facts, problems = load_facts_skipping_bad(file, fmt=fmt, offset=offset, limit=limit)
     else:

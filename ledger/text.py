@@ -97,6 +97,16 @@ def scored_logits(model, batch: Batch) -> torch.Tensor:
     return model.get_output_embeddings()(hidden[batch.target_mask])
 
 
+@torch.no_grad()
+def next_token_logprobs(model, tok, prompts: list[str]) -> torch.Tensor:
+    """(len(prompts), vocab): the model's log-probabilities of the token after each prompt."""
+    device = next(model.parameters()).device
+    batch = make_batch(tok, [(p, None) for p in prompts], device)
+    out = logits(model, batch)
+    last = out[torch.arange(len(prompts), device=device), torch.tensor(batch.lengths, device=device) - 1]
+    return torch.log_softmax(last.float(), dim=-1)
+
+
 # --- what a model supports, checked once per model -------------------------------------------
 
 # Per model, the checks it passed: {"head": bool, "packing": bool, "prefix": bool}.

@@ -214,3 +214,29 @@ def test_a_batch_trains_each_fact_as_long_as_it_needs(smol_threads):
                       BaftConfig(steps=min(steps), min_steps=cfg.steps), layer=layer)
     for name, t in batch[early].tensors.items():
         assert torch.equal(t, cut[early].tensors[name]), name
+
+
+def test_subject_variants_swap_one_word_for_a_near_one_that_names_something_else(tmp_path, smol_threads):
+    """Near misses of a prompt: one whole word of the subject swapped for one of its nearest
+    words in the input embeddings, where the parent then answers otherwise; a synonym after
+    which it answers the same ("biggest" for "largest") and case or plural forms are left out."""
+    from ledger.baft.rows import subject_variants
+    from ledger.facts import facts_from_records
+    from ledger.text import next_token_logprobs
+    fact = facts_from_records([{"subject": "largest planet in the solar system", "target_new": "Saturn",
+                                "prompt": "The largest planet in the solar system is"}])[0]
+    with Ledger.init(f"sqlite:///{tmp_path / 'ledger.db'}", wordings=False) as lg:
+        model, tok = lg.base.model, lg.base.tokenizer
+        variants = subject_variants(model, tok, fact, 32)
+        assert "The smallest planet in the solar system is" in variants
+        assert not any(v.startswith("The biggest planet") for v in variants)
+        words = fact.prompt.split()
+        for v in variants:
+            swapped = [(a, b) for a, b in zip(words, v.split()) if a != b]
+            assert len(v.split()) == len(words) and len(swapped) == 1, v
+            old, new = swapped[0]
+            assert old in fact.subject.split() and new.lower().rstrip("s") != old.lower().rstrip("s"), v
+        answers = next_token_logprobs(model, tok, [fact.prompt, *variants]).argmax(-1).tolist()
+        assert answers[0] not in answers[1:]
+        assert subject_variants(model, tok, fact, 3) == variants[:3]
+        assert subject_variants(model, tok, fact, 0) == []

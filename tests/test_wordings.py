@@ -185,6 +185,7 @@ def test_stored_configs_without_newer_fields_retrain_as_they_were_trained():
     assert (cfg.wordings, cfg.wordings_related, cfg.gate_floor, cfg.gate_lr_scale) == (0, 0, 0.0, 1.0)
     assert cfg.adam_beta1 == 0.9        # torch's default, which edits stored without the field used
     assert (cfg.other_relations, cfg.after_target_tokens, cfg.after_target_wordings) == (0, 0, 0)
+    assert cfg.subject_variants == 0
     assert BaftConfig.from_dict(old) == BaftConfig(rank=4, lr=0.01)
     assert BaftConfig.from_dict({**old, "wordings": 3}, stored=True).wordings == 3
     with pytest.raises(InputError, match="--wordings"):

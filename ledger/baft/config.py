@@ -81,6 +81,15 @@ class BaftConfig:
     # Near-miss negatives: the relation template filled with each word of a multi-word subject
     # alone ("BBC" and "One" for "BBC One"), so the gate learns the whole subject.
     near_miss_negatives: bool = False
+    # Near misses as negatives, up to this many per fact: the prompt with one word of the
+    # subject swapped for a near word of the model's embeddings, where the parent then answers
+    # otherwise ("The smallest planet in the solar system is" for "The largest ..."),
+    # continued by the parent (rows.subject_variants), so the gate's key learns the whole
+    # subject. On everyday-dev, 40 in a row, 8 take locality from 0.850 to 0.879 and
+    # repetition to the base model's, for generalisation 0.836 against 0.853; on
+    # counterfact-val records 0-59 generalisation 0.753 against 0.778, free-generation
+    # locality 1.000 against 0.983 (docs/design.md, under the field's name). 0: off.
+    subject_variants: int = 8
     # Early stop once every target token is the argmax and has at least this probability.
     # 0.9: trained on the built-in wordings, an edit carries to unseen wordings without the
     # margin of 0.99, which takes 1.6 times the steps for the same generalisation on
@@ -187,6 +196,8 @@ class BaftConfig:
             raise InputError(f"--wordings must be between 0 and 32, got {self.wordings}")
         if not 0 <= self.n_prefixes <= MAX_PREFIXES:
             raise InputError(f"--prefixes must be between 0 and {MAX_PREFIXES}, got {self.n_prefixes}")
+        if not 0 <= self.subject_variants <= 32:
+            raise InputError(f"subject_variants must be between 0 and 32, got {self.subject_variants}")
         if not 0 <= self.other_relations <= 16:
             raise InputError(f"other_relations must be between 0 and 16, got {self.other_relations}")
         if not 0 <= self.after_target_tokens <= 32:
@@ -221,7 +232,7 @@ class BaftConfig:
 STORED_BEFORE: dict[str, Any] = {"gate_floor": 0.0, "gate_lr_scale": 1.0, "wordings": 0, "wordings_related": 0,
                                  "train_dtype": "float32", "rotation_init": "random", "gate_key_shrinkage": 1.0,
                                  "adam_beta1": 0.9, "wordings_nearest": False,
-                                 "other_relations": 0, "after_target_tokens": 0,
+                                 "other_relations": 0, "subject_variants": 0, "after_target_tokens": 0,
                                  "after_target_wordings": 0, "loop_check": 0}
 
 

@@ -6,7 +6,8 @@ behind short fixed prefixes (generalisation, as ROME does), each followed by the
 
 Unrelated rows, shared by the facts: the facts' own locality prompts continued by the parent
 (when `train_on_locality`), the relation template filled with generic subjects (hard
-negatives), a few neutral sentences, the prompts + targets of edits already active (a
+negatives), near misses of the prompt (one word of the subject swapped, `subject_variants`),
+a few neutral sentences, the prompts + targets of edits already active (a
 retention set, so old edits survive new ones), and rows that hold a fact's own subject: the
 subject in other relations, and the prompt continued after its new target.
 
@@ -26,7 +27,7 @@ from typing import Callable
 import torch
 
 from ..facts import Fact
-from ..text import Batch, make_batch, prompt_ids
+from ..text import Batch, logits, make_batch, next_token_logprobs, prompt_ids
 from ..text import continue_greedily as continue_text
 from .config import MAX_PREFIXES, BaftConfig
 
@@ -71,6 +72,61 @@ def subject_positions(tok, prompt: str, subject: str | None) -> list[int]:
     if list(enc["input_ids"]) != prompt_ids(tok, prompt):
         return []
     return [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end and b > start]
+
+
+FUNCTION_WORDS = frozenset("a an the of in on at to for by from with and or but not no is are was were be "
+                           "as into onto over under this that these those its his her their our my your".split())
+# How byte-level BPE (SmolLM2) and SentencePiece (Gemma) mark a token that starts a word.
+WORD_START = ("\u0120", "\u2581")
+
+
+@torch.no_grad()
+def subject_variants(model, tok, fact: Fact, n: int, per_word: int = 3) -> list[str]:
+    """Up to n near misses of the fact's prompt: one word of the subject swapped for one of its
+    nearest words in the model's input embeddings ("The smallest planet in the solar system is"
+    for "The largest planet in the solar system is", "The founder of IBM is" for "The founder
+    of Microsoft is"). A gate keys on states such prompts nearly share; as negatives they
+    teach it the rest of the subject. Case and plural forms of the word, and swaps after which
+    the parent answers the prompt as before ("The biggest planet ..."), are left out: they
+    name the same thing. Each word of the subject gets its nearest swap before any gets its
+    second."""
+    if n <= 0:
+        return []
+    ids = prompt_ids(tok, fact.prompt)
+    pos = set(subject_positions(tok, fact.prompt, fact.subject))
+    pieces = tok.convert_ids_to_tokens(ids)
+
+    def word(piece: str) -> str | None:
+        """The word a token is, where it is a whole content word starting with its space."""
+        w = piece[1:] if piece[:1] in WORD_START else ""
+        return w if len(w) > 1 and w.isalpha() and w.lower() not in FUNCTION_WORDS else None
+
+    def stem(w: str) -> str:
+        w = w.lower()
+        return w[:-2] if w.endswith("es") else w[:-1] if w.endswith("s") else w
+
+    emb = model.get_input_embeddings().weight.float()
+    unit = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    by_word: list[list[str]] = []
+    for j in sorted(pos):
+        own = word(pieces[j])
+        # Whole words only: a swapped piece of a word ("The Monk Lisa") is no name anyone writes.
+        if own is None or (j + 1 in pos and pieces[j + 1][:1] not in WORD_START):
+            continue
+        swaps = []
+        for t in (unit @ unit[ids[j]]).topk(16 * per_word).indices.tolist():
+            w = word(tok.convert_ids_to_tokens(t))
+            if w is not None and not stem(w).startswith(stem(own)) and not stem(own).startswith(stem(w)):
+                swaps.append(t)
+                if len(swaps) == per_word:
+                    break
+        by_word.append([tok.decode(ids[:j] + [t] + ids[j + 1:], skip_special_tokens=True) for t in swaps])
+    pool = list(dict.fromkeys(v[rank] for rank in range(per_word) for v in by_word if rank < len(v)))
+    pool = [v for v in pool if v != fact.prompt]
+    if not pool:
+        return []
+    answers = next_token_logprobs(model, tok, [fact.prompt, *pool]).argmax(-1).tolist()
+    return [v for v, a in zip(pool, answers[1:]) if a != answers[0]][:n]
 
 
 @dataclass
@@ -131,13 +187,15 @@ def build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[t
             words = (fact.subject or "").split()
             if cfg.near_miss_negatives and len(words) > 1:
                 neg_prompts += [relation.format(w) for w in dict.fromkeys(words) if len(w) > 2]
+    variants = [v for fact in facts for v in subject_variants(model, tok, fact, cfg.subject_variants)]
     if len(facts) > 1:      # facts of one relation in a batch draw the same negatives
         neg_prompts = list(dict.fromkeys(neg_prompts))
     # A locality prompt continued by the parent's OWN greedy continuation: the KL then
     # protects what the model actually goes on to say there, not just the next token.
-    texts += continue_greedily(loc_prompts + neg_prompts,
-                               [cfg.continuation_tokens] * len(loc_prompts) + [cfg.neg_continuation_tokens] * len(neg_prompts),
-                               keep=[False] * len(loc_prompts) + [True] * len(neg_prompts))
+    texts += continue_greedily(loc_prompts + neg_prompts + variants,
+                               [cfg.continuation_tokens] * len(loc_prompts)
+                               + [cfg.neg_continuation_tokens] * (len(neg_prompts) + len(variants)),
+                               keep=[False] * len(loc_prompts) + [True] * len(neg_prompts) + [False] * len(variants))
     texts += list(NEUTRAL)
     n = cfg.retention_samples * max(1, min(len(facts), 4))
     keep = pick_retention(tok, facts, retention, n, rng)
