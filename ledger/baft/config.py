@@ -85,11 +85,11 @@ class BaftConfig:
     # subject swapped for a near word of the model's embeddings, where the parent then answers
     # otherwise ("The smallest planet in the solar system is" for "The largest ..."),
     # continued by the parent (rows.subject_variants), so the gate's key learns the whole
-    # subject. On everyday-dev, 40 in a row, 8 take locality from 0.850 to 0.879 and
-    # repetition to the base model's, for generalisation 0.836 against 0.853; on
-    # counterfact-val records 0-59 generalisation 0.753 against 0.778, free-generation
-    # locality 1.000 against 0.983 (docs/design.md, under the field's name). 0: off.
-    subject_variants: int = 8
+    # subject. Not the default: on everyday-dev, 40 in a row, 8 take locality from 0.850 to
+    # 0.871 and repetition to the base model's, but generalisation from 0.853 to 0.836 (edit-1k
+    # records 0-199: 0.693 against 0.711), and a new ledger's add to 2.23 times a no-wordings
+    # add (the speed goal is 2; docs/design.md, under the field's name).
+    subject_variants: int = 0
     # Early stop once every target token is the argmax and has at least this probability.
     # 0.9: trained on the built-in wordings, an edit carries to unseen wordings without the
     # margin of 0.99, which takes 1.6 times the steps for the same generalisation on
