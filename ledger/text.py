@@ -99,12 +99,10 @@ def scored_logits(model, batch: Batch) -> torch.Tensor:
 
 @torch.no_grad()
 def next_token_logprobs(model, tok, prompts: list[str]) -> torch.Tensor:
-    """(len(prompts), vocab): the model's log-probabilities of the token after each prompt."""
-    device = next(model.parameters()).device
-    batch = make_batch(tok, [(p, None) for p in prompts], device)
-    out = logits(model, batch)
-    last = out[torch.arange(len(prompts), device=device), torch.tensor(batch.lengths, device=device) - 1]
-    return torch.log_softmax(last.float(), dim=-1)
+    """(len(prompts), vocab): the model's log-probabilities of the token after each prompt (a
+    prompt without a target is scored at its last position only, see encode_pair)."""
+    batch = make_batch(tok, [(p, None) for p in prompts], next(model.parameters()).device)
+    return torch.log_softmax(scored_logits(model, batch).float(), dim=-1)
 
 
 # --- what a model supports, checked once per model -------------------------------------------

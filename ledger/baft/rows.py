@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from ..facts import Fact
-from ..text import Batch, logits, make_batch, next_token_logprobs, prompt_ids
+from ..text import Batch, make_batch, next_token_logprobs, prompt_ids
 from ..text import continue_greedily as continue_text
 from .config import MAX_PREFIXES, BaftConfig
 
@@ -105,16 +105,20 @@ def subject_variants(model, tok, fact: Fact, n: int, per_word: int = 3) -> list[
         w = w.lower()
         return w[:-2] if w.endswith("es") else w[:-1] if w.endswith("s") else w
 
+    # Whole words only: a swapped piece of a word ("The Monk Lisa") is no name anyone writes.
+    swappable = [j for j in sorted(pos) if word(pieces[j]) is not None
+                 and not (j + 1 in pos and pieces[j + 1][:1] not in WORD_START)]
+    if not swappable:
+        return []
     emb = model.get_input_embeddings().weight.float()
-    unit = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    # Ranked by cosine to one word at a time, without a normalised copy of the whole matrix
+    # (the word's own norm ranks nothing).
+    norms = emb.norm(dim=-1).clamp_min(1e-8)
     by_word: list[list[str]] = []
-    for j in sorted(pos):
+    for j in swappable:
         own = word(pieces[j])
-        # Whole words only: a swapped piece of a word ("The Monk Lisa") is no name anyone writes.
-        if own is None or (j + 1 in pos and pieces[j + 1][:1] not in WORD_START):
-            continue
         swaps = []
-        for t in (unit @ unit[ids[j]]).topk(16 * per_word).indices.tolist():
+        for t in ((emb @ emb[ids[j]]) / norms).topk(16 * per_word).indices.tolist():
             w = word(tok.convert_ids_to_tokens(t))
             if w is not None and not stem(w).startswith(stem(own)) and not stem(own).startswith(stem(w)):
                 swaps.append(t)
@@ -122,7 +126,6 @@ def subject_variants(model, tok, fact: Fact, n: int, per_word: int = 3) -> list[
                     break
         by_word.append([tok.decode(ids[:j] + [t] + ids[j + 1:], skip_special_tokens=True) for t in swaps])
     pool = list(dict.fromkeys(v[rank] for rank in range(per_word) for v in by_word if rank < len(v)))
-    pool = [v for v in pool if v != fact.prompt]
     if not pool:
         return []
     answers = next_token_logprobs(model, tok, [fact.prompt, *pool]).argmax(-1).tolist()
