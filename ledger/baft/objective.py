@@ -146,6 +146,7 @@ class EditProblem:
         # A kept gate (gate_lr_scale 0) never changes: its raw values are computed once.
         self.gate_kept = cfg.method == "baft" and cfg.gate_lr_scale == 0
         self._raw: list[torch.Tensor] | None = None
+        self._tgt_live: torch.Tensor | None = None
 
         # The orthogonal parametrisation draws from torch's global generator when it is set
         # up: seed it too (in a fork, leaving the caller's state alone) so edits reproduce.
@@ -275,6 +276,25 @@ class EditProblem:
             self._raw = raw
         return raw
 
+    def live_targets(self, raw: list[torch.Tensor]) -> torch.Tensor:
+        """Per target token: whether its block can move it, i.e. its floored gate is open at a
+        position of the row where the block acts. Where it is shut at all of them (a wording
+        whose subject the gate's key does not match) the row is the parent's whatever the
+        parameters: its target stays where it is, and the stop rule does not wait for it."""
+        if self._tgt_live is not None:
+            return self._tgt_live
+        rows = self.rows
+        live = torch.ones(rows.n_tgt, dtype=torch.bool, device=self.device)
+        if raw and self.cfg.gate_floor > 0:
+            row_live = torch.zeros(rows.n_edit, dtype=torch.bool, device=self.device)
+            for block, s, apply in zip(self.blocks, raw, rows.apply_masks):
+                opened = (block.gate(s[: rows.n_edit]).detach() > 0).any(-1) & (apply[: rows.n_edit, :, 0] > 0)
+                row_live |= opened.any(1)
+            live = row_live[rows.tgt_row]
+        if self.gate_kept:
+            self._tgt_live = live
+        return live
+
     def active(self) -> list[int]:
         """The blocks still training (every block for ReFT: each acts on every fact's rows)."""
         return [k for k, d in enumerate(self.done) if not d] if self.separable else list(range(len(self.blocks)))
@@ -378,6 +398,7 @@ class EditProblem:
         cfg, rows = self.cfg, self.rows
         raw = self.raw_gates()
         live = path.live_rows(raw)
+        tgt_live = self.live_targets(raw)
         close, opened = self._gate_terms(raw)
         pending = cfg.gate_weight * close + cfg.gate_open_weight * opened
         groups = path.row_groups(live, self.active())
@@ -422,18 +443,18 @@ class EditProblem:
         parts = {"loss": loss, "ce": ce_total, "kl": kl_total, "gate": close.item(),
                  "gate_open": opened.item(), "worst_kl": float(row_kl.max()),
                  "rows_run": rows_run, "tokens_run": tokens_run}
-        return Step(loss, parts, self._reached(tgt_hit, tgt_logp, row_kl, live), pending)
+        return Step(loss, parts, self._reached(tgt_hit, tgt_logp, row_kl, live, tgt_live), pending)
 
     def _reached(self, tgt_hit: torch.Tensor, tgt_logp: torch.Tensor, row_kl: torch.Tensor,
-                 live: list[torch.Tensor] | None) -> list[bool]:
-        """The stop rule, per fact: every one of its target tokens is the argmax with
-        probability at least stop_prob AND its unrelated rows (those its block is live on,
-        where the path knows them) are back to the parent's distribution: stopping on the
-        target alone leaves gates open."""
+                 live: list[torch.Tensor] | None, tgt_live: torch.Tensor) -> list[bool]:
+        """The stop rule, per fact: every one of its target tokens that its block can move
+        (live_targets) is the argmax with probability at least stop_prob AND its unrelated rows
+        (those its block is live on, where the path knows them) are back to the parent's
+        distribution: stopping on the target alone leaves gates open."""
         rows, cfg = self.rows, self.cfg
         reached = []
         for k in range(len(self.blocks)):
-            mine = rows.tgt_owner == k
+            mine = (rows.tgt_owner == k) & tgt_live
             ok = bool(tgt_hit[mine].all()) and float(tgt_logp[mine].exp().min()) >= cfg.stop_prob \
                 if bool(mine.any()) else True
             rows_k = rows.stop_row if live is None else live[k][rows.n_edit:] & rows.stop_row

@@ -292,6 +292,7 @@ class TrainingRows:
         # The target tokens, in read order: their ids and the fact each belongs to.
         tgt_rows = torch.arange(n_edit, device=device)[:, None].expand(n_edit, real.shape[1])[batch.target_mask[:n_edit]]
         self.tgt_owner = owner[tgt_rows]
+        self.tgt_row = tgt_rows
         self.target_ids = batch.next_ids[:n_edit][batch.target_mask[:n_edit]]
         self.n_tgt = len(self.target_ids)
         # The unrelated read positions, in read order: their weight in the KL and their row.

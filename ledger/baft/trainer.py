@@ -78,6 +78,10 @@ def train_edits(model, tok, sites: dict[int, InterventionSite], layers, facts: l
                 if progress:
                     progress(steps_run, cfg.steps)
         tensors = [b.tensors() for b in problem.blocks]
+        with torch.no_grad():
+            unmoved = problem.live_targets(problem.raw_gates()).logical_not()
+        # per fact, the target tokens of rows its gate is shut on (live_targets)
+        unmoved_of = [int(unmoved[problem.rows.tgt_owner == k].sum()) for k in range(len(facts))]
     finally:
         problem.close()
     for ts in tensors:
@@ -93,5 +97,5 @@ def train_edits(model, tok, sites: dict[int, InterventionSite], layers, facts: l
     if len(facts) > 1:
         shared["batch_steps"] = steps_run
     return [TrainedEdit(layer=layer, tensors=ts, stats={"steps": n, **shared, "reached_target": n < cfg.steps,
-                                                        "gate_key_fisher": fisher})
-            for ts, n, fisher in zip(tensors, steps_of, problem.key_fisher)]
+                                                        "gate_key_fisher": fisher, "unmoved_targets": u})
+            for ts, n, fisher, u in zip(tensors, steps_of, problem.key_fisher, unmoved_of)]
