@@ -563,3 +563,35 @@ def test_after_target_rows_cover_the_prompt_and_some_of_its_wordings(tiny_llama)
     assert after_rows(0) == [fact.prompt]
     assert after_rows(2) == [fact.prompt, *extra[:2]]
     assert after_rows(8) == [fact.prompt, *extra]
+
+
+def test_the_stop_rule_does_not_wait_for_targets_no_gate_is_open_for(tiny_llama):
+    """A target token counts for the stop rule only where its block's floored gate is open at a
+    position of the row it acts on: elsewhere the row is the parent's whatever the parameters,
+    and waiting for it only runs a fact to the step cap."""
+    from ledger.baft.objective import EditProblem
+    base = load_base(str(tiny_llama))
+    fact = _facts()[0]
+    cfg = BaftConfig(rank=2, n_prefixes=1, gate_floor=0.2)
+
+    def first_step(shut: bool):
+        problem = EditProblem(base.model, base.tokenizer, {}, base.layers, [fact], cfg, layer=EDITED)
+        try:
+            block, apply = problem.blocks[0], problem.rows.apply_masks[0]
+            if shut:
+                with torch.no_grad():
+                    block.c.fill_(-1e4)
+            raw = problem.raw_gates()
+            live = problem.live_targets(raw)
+            opened = ((block.gate(raw[0]) > 0).any(-1) & (apply[..., 0] > 0)).any(1)
+            assert live.tolist() == opened[problem.rows.tgt_row].tolist()
+            with FastLogits(problem) as path:
+                return live, problem.step(path)
+        finally:
+            problem.close()
+
+    live, step = first_step(shut=False)
+    assert bool(live.any()) and step.reached == [False]     # the untrained edit misses its target
+    live, step = first_step(shut=True)
+    assert not bool(live.any()) and step.reached == [True]
+    assert step.parts["ce"] > 1.0                               # reached only because nothing can move
