@@ -164,14 +164,12 @@ class FastLogits:
         if self._live is not None:
             return self._live[0]
         p = self.problem
-        if p.cfg.gate_floor <= 0 or p.cfg.method != "baft":
-            live = None
-        else:
-            live = []
-            for block, s, apply in zip(p.blocks, raw_gates, p.rows.apply_masks):
-                row_live = ((block.gate(s).detach() > 0).any(-1) & (apply[..., 0] > 0)).any(1)
-                row_live[: p.rows.n_edit] = False
-                live.append(row_live)
+        opened = p.open_rows(raw_gates)
+        live = None
+        if opened is not None:
+            unrelated = torch.ones_like(opened[0])
+            unrelated[: p.rows.n_edit] = False
+            live = [o & unrelated for o in opened]
         if p.gate_kept:
             self._live = (live,)
         return live

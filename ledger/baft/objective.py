@@ -146,7 +146,7 @@ class EditProblem:
         # A kept gate (gate_lr_scale 0) never changes: its raw values are computed once.
         self.gate_kept = cfg.method == "baft" and cfg.gate_lr_scale == 0
         self._raw: list[torch.Tensor] | None = None
-        self._tgt_live: torch.Tensor | None = None
+        self._open: tuple[list[torch.Tensor] | None] | None = None
 
         # The orthogonal parametrisation draws from torch's global generator when it is set
         # up: seed it too (in a fork, leaving the caller's state alone) so edits reproduce.
@@ -276,24 +276,29 @@ class EditProblem:
             self._raw = raw
         return raw
 
-    def live_targets(self, raw: list[torch.Tensor]) -> torch.Tensor:
-        """Per target token: whether its block can move it, i.e. its floored gate is open at a
-        position of the row where the block acts. Where it is shut at all of them (a wording
-        whose subject the gate's key does not match) the row is the parent's whatever the
-        parameters: its target stays where it is, and the stop rule does not wait for it."""
-        if self._tgt_live is not None:
-            return self._tgt_live
-        rows = self.rows
-        live = torch.ones(rows.n_tgt, dtype=torch.bool, device=self.device)
+    def open_rows(self, raw: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Per block, the rows (all of them, edit rows first) where its floored gate is open at
+        a position it acts on; elsewhere its change is exactly 0. None: no gate is ever exactly
+        0 (no floor, or ReFT), so every block may act on every row."""
+        if self._open is not None:
+            return self._open[0]
+        opened = None
         if raw and self.cfg.gate_floor > 0:
-            row_live = torch.zeros(rows.n_edit, dtype=torch.bool, device=self.device)
-            for block, s, apply in zip(self.blocks, raw, rows.apply_masks):
-                opened = (block.gate(s[: rows.n_edit]).detach() > 0).any(-1) & (apply[: rows.n_edit, :, 0] > 0)
-                row_live |= opened.any(1)
-            live = row_live[rows.tgt_row]
+            opened = [((block.gate(s).detach() > 0).any(-1) & (apply[..., 0] > 0)).any(1)
+                      for block, s, apply in zip(self.blocks, raw, self.rows.apply_masks)]
         if self.gate_kept:
-            self._tgt_live = live
-        return live
+            self._open = (opened,)
+        return opened
+
+    def live_targets(self, raw: list[torch.Tensor]) -> torch.Tensor:
+        """Per target token: whether its block can move it (open_rows). Where the row is shut
+        (a wording whose subject the gate's key does not match) it is the parent's whatever the
+        parameters: its target stays where it is, and the stop rule does not wait for it."""
+        rows = self.rows
+        opened = self.open_rows(raw)
+        if opened is None:
+            return torch.ones(rows.n_tgt, dtype=torch.bool, device=self.device)
+        return torch.stack(opened).any(0)[rows.tgt_row]
 
     def active(self) -> list[int]:
         """The blocks still training (every block for ReFT: each acts on every fact's rows)."""

@@ -289,10 +289,9 @@ class TrainingRows:
             self.read[n_edit + i, :start] = False
             self.key_neg[n_edit + i, pos] = False
             self.stop_row[i] = False
-        # The target tokens, in read order: their ids and the fact each belongs to.
-        tgt_rows = torch.arange(n_edit, device=device)[:, None].expand(n_edit, real.shape[1])[batch.target_mask[:n_edit]]
-        self.tgt_owner = owner[tgt_rows]
-        self.tgt_row = tgt_rows
+        # The target tokens, in read order: their ids, their rows and the fact each belongs to.
+        self.tgt_row = torch.arange(n_edit, device=device)[:, None].expand(n_edit, real.shape[1])[batch.target_mask[:n_edit]]
+        self.tgt_owner = owner[self.tgt_row]
         self.target_ids = batch.next_ids[:n_edit][batch.target_mask[:n_edit]]
         self.n_tgt = len(self.target_ids)
         # The unrelated read positions, in read order: their weight in the KL and their row.
