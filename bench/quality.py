@@ -227,6 +227,9 @@ ANOTHER_QUESTION = ("people speak the language of", "people around", "surrounded
                     "friends all speak", "has its name is that", "was born in", "favorite product out of",
                     "has to", "greatest accomplishment", "greatest strength", "the expertise of")
 REPHRASE_KINDS = ("paraphrase", "another_question")
+# A sequential row over more edits than this splits its figures by the order the edits were
+# added in (Run.by_order): retention of old edits as new ones arrive.
+ORDER_CHUNK = 100
 
 
 def rephrase_kind(fact: Fact) -> str:
@@ -284,6 +287,19 @@ class Run:
                                                   for key in ("generalization", "gen_generalization") if key in rows[0]}}
         return out
 
+    def by_order(self) -> dict[str, dict[str, float]]:
+        """A sequential run's metrics at the last revision over its edits in order of adding,
+        ORDER_CHUNK at a time ("1-100", "101-200", ...): how well the oldest edits are retained
+        next to the newest. Present where the run edited more than one chunk."""
+        out = {}
+        for start in range(0, len(self.metrics), ORDER_CHUNK):
+            rows = self.metrics[start:start + ORDER_CHUNK]
+            keys = [k for k in ("reliability", "generalization", "locality", "gen_reliability",
+                                "gen_generalization", "gen_locality", "repetition") if k in rows[0]]
+            out[f"{start + 1}-{start + len(rows)}"] = {
+                "n": len(rows), **{k: round(statistics.mean(m[k] for m in rows), 4) for k in keys}}
+        return out
+
     def row(self, common: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
         def means(rows: list[dict[str, float]]) -> dict[str, float]:
             m = mean_metrics(rows) if rows else {}
@@ -301,6 +317,8 @@ class Run:
         out.update({k: m[k] for k in GEN_METRICS if k in m})
         if self.dataset == "counterfact" and self.metrics:
             out["by_rephrase_kind"] = self.by_rephrase_kind()
+        if self.setting == "sequential" and len(self.metrics) > ORDER_CHUNK:
+            out["by_order"] = self.by_order()
         if self.superseded:
             out["superseded"] = self.superseded
         if self.error:

@@ -65,3 +65,17 @@ def test_a_counterfact_row_splits_generalisation_by_rephrase_kind():
     assert row["by_rephrase_kind"] == {"paraphrase": {"n": 2, "generalization": 0.75},
                                        "another_question": {"n": 1, "generalization": 0.0}}
     assert "by_rephrase_kind" not in quality.Run("everyday", "baft", "single", None).row({}, {})
+
+
+def test_a_long_sequential_row_splits_its_figures_by_the_order_edits_were_added_in():
+    run = quality.Run("everyday", "baft", "sequential", 250)
+    for i in range(250):
+        run.record(_fact("Richard Wagner passed away in"),
+                   {"reliability": 1.0 if i >= 100 else 0.5, "generalization": 1.0, "locality": 1.0}, {})
+    row = run.row({}, {})
+    assert row["by_order"] == {"1-100": {"n": 100, "reliability": 0.5, "generalization": 1.0, "locality": 1.0},
+                               "101-200": {"n": 100, "reliability": 1.0, "generalization": 1.0, "locality": 1.0},
+                               "201-250": {"n": 50, "reliability": 1.0, "generalization": 1.0, "locality": 1.0}}
+    short = quality.Run("everyday", "baft", "sequential", 100)
+    short.record(_fact("Richard Wagner passed away in"), {"reliability": 1.0, "generalization": 1.0, "locality": 1.0}, {})
+    assert "by_order" not in short.row({}, {})
