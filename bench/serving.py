@@ -154,7 +154,8 @@ def exactness(base, blocks, sites, per_edit: PerEditHooks, prompts: list[str]) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", default="0,10,100,1000,10000")
+    ap.add_argument("--n", default="0,10,100,1000,10000",
+                    help="numbers of synthetic edits, comma-separated (with --ledger: the trained edits active at --rev instead)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--per-edit-repeats", type=int, default=3,
                     help="repeats of the (slow) per_edit mode at N > 1000")
@@ -183,9 +184,10 @@ def main() -> None:
         check_prompts += (lg.edit(f"edit-{i}").fact["prompt"] for i in sorted(at.edit_ids)[:4])
         base = lg.base
         at.clear()           # the base bare again: the bench composes the blocks itself
-        args.n = str(len(trained))
+        counts = [len(trained)]
     else:
         base = load_base()
+        counts = [int(x) for x in args.n.split(",")]
     d, n_layers = base.hidden_size, len(base.layers)
     tok = base.tokenizer
     enc = tok(PROMPT, return_tensors="pt")
@@ -193,7 +195,7 @@ def main() -> None:
     modes = args.modes.split(",")
     for _ in range(2):   # warm-up
         tokens_per_s(base.model, enc, tok.pad_token_id)
-    for n in [int(x) for x in args.n.split(",")]:
+    for n in counts:
         blocks = trained if trained is not None else \
             synthetic_blocks(n, d, n_layers, rank=args.rank, floor=args.gate_floor, open_share=args.open_share)
         sites = fuse(blocks, d)
