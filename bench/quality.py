@@ -358,10 +358,11 @@ def brief(m: dict[str, float]) -> str:
 
 def loops(stats: dict) -> str:
     """The loop check's finding for a progress line: wordings that looped, and whether the
-    edit was trained again for them."""
+    edit was trained again for them; and whether the gate's ramp was set from the prompt."""
+    keyed = ", gate set from the prompt" if stats.get("gate_key_prompt") else ""
     if "looping_wordings" not in stats:
-        return ""
-    return f", loops {stats['looping_wordings']}" + (" (retrained)" if "loop_retrained" in stats else "")
+        return keyed
+    return f", loops {stats['looping_wordings']}" + (" (retrained)" if "loop_retrained" in stats else "") + keyed
 
 
 def add_one(lg, run: "Run", cfg: BaftConfig, i: int, facts, fid, fact, known):

@@ -158,6 +158,7 @@ class EditProblem:
                                      generator=gen).to(device)
                            for _ in facts]
         self.key_fisher = [False] * len(facts)     # per block: its gate's key by Fisher's direction
+        self.key_prompt = [False] * len(facts)     # per block: its gate's ramp set from the prompt
         if cfg.gate_key_init and cfg.method == "baft":
             self._init_gates(self.site_h)
         if cfg.rotation_init == "gradient":
@@ -215,10 +216,29 @@ class EditProblem:
                     e, p_key, p_neg = fisher
                     self.key_fisher[k] = True
             width = max(p_key - p_neg, KEY_MARGIN * p_key)
+            top = p_key
+            # The fact's own prompt must open the gate: where its subject's state lies below
+            # the middle of the ramp (a subject that begins the prompt, keyed mostly by its
+            # wordings, with many active edits among the negatives), the ramp is set from it
+            # instead, else the edit could never change the one prompt the user gave.
+            p_prompt = self._prompt_projection(h, k, e, mu)
+            if p_prompt is not None and p_prompt < p_key - width / 2:
+                top = p_prompt
+                width = max(top - p_neg, KEY_MARGIN * p_key)
+                self.key_prompt[k] = True
             beta = 6.0 / width                      # sigmoid(+-3) at the two ends
-            mid = p_key - width / 2
+            mid = top - width / 2
             block.U.copy_(block.U + (beta * e)[None, :])
             block.c.fill_(float(-beta * (mid + mu @ e)))
+
+    def _prompt_projection(self, h: torch.Tensor, k: int, e: torch.Tensor, mu: torch.Tensor) -> float | None:
+        """Along e, from mu: the state at the subject's last token in fact k's prompt row (its
+        first edit row), or None where the subject was not found there."""
+        row = int((self.rows.row_owner == k).nonzero()[0, 0])
+        at = self.rows.open_masks[k][row]
+        if not at.any():
+            return None
+        return float(((h[row][at] - mu) @ e).min())
 
     def _gradient_rotations(self, gen: torch.Generator) -> list[torch.Tensor]:
         """rotation_init="gradient": per fact, r orthonormal directions, the top right singular

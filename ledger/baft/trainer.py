@@ -97,5 +97,6 @@ def train_edits(model, tok, sites: dict[int, InterventionSite], layers, facts: l
     if len(facts) > 1:
         shared["batch_steps"] = steps_run
     return [TrainedEdit(layer=layer, tensors=ts, stats={"steps": n, **shared, "reached_target": n < cfg.steps,
-                                                        "gate_key_fisher": fisher, "unmoved_targets": u})
-            for ts, n, fisher, u in zip(tensors, steps_of, problem.key_fisher, unmoved_of)]
+                                                        "gate_key_fisher": fisher, "gate_key_prompt": kp,
+                                                        "unmoved_targets": u})
+            for ts, n, fisher, kp, u in zip(tensors, steps_of, problem.key_fisher, problem.key_prompt, unmoved_of)]
