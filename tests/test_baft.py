@@ -595,3 +595,39 @@ def test_the_stop_rule_does_not_wait_for_targets_no_gate_is_open_for(tiny_llama)
     live, step = first_step(shut=True)
     assert not bool(live.any()) and step.reached == [True]
     assert step.parts["ce"] > 1.0                               # reached only because nothing can move
+
+
+def test_the_gate_opens_on_the_facts_own_prompt_where_its_subject_state_lies_below_the_key(tiny_llama, monkeypatch):
+    """The key is the subject's mean state over the fact's edit rows. Where the prompt's own
+    subject state lies below the middle of the gate's ramp (a subject that begins the prompt,
+    many active edits among the negatives), the ramp is set from the prompt: otherwise the
+    gate stays shut there and the edit cannot change the prompt the user gave."""
+    from ledger.baft.objective import EditProblem
+    base = load_base(str(tiny_llama))
+    cfg = BaftConfig(rank=2, n_prefixes=4, gate_floor=0.2)
+    problem = EditProblem(base.model, base.tokenizer, {}, base.layers, [_facts()[0]], cfg, layer=EDITED)
+    try:
+        rows, block = problem.rows, problem.blocks[0]
+        row = int((rows.row_owner == 0).nonzero()[0, 0])        # the prompt's row
+        at = rows.open_masks[0][row]
+        h = problem.site_h.float().clone()
+        mu = h[rows.key_neg].mean(0)
+        # The prompt's subject state most of the way to the unrelated states' mean.
+        h[row, at] = mu + 0.1 * (h[row, at] - mu)
+
+        def prompt_gate() -> float:
+            with torch.no_grad():
+                block.U.zero_()
+                block.c.zero_()
+                problem.key_prompt[0] = False
+                problem._init_gates(h)
+                return float(block.gate(block.raw_gate(h[row, at])).min())
+
+        assert prompt_gate() > 0.9 and problem.key_prompt[0]
+        # Open as much on the other edit rows' subjects: the ramp moved, not the direction.
+        others = torch.cat([h[i, rows.open_masks[0][i]] for i in range(rows.n_edit) if i != row])
+        assert float(block.gate(block.raw_gate(others)).min()) > 0.9
+        monkeypatch.setattr(EditProblem, "_prompt_projection", lambda *a: None)
+        assert prompt_gate() == 0.0 and not problem.key_prompt[0]     # the key's ramp alone: shut
+    finally:
+        problem.close()
