@@ -237,6 +237,8 @@ class _Bar:
 
 # What training does with a fact that names no subject (rows.py: the block acts on all of
 # the fact's rows' tokens, no gate key, no relation template for wordings or supersession).
+_NOT_REACHED = ("warning: {edit} does not give {target} on its own prompt (reliability {reliability:.2f} after "
+                "{steps} steps); `ledger revert {revision}` undoes it")
 _NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at every token of its prompts "
                "instead of the subject's, trained on no relation wordings and supersedes no edit")
 
@@ -344,6 +346,10 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
             if n_w == 0 and cfg.wordings > 0:
                 click.echo(f"note: {r.edit} trained on its own prompts only: the wordings table has no relation "
                            "like it (`ledger wordings list`, `ledger wordings import`)", err=True)
+        if r.metrics.get("reliability", 1.0) < 1.0:
+            click.echo(_NOT_REACHED.format(edit=r.edit, revision=r.revision, steps=r.stats["steps"],
+                                           reliability=r.metrics["reliability"],
+                                           target=json.dumps(r.fact["target_new"], ensure_ascii=False)), err=True)
         if not r.fact.get("subject"):
             click.echo(_NO_SUBJECT.format(edit=r.edit, prompt=json.dumps(r.fact["prompt"], ensure_ascii=False),
                                           target=json.dumps(r.fact["target_new"], ensure_ascii=False)), err=True)

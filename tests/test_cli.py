@@ -203,3 +203,15 @@ def test_a_device_this_machine_lacks_is_a_one_line_error(db_url, tiny_llama, dev
     res = runner.invoke(cli, ["--db", db_url, "--device", device, "init", "--model", str(tiny_llama)])
     assert res.exit_code == 2, res.output
     assert res.stderr.count("\n") == 1 and f"--device {device}" in res.stderr
+
+
+def test_add_warns_when_the_edit_does_not_give_its_target_on_its_own_prompt(initialised, fact_file):
+    """An edit that misses its own prompt is stored (its revision can be reverted), and the
+    command says so on stderr (tests/test_smollm2.py checks that an edit reaching its prompt
+    gets no warning)."""
+    run = initialised
+    missed = run("add", str(fact_file), "--steps", "8", "--rank", "2", "--layer", "1", "--lr", "1e-9", "--json")
+    line = json.loads(missed.stdout.strip().splitlines()[-1])
+    assert line["metrics"]["reliability"] < 1.0
+    assert (f'warning: {line["edit"]} does not give "Rome" on its own prompt' in missed.stderr
+            and f"`ledger revert {line['revision']}` undoes it" in missed.stderr)

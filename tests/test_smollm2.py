@@ -60,6 +60,7 @@ def test_real_edit_end_to_end(tmp_path, smol_threads):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["revision"] == "rev-2" and out["metrics"]["reliability"] == 1.0
+    assert "warning:" not in res.stderr         # an edit that reaches its prompt gets none
 
     with Ledger.open(db) as lg:
         assert _greedy(lg, fact["prompt"]).strip().startswith(fact["target_new"])
