@@ -47,6 +47,10 @@ from .rows import TrainingRows, build_rows
 # The gate's key init: the gate is ~0.95 at the key and ~0.05 this share of the key's distance
 # closer to the unrelated states' mean, or at the closest unrelated state if that is further.
 KEY_MARGIN = 0.25
+# Below this floored gate at the fact's own prompt, the gate's ramp is set from the prompt:
+# at 0.006 ("Bandra, in" after 214 edits) the value does not reach the target in 60 steps; at
+# 0.12 ("Jakarta is a twin city of" on a new ledger) it does in 30.
+PROMPT_GATE = 0.1
 
 
 class Logits(Protocol):
@@ -217,12 +221,13 @@ class EditProblem:
                     self.key_fisher[k] = True
             width = max(p_key - p_neg, KEY_MARGIN * p_key)
             top = p_key
-            # The fact's own prompt must open the gate: where its subject's state lies below
-            # the middle of the ramp (a subject that begins the prompt, keyed mostly by its
-            # wordings, with many active edits among the negatives), the ramp is set from it
-            # instead, else the edit could never change the one prompt the user gave.
+            # The fact's own prompt must open the gate: where its subject's state there lies so
+            # low on the ramp that the floored gate is (nearly) shut (a subject that begins the
+            # prompt, keyed mostly by its wordings, with many active edits among the
+            # negatives), the ramp is set from it instead; else the edit cannot change the one
+            # prompt the user gave.
             p_prompt = self._prompt_projection(h, k, e, mu)
-            if p_prompt is not None and p_prompt < p_key - width / 2:
+            if p_prompt is not None and self._floored(block, 6.0 / width * (p_prompt - p_key) + 3.0) < PROMPT_GATE:
                 top = p_prompt
                 width = max(top - p_neg, KEY_MARGIN * p_key)
                 self.key_prompt[k] = True
@@ -230,6 +235,11 @@ class EditProblem:
             mid = top - width / 2
             block.U.copy_(block.U + (beta * e)[None, :])
             block.c.fill_(float(-beta * (mid + mu @ e)))
+
+    @staticmethod
+    def _floored(block, logit: float) -> float:
+        """The block's floored gate at this logit of its raw gate."""
+        return float(block.gate(torch.sigmoid(torch.tensor([logit], dtype=block.c.dtype, device=block.c.device)))[0])
 
     def _prompt_projection(self, h: torch.Tensor, k: int, e: torch.Tensor, mu: torch.Tensor) -> float | None:
         """Along e, from mu: the state at the subject's last token in fact k's prompt row (its
