@@ -356,7 +356,7 @@ def brief(m: dict[str, float]) -> str:
     return " ".join(f"{short[k]} {m[k]:.2f}" for k in short if k in m)
 
 
-def loops(stats: dict) -> str:
+def stats_note(stats: dict) -> str:
     """The loop check's finding for a progress line: wordings that looped, and whether the
     edit was trained again for them; and whether the gate's ramp was set from the prompt."""
     keyed = ", gate set from the prompt" if stats.get("gate_key_prompt") else ""
@@ -400,7 +400,7 @@ def ledger_single(ledgers: Ledgers, run: Run, cfg: BaftConfig, facts, base_meas,
                 [gen] = generate_many(composed.model, base.tokenizer, [fact])
                 m.update(generation_metrics(fact, gen, run.base_gens[fid]))
             run.record(fact, m, score(base_meas[fid], base_meas[fid]))
-            run.progress(i, len(facts), fid, f"{run.seconds[-1]:.1f} s, {res.stats['steps']} steps{loops(res.stats)}, {brief(m)}")
+            run.progress(i, len(facts), fid, f"{run.seconds[-1]:.1f} s, {res.stats['steps']} steps{stats_note(res.stats)}, {brief(m)}")
 
 
 def ledger_sequential(ledgers: Ledgers, run: Run, cfg: BaftConfig, facts, base_meas, known) -> None:
@@ -414,7 +414,7 @@ def ledger_sequential(ledgers: Ledgers, run: Run, cfg: BaftConfig, facts, base_m
             edited.append(fid)
             if res.superseded:
                 run.superseded.append(fid)
-            run.progress(i, len(facts), fid, f"{res.revision}, {run.seconds[-1]:.1f} s, {res.stats['steps']} steps{loops(res.stats)}, "
+            run.progress(i, len(facts), fid, f"{res.revision}, {run.seconds[-1]:.1f} s, {res.stats['steps']} steps{stats_note(res.stats)}, "
                                              f"at creation {brief(res.metrics)}")
         composed = lg.model_at()
         evaluate_all(composed.model, base.tokenizer, run, facts, base_meas, edited)

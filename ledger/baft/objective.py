@@ -190,6 +190,10 @@ class EditProblem:
         alpha = self.cfg.gate_key_shrinkage
         neg_scatter = None      # d x d, computed only if some key needs Fisher's direction
 
+        def ramp(top: float, width: float) -> tuple[float, float]:
+            """The gate's slope and middle along e: sigmoid(+-3) at top and at top - width."""
+            return 6.0 / width, top - width / 2
+
         def separation(direction, key):
             """(unit direction, the key's projection, the closest unrelated state's), from mu."""
             e = direction / direction.norm()
@@ -219,20 +223,16 @@ class EditProblem:
                 if (fisher[1] - fisher[2]) / fisher[1] > (p_key - p_neg) / p_key:
                     e, p_key, p_neg = fisher
                     self.key_fisher[k] = True
-            width = max(p_key - p_neg, KEY_MARGIN * p_key)
-            top = p_key
+            beta, mid = ramp(p_key, max(p_key - p_neg, KEY_MARGIN * p_key))
             # The fact's own prompt must open the gate: where its subject's state there lies so
             # low on the ramp that the floored gate is (nearly) shut (a subject that begins the
             # prompt, keyed mostly by its wordings, with many active edits among the
             # negatives), the ramp is set from it instead; else the edit cannot change the one
             # prompt the user gave.
             p_prompt = self._prompt_projection(h, k, e, mu)
-            if p_prompt is not None and self._floored(block, 6.0 / width * (p_prompt - p_key) + 3.0) < PROMPT_GATE:
-                top = p_prompt
-                width = max(top - p_neg, KEY_MARGIN * p_key)
+            if p_prompt is not None and self._floored(block, beta * (p_prompt - mid)) < PROMPT_GATE:
+                beta, mid = ramp(p_prompt, max(p_prompt - p_neg, KEY_MARGIN * p_key))
                 self.key_prompt[k] = True
-            beta = 6.0 / width                      # sigmoid(+-3) at the two ends
-            mid = top - width / 2
             block.U.copy_(block.U + (beta * e)[None, :])
             block.c.fill_(float(-beta * (mid + mu @ e)))
 
