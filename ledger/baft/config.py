@@ -37,6 +37,8 @@ class BaftConfig:
     # dozen steps before every row holds it; on counterfact-val it takes 27.9 steps a fact
     # against 18.3 with 0.7 (docs/design.md).
     adam_beta1: float = 0.7
+    # Adam's second-moment decay (torch's 0.999).
+    adam_beta2: float = 0.999
     # The gate's (U, c) learning rate as a multiple of lr. 0 (the default): the gate stays as
     # gate_key_init set it, a match on the subject's key, and training moves W and b only.
     # A trained gate overfits the few negatives it sees: on val[0:10] it opens on 17 % of
@@ -176,6 +178,8 @@ class BaftConfig:
             raise InputError("--steps must be at least 1")
         if not 0 <= self.adam_beta1 < 1:
             raise InputError(f"adam_beta1 must lie in [0, 1), got {self.adam_beta1}")
+        if not 0 <= self.adam_beta2 < 1:
+            raise InputError(f"adam_beta2 must lie in [0, 1), got {self.adam_beta2}")
         if not self.lr > 0:
             raise InputError(f"--lr must be positive, got {self.lr}")
         if self.edit_positions not in ("subject", "all"):

@@ -53,7 +53,7 @@ def train_edits(model, tok, sites: dict[int, InterventionSite], layers, facts: l
     gate_ids = {id(p) for p in gate}
     rest = [p for p in problem.parameters() if id(p) not in gate_ids]
     groups = [{"params": rest}] + ([{"params": gate, "lr": cfg.lr * cfg.gate_lr_scale}] if gate else [])
-    opt = torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.adam_beta1, 0.999))
+    opt = torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
     steps_of = [cfg.steps] * len(facts)       # per fact, the steps its block was trained for
     steps_run, last = 0, {}
     try:
