@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import click
 
 from ledger import BaftConfig, InputError, LedgerError, ProgressEvent, load_facts, load_facts_skipping_bad
-from ledger.baft.config import MAX_PREFIXES
+from ledger.baft.config import MAX_PREFIXES, MAX_REWRITES
 
 # `Ledger` (and with it SQLAlchemy) is imported by the commands that open a ledger, and torch
 # only by those that run the model: `ledger --help` imports neither.
@@ -277,6 +277,9 @@ _NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at e
                                       "other wordings).")
 @click.option("--prefixes", "n_prefixes", type=click.IntRange(0, MAX_PREFIXES), default=BaftConfig.n_prefixes,
               show_default=True, help="Also train on the prompt behind N short fixed contexts.")
+@click.option("--rewrites", type=click.IntRange(0, MAX_REWRITES), default=BaftConfig.rewrites, show_default=True,
+              help="Where the wordings table gives fewer than --wordings prompts, also train on up to N "
+                   "rewrites of the prompt that fit any relation (question and instruction frames).")
 @click.option("--format", "fmt", type=click.Choice(["auto", "native", "counterfact", "rome", "zsre", "knowedit"]),
               default="auto", show_default=True, help="Record form of FILE (auto detects per record).")
 @click.option("--offset", type=click.IntRange(0), default=0, show_default=True, help="Skip the first N records.")
@@ -293,7 +296,7 @@ _NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at e
 @click.pass_context
 def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int, steps: int, lr: float,
         stop_prob: float, locality_weight: float, gate_floor: float, n_wordings: int, wordings_related: int,
-        other_relations: int, subject_variants: int, after_target_wordings: int, n_prefixes: int, fmt: str,
+        other_relations: int, subject_variants: int, after_target_wordings: int, n_prefixes: int, rewrites: int, fmt: str,
         offset: int, limit: int | None, skip_bad: bool, strict: bool, batch: int, seed: int, message: str | None,
         as_json: bool) -> None:
     """Train and commit one BaFT edit per fact in FILE.
@@ -316,7 +319,7 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
                      locality_weight=locality_weight, gate_floor=gate_floor,
                      wordings=n_wordings, wordings_related=wordings_related, other_relations=other_relations,
                      subject_variants=subject_variants, after_target_wordings=after_target_wordings,
-                     n_prefixes=n_prefixes, seed=seed)
+                     n_prefixes=n_prefixes, rewrites=rewrites, seed=seed)
     if skip_bad:
         facts, problems = load_facts_skipping_bad(file, fmt=fmt, offset=offset, limit=limit)
     else:

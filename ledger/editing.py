@@ -185,7 +185,9 @@ def compose_parent(s: Handle, facts: list[Fact], cfg: BaftConfig, parent: int, t
 
 
 def wording_prompts(conn: Connection, facts: list[Fact], cfg: BaftConfig) -> list[list[str]]:
-    """Per fact, up to cfg.wordings other wordings of its relation, filled with its subject."""
+    """Per fact, up to cfg.wordings other wordings of its relation, filled with its subject;
+    where the table gives fewer, up to cfg.rewrites relation-agnostic rewrites of its prompt
+    fill the gap (wordings.rewrites)."""
     if cfg.wordings <= 0:
         return [[] for _ in facts]
     relations = [wd.template_of(f.prompt, f.subject) for f in facts]
@@ -198,7 +200,9 @@ def wording_prompts(conn: Connection, facts: list[Fact], cfg: BaftConfig) -> lis
         lent = wd.related(conn, r, own, cfg.wordings_related) if r and len(own) < cfg.wordings else []
         if r and cfg.wordings_nearest and len(own) + len(lent) < cfg.wordings:
             lent += [w for w in wd.nearest(conn, r) if w not in own and w not in lent]
-        out.append(wd.training_prompts(f, own, cfg.wordings, cfg.seed, borrowed=lent))
+        prompts = wd.training_prompts(f, own, cfg.wordings, cfg.seed, borrowed=lent)
+        gap = min(cfg.rewrites, cfg.wordings - len(prompts))
+        out.append(prompts + [p for p in wd.rewrites(f, gap) if p not in prompts])
     return out
 
 

@@ -33,6 +33,7 @@ from typing import Any, Iterable
 
 from sqlalchemy import Connection
 
+from .baft.config import MAX_REWRITES
 from .errors import InputError
 from .facts import (Fact, check_length_and_nul, detect_format, fact_from_record, read_text, records_of_text,
                     to_native)
@@ -54,6 +55,17 @@ MAX_TEMPLATE_CHARS = 500
 # break: CounterFact's rephrases put unrelated text in front ("One Minute Stories, ... Noise
 # Unit, that originated in"), which is context, not wording.
 _SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*\s+|\n+")
+
+# Relation-agnostic rewrites of a fact's prompt ({P}; {Q}: the prompt as a question; {S}: its
+# subject): question and instruction frames around the prompt, and the subject named before
+# it. They work for any prompt and need no table, so a fact whose relation the table lacks,
+# or has few wordings of, still trains on more than its prompt and its fixed prefixes (the
+# answer after "A:", the subject inside a question). New ones go at the end, so that
+# `rewrites` = k keeps its meaning for stored edits.
+REWRITES = ("Q: {Q} A:", "Complete the sentence. {P}", "Here is what I know about {S}. {P}",
+            "Q: What do you know about {S}? A: {P}", "Fill in the blank: {P} ___. A:",
+            "Everyone who has heard of {S} knows this: {P}", "{S}: {P}", "Q: Finish this sentence: {P} A:")
+assert len(REWRITES) == MAX_REWRITES
 
 
 @dataclass(frozen=True)
@@ -282,6 +294,19 @@ def training_prompts(fact: Fact, wordings: list[str], n: int, seed: int,
     if not extra:
         return prompts
     return prompts + (extra if len(extra) <= n - len(prompts) else rng.sample(extra, n - len(prompts)))
+
+
+def rewrites(fact: Fact, n: int) -> list[str]:
+    """The first n of REWRITES filled with the fact's prompt and subject, leaving out any that
+    equals its prompt or one of its rephrases. [] for a fact without a subject (an edit
+    without one trains on no wordings)."""
+    if n <= 0 or not fact.subject:
+        return []
+    prompt = fact.prompt.strip()
+    question = prompt if prompt.endswith("?") else prompt + "?"
+    skip = {fact.prompt, *fact.rephrase_prompts}
+    filled = (r.format(P=prompt, Q=question, S=fact.subject) for r in REWRITES[:n])
+    return [p for p in dict.fromkeys(filled) if p not in skip]
 
 
 # --- commands ----------------------------------------------------------------------------------

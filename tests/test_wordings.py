@@ -12,10 +12,10 @@ from ledger.errors import InputError
 from ledger.facts import Fact
 from ledger.store.engine import make_engine
 from ledger.store.schema import AuditEvent, Wording
-from ledger.wordings import (builtin_pairs, content_words, fill, nearest, pairs_of_records, template_of,
-                             training_prompts)
+from ledger.wordings import (REWRITES, builtin_pairs, content_words, fill, nearest, pairs_of_records, rewrites,
+                             template_of, training_prompts)
 
-from support import FACT, FAST
+from support import FACT, FACT3, FAST
 
 CF = [  # CounterFact's form: rephrases carry an unrelated sentence before the subject
     {"prompt": "Alice lives in", "subject": "Alice", "target_new": "Rome", "ground_truth": "Oslo",
@@ -150,6 +150,41 @@ def test_add_trains_on_the_relations_wordings_and_records_them(ledger, tmp_path)
     assert with_w.stats["n_edit_rows"] == without.stats["n_edit_rows"] + 2
 
 
+def test_rewrites_frame_the_prompt_and_name_the_subject_for_any_relation():
+    fact = Fact(prompt="Alice lives in", target_new="Rome", subject="Alice",
+                rephrase_prompts=("Complete the sentence. Alice lives in",))
+    got = rewrites(fact, 3)
+    # the rephrase is held out (or trained on already), so it is no rewrite
+    assert got == ["Q: Alice lives in? A:", "Here is what I know about Alice. Alice lives in"]
+    assert len(rewrites(fact, len(REWRITES))) == len(REWRITES) - 1
+    assert all("Alice lives in" in p for p in rewrites(fact, len(REWRITES)))   # the prompt, whole
+    question = Fact(prompt="Where does Alice live?", target_new="Rome", subject="Alice")
+    assert rewrites(question, 1) == ["Q: Where does Alice live? A:"]          # no second question mark
+    assert rewrites(Fact(prompt="Alice lives in", target_new="Rome"), 4) == []  # no subject: no wordings
+    assert rewrites(fact, 0) == []
+    with pytest.raises(InputError, match="--rewrites"):
+        BaftConfig(rewrites=len(REWRITES) + 1)
+
+
+def test_rewrites_fill_only_the_gap_the_table_leaves(ledger, tmp_path):
+    f = tmp_path / "w.json"
+    f.write_text(json.dumps({"relation": "{} lives in", "wordings": ["{} dwells in", "Home of {}:"]}))
+    ledger.import_wordings(f)
+    # 2 wordings of 3 wanted: one rewrite fills the gap
+    [one] = ledger.add(parse_facts_text(json.dumps(FACT)), BaftConfig(**FAST, wordings=3, rewrites=4))
+    assert sorted(one.stats["wording_prompts"]) == sorted(["Alice dwells in", "Home of Alice:", "Q: Alice lives in? A:"])
+    assert one.stats["n_wording_rows"] == 3
+    assert ledger.edit(one.edit).config["rewrites"] == 4
+    # a relation the table lacks (and nothing near it): rewrites alone, up to their number
+    fact = dict(FACT3, target_new="golf")
+    [alone] = ledger.add(parse_facts_text(json.dumps(fact)), BaftConfig(**FAST, wordings_nearest=False, rewrites=2))
+    assert alone.stats["wording_prompts"] == ["Q: Erin plays? A:", "Complete the sentence. Erin plays"]
+    # the table gives enough: none
+    [full] = ledger.add(parse_facts_text(json.dumps(dict(FACT, target_new="Bern"))),
+                        BaftConfig(**FAST, wordings=2, rewrites=4))
+    assert sorted(full.stats["wording_prompts"]) == ["Alice dwells in", "Home of Alice:"]
+
+
 def test_related_relations_lend_wordings_where_the_own_are_too_few(ledger, tmp_path):
     f = tmp_path / "w.json"
     shared = ["{} dwells in", "{} has a home in", "{} resides in"]
@@ -185,7 +220,7 @@ def test_stored_configs_without_newer_fields_retrain_as_they_were_trained():
     assert (cfg.wordings, cfg.wordings_related, cfg.gate_floor, cfg.gate_lr_scale) == (0, 0, 0.0, 1.0)
     assert cfg.adam_beta1 == 0.9        # torch's default, which edits stored without the field used
     assert (cfg.other_relations, cfg.after_target_tokens, cfg.after_target_wordings) == (0, 0, 0)
-    assert cfg.subject_variants == 0
+    assert cfg.subject_variants == 0 and cfg.rewrites == 0
     assert BaftConfig.from_dict(old) == BaftConfig(rank=4, lr=0.01)
     assert BaftConfig.from_dict({**old, "wordings": 3}, stored=True).wordings == 3
     with pytest.raises(InputError, match="--wordings"):

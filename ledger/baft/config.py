@@ -11,6 +11,8 @@ TRAIN_DTYPES = ("float32", "bfloat16")
 ROTATION_INITS = ("random", "gradient")
 # How many fixed contexts the trainer has to put before a prompt (rows.PREFIXES).
 MAX_PREFIXES = 8
+# How many relation-agnostic rewrites of a prompt there are (wordings.REWRITES).
+MAX_REWRITES = 8
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,12 @@ class BaftConfig:
     loop_check: int = 3
     # Short fixed prefixes before the prompt, for generalisation (as ROME does).
     n_prefixes: int = 2
+    # Where the wordings table gives fewer than `wordings` prompts (a relation it lacks, or
+    # has few wordings of), up to this many relation-agnostic rewrites of the prompt fill the
+    # gap: question and instruction frames around it, the subject named before it
+    # (wordings.REWRITES). They need no table, so a fact of any relation trains on more than
+    # its own prompt.
+    rewrites: int = 0
     # Locality prompts are continued by this many tokens of the parent's own greedy output
     # before the KL is taken over them.
     continuation_tokens: int = 8
@@ -200,6 +208,8 @@ class BaftConfig:
             raise InputError(f"--wordings must be between 0 and 32, got {self.wordings}")
         if not 0 <= self.n_prefixes <= MAX_PREFIXES:
             raise InputError(f"--prefixes must be between 0 and {MAX_PREFIXES}, got {self.n_prefixes}")
+        if not 0 <= self.rewrites <= MAX_REWRITES:
+            raise InputError(f"--rewrites must be between 0 and {MAX_REWRITES}, got {self.rewrites}")
         if not 0 <= self.subject_variants <= 32:
             raise InputError(f"subject_variants must be between 0 and 32, got {self.subject_variants}")
         if not 0 <= self.other_relations <= 16:
@@ -237,7 +247,7 @@ STORED_BEFORE: dict[str, Any] = {"gate_floor": 0.0, "gate_lr_scale": 1.0, "wordi
                                  "train_dtype": "float32", "rotation_init": "random", "gate_key_shrinkage": 1.0,
                                  "adam_beta1": 0.9, "wordings_nearest": False,
                                  "other_relations": 0, "subject_variants": 0, "after_target_tokens": 0,
-                                 "after_target_wordings": 0, "loop_check": 0}
+                                 "after_target_wordings": 0, "loop_check": 0, "rewrites": 0}
 
 
 def default_layer(n_layers: int) -> int:
