@@ -278,8 +278,8 @@ _NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at e
 @click.option("--prefixes", "n_prefixes", type=click.IntRange(0, MAX_PREFIXES), default=BaftConfig.n_prefixes,
               show_default=True, help="Also train on the prompt behind N short fixed contexts.")
 @click.option("--rewrites", type=click.IntRange(0, MAX_REWRITES), default=BaftConfig.rewrites, show_default=True,
-              help="Where the wordings table gives fewer than --wordings prompts, also train on up to N "
-                   "rewrites of the prompt that fit any relation (question and instruction frames).")
+              help="Where the wordings table has no wording for the fact's relation, train on up to N "
+                   "rewrites of the prompt that fit any relation instead (question and instruction frames).")
 @click.option("--format", "fmt", type=click.Choice(["auto", "native", "counterfact", "rome", "zsre", "knowedit"]),
               default="auto", show_default=True, help="Record form of FILE (auto detects per record).")
 @click.option("--offset", type=click.IntRange(0), default=0, show_default=True, help="Skip the first N records.")
@@ -344,9 +344,14 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
             shown = _headline(r.metrics)
             extra = f"  (supersedes {', '.join(r.superseded)})" if r.superseded else ""
             n_w = len(r.stats.get("wording_prompts", []))
+            rewritten = r.stats.get("rewritten", False)
             click.echo(f"{r.revision}  {r.edit}  {r.fact['prompt']} -> {r.fact['target_new']}  "
-                       f"{shown}  {r.stats['steps']} steps {r.stats['seconds']:.1f}s  {n_w} wordings{extra}")
-            if n_w == 0 and cfg.wordings > 0:
+                       f"{shown}  {r.stats['steps']} steps {r.stats['seconds']:.1f}s  "
+                       f"{n_w} {'rewrites' if rewritten else 'wordings'}{extra}")
+            if rewritten:
+                click.echo(f"note: {r.edit} trained on {n_w} rewrites of its prompt: the wordings table has no "
+                           "relation like it (`ledger wordings list`, `ledger wordings import`)", err=True)
+            elif n_w == 0 and cfg.wordings > 0:
                 click.echo(f"note: {r.edit} trained on its own prompts only: the wordings table has no relation "
                            "like it (`ledger wordings list`, `ledger wordings import`)", err=True)
         if r.metrics.get("reliability", 1.0) < 1.0:

@@ -186,8 +186,8 @@ def compose_parent(s: Handle, facts: list[Fact], cfg: BaftConfig, parent: int, t
 
 def wording_prompts(conn: Connection, facts: list[Fact], cfg: BaftConfig) -> list[list[str]]:
     """Per fact, up to cfg.wordings other wordings of its relation, filled with its subject;
-    where the table gives fewer, up to cfg.rewrites relation-agnostic rewrites of its prompt
-    fill the gap (wordings.rewrites)."""
+    where the table gives none, up to cfg.rewrites relation-agnostic rewrites of its prompt
+    instead (wordings.rewrites)."""
     if cfg.wordings <= 0:
         return [[] for _ in facts]
     relations = [wd.template_of(f.prompt, f.subject) for f in facts]
@@ -201,8 +201,9 @@ def wording_prompts(conn: Connection, facts: list[Fact], cfg: BaftConfig) -> lis
         if r and cfg.wordings_nearest and len(own) + len(lent) < cfg.wordings:
             lent += [w for w in wd.nearest(conn, r) if w not in own and w not in lent]
         prompts = wd.training_prompts(f, own, cfg.wordings, cfg.seed, borrowed=lent)
-        gap = min(cfg.rewrites, cfg.wordings - len(prompts))
-        out.append(prompts + [p for p in wd.rewrites(f, gap) if p not in prompts])
+        # Only where the table gives nothing: next to a relation's own wordings, rewrites of
+        # the prompt cost generalisation on counterfact-val (docs/design.md, `rewrites`).
+        out.append(prompts or wd.rewrites(f, min(cfg.rewrites, cfg.wordings)))
     return out
 
 
@@ -240,6 +241,8 @@ def train(s: Handle, facts: list[Fact], cfg: BaftConfig, layer: int, inputs: Tra
         if looping is not None:
             t.stats["looping_wordings"] = len(looping[k])   # after the first training, retrained or not
         t.stats["wording_prompts"] = prompts      # what this edit was trained on, for the audit
+        # the table had nothing for the relation and these are rewrites of the prompt
+        t.stats["rewritten"] = bool(prompts) and set(prompts) <= set(wd.rewrites(facts[k], len(wd.REWRITES)))
         t.stats["other_relation_prompts"] = other
     metrics = [score(after, b) for after, b in zip(measure_many(model, tok, facts), before)]
     return trained, metrics

@@ -166,23 +166,25 @@ def test_rewrites_frame_the_prompt_and_name_the_subject_for_any_relation():
         BaftConfig(rewrites=len(REWRITES) + 1)
 
 
-def test_rewrites_fill_only_the_gap_the_table_leaves(ledger, tmp_path):
+def test_rewrites_stand_in_only_where_the_table_gives_nothing(ledger, tmp_path):
     f = tmp_path / "w.json"
     f.write_text(json.dumps({"relation": "{} lives in", "wordings": ["{} dwells in", "Home of {}:"]}))
     ledger.import_wordings(f)
-    # 2 wordings of 3 wanted: one rewrite fills the gap
-    [one] = ledger.add(parse_facts_text(json.dumps(FACT)), BaftConfig(**FAST, wordings=3, rewrites=4))
-    assert sorted(one.stats["wording_prompts"]) == sorted(["Alice dwells in", "Home of Alice:", "Q: Alice lives in? A:"])
-    assert one.stats["n_wording_rows"] == 3
-    assert ledger.edit(one.edit).config["rewrites"] == 4
-    # a relation the table lacks (and nothing near it): rewrites alone, up to their number
+    # a relation the table lacks (and nothing near it): rewrites, up to their number
     fact = dict(FACT3, target_new="golf")
     [alone] = ledger.add(parse_facts_text(json.dumps(fact)), BaftConfig(**FAST, wordings_nearest=False, rewrites=2))
     assert alone.stats["wording_prompts"] == ["Q: Erin plays? A:", "Complete the sentence. Erin plays"]
-    # the table gives enough: none
-    [full] = ledger.add(parse_facts_text(json.dumps(dict(FACT, target_new="Bern"))),
-                        BaftConfig(**FAST, wordings=2, rewrites=4))
-    assert sorted(full.stats["wording_prompts"]) == ["Alice dwells in", "Home of Alice:"]
+    assert alone.stats["n_wording_rows"] == 2
+    assert ledger.edit(alone.edit).config["rewrites"] == 2
+    [capped] = ledger.add(parse_facts_text(json.dumps(dict(fact, target_new="darts"))),
+                          BaftConfig(**FAST, wordings_nearest=False, rewrites=4, wordings=1))
+    assert capped.stats["wording_prompts"] == ["Q: Erin plays? A:"]       # never more than --wordings
+    [off] = ledger.add(parse_facts_text(json.dumps(dict(fact, target_new="polo"))),
+                       BaftConfig(**FAST, wordings_nearest=False, rewrites=0))
+    assert off.stats["wording_prompts"] == []
+    # the table gives wordings, fewer than wanted: no rewrite beside them
+    [some] = ledger.add(parse_facts_text(json.dumps(FACT)), BaftConfig(**FAST, wordings=6, rewrites=4))
+    assert sorted(some.stats["wording_prompts"]) == ["Alice dwells in", "Home of Alice:"]
 
 
 def test_related_relations_lend_wordings_where_the_own_are_too_few(ledger, tmp_path):
@@ -242,6 +244,20 @@ def test_cli_add_takes_wordings_from_the_table_unless_told_not_to(ledger, db_url
     assert json.loads(res.stdout)["stats"]["wording_prompts"] == ["Alice dwells in"]
     res = CliRunner().invoke(cli, ["--db", db_url, "add", str(fact_file), "--wordings", "33"])
     assert res.exit_code == 2 and "--wordings" in res.stderr
+
+
+def test_cli_add_says_when_an_edit_trained_on_rewrites(ledger, db_url, tmp_path):
+    f = tmp_path / "erin.json"          # "{} plays": nothing in an empty table
+    f.write_text(json.dumps(FACT3))
+    quick = ["--steps", "2", "--rank", "2", "--layer", "1"]
+    res = CliRunner().invoke(cli, ["--db", db_url, "add", str(f), *quick, "--rewrites", "2"])
+    assert res.exit_code == 0, res.output
+    assert "2 rewrites" in res.stdout
+    assert "trained on 2 rewrites of its prompt: the wordings table has no relation like it" in res.stderr
+    f.write_text(json.dumps(dict(FACT3, target_new="golf")))
+    res = CliRunner().invoke(cli, ["--db", db_url, "add", str(f), *quick, "--rewrites", "0"])
+    assert res.exit_code == 0, res.output
+    assert "0 wordings" in res.stdout and "trained on its own prompts only" in res.stderr
 
 
 # --- the built-in tables and the nearest relation ------------------------------------------------
