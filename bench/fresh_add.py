@@ -1,6 +1,7 @@
 """What the built-in wordings cost: seconds per `ledger add` on a new ledger as `ledger init`
 makes it (the built-in relation wordings, the defaults), against a ledger made with
-`ledger init --no-wordings` (each edit trained on its own prompt only), on the same facts in
+`ledger init --no-wordings` whose adds take `rewrites` 0 (each edit trained on its own prompt
+only), on the same facts in
 the same run, alternating fact by fact so machine noise hits both alike. Each fact is added
 alone on rev-1 (a checkout between adds), through `Ledger.add`: precheck, training,
 measurement and commit.
@@ -48,10 +49,11 @@ def facts_of(args: argparse.Namespace) -> list:
 def main() -> None:
     ap = fact_arguments(__doc__.splitlines()[0])
     ap.add_argument("--baseline-config", type=json.loads, default={}, metavar="JSON",
-                    help="BaftConfig fields of the baseline adds (default: the same defaults)")
+                    help="BaftConfig fields of the baseline adds (default: the same defaults but "
+                         "rewrites 0)")
     args = ap.parse_args()
     facts = facts_of(args)
-    cfg, base_cfg = BaftConfig(), BaftConfig.from_dict(args.baseline_config)
+    cfg, base_cfg = BaftConfig(), BaftConfig.from_dict({"rewrites": 0, **args.baseline_config})
     seconds: dict[str, list[float]] = {"builtin": [], "none": []}
     steps: dict[str, list[int]] = {"builtin": [], "none": []}
     wording_rows: list[int] = []

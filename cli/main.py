@@ -180,7 +180,7 @@ def init(ctx: click.Context, model: str | None, no_wordings: bool, as_json: bool
         click.echo(f"initialised ledger in {info['database']}\nmodel {info['model']} "
                    f"(fingerprint {info['fingerprint'][:12]})\n{_head_line(info)}\n"
                    f"relation wordings: {table['wordings']} for {_n(table['relations'], 'relation')}"
-                   + (" (--no-wordings: edits train on their own prompts only)" if no_wordings else " (built in)"))
+                   + (" (--no-wordings: edits train on their own prompts and rewrites of them)" if no_wordings else " (built in)"))
 
 
 class _Bar:

@@ -284,7 +284,7 @@ def test_training_progress_counts_facts_and_names_the_step_without_a_fake_total(
 def test_head_is_worded_alike_and_status_json_gives_numbers(run, tiny_llama):
     init = run("init", "--model", str(tiny_llama), "--no-wordings").stdout.splitlines()
     assert "HEAD -> main at rev-1" in init
-    assert "relation wordings: 0 for 0 relations (--no-wordings: edits train on their own prompts only)" in init
+    assert "relation wordings: 0 for 0 relations (--no-wordings: edits train on their own prompts and rewrites of them)" in init
     assert run("status").stdout.splitlines()[0] == "HEAD -> main at rev-1"
     assert run("checkout", "main").stdout.strip() == "HEAD -> main at rev-1"
     out = json.loads(run("status", "--json").stdout)
