@@ -348,12 +348,10 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
             click.echo(f"{r.revision}  {r.edit}  {r.fact['prompt']} -> {r.fact['target_new']}  "
                        f"{shown}  {r.stats['steps']} steps {r.stats['seconds']:.1f}s  "
                        f"{n_w} {'rewrites' if rewritten else 'wordings'}{extra}")
-            if rewritten:
-                click.echo(f"note: {r.edit} trained on {n_w} rewrites of its prompt: the wordings table has no "
-                           "relation like it (`ledger wordings list`, `ledger wordings import`)", err=True)
-            elif n_w == 0 and cfg.wordings > 0:
-                click.echo(f"note: {r.edit} trained on its own prompts only: the wordings table has no relation "
-                           "like it (`ledger wordings list`, `ledger wordings import`)", err=True)
+            if rewritten or (n_w == 0 and cfg.wordings > 0):
+                what = f"{n_w} rewrites of its prompt" if rewritten else "its own prompts only"
+                click.echo(f"note: {r.edit} trained on {what}: the wordings table has no relation like it "
+                           "(`ledger wordings list`, `ledger wordings import`)", err=True)
         if r.metrics.get("reliability", 1.0) < 1.0:
             click.echo(_NOT_REACHED.format(edit=r.edit, revision=r.revision, steps=r.stats["steps"],
                                            reliability=r.metrics["reliability"],

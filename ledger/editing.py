@@ -171,6 +171,7 @@ class TrainingInputs:
     composed: ComposedModel
     retention: list[tuple[str, str]]   # the kept edits' (prompt, target_new): must stay answered
     wordings: list[list[str]]          # per fact, other wordings of its relation, filled
+    rewritten: list[bool]              # per fact, its wordings are rewrites of its prompt
     others: list[list[str]]            # per fact, its subject in other catalogued relations
 
 
@@ -178,21 +179,21 @@ def compose_parent(s: Handle, facts: list[Fact], cfg: BaftConfig, parent: int, t
                    remove: list[int]) -> TrainingInputs:
     with s.engine.connect() as conn:
         retention = [(f["prompt"], f["target_new"]) for f in edits.facts_of(conn, train_on).values()]
-        extra = wording_prompts(conn, facts, cfg)
+        extra, rewritten = wording_prompts(conn, facts, cfg)
     others = [wd.other_relations(f, ws, cfg.other_relations, cfg.seed) for f, ws in zip(facts, extra)]
     composed = s.compose(train_on, parent if not remove else None)
-    return TrainingInputs(composed, retention, extra, others)
+    return TrainingInputs(composed, retention, extra, rewritten, others)
 
 
-def wording_prompts(conn: Connection, facts: list[Fact], cfg: BaftConfig) -> list[list[str]]:
+def wording_prompts(conn: Connection, facts: list[Fact], cfg: BaftConfig) -> tuple[list[list[str]], list[bool]]:
     """Per fact, up to cfg.wordings other wordings of its relation, filled with its subject;
     where the table gives none, up to cfg.rewrites relation-agnostic rewrites of its prompt
-    instead (wordings.rewrites)."""
+    instead (wordings.rewrites). And per fact, whether its prompts are such rewrites."""
     if cfg.wordings <= 0:
-        return [[] for _ in facts]
+        return [[] for _ in facts], [False] * len(facts)
     relations = [wd.template_of(f.prompt, f.subject) for f in facts]
     table = wording_table.of_relations(conn, [r for r in relations if r])
-    out = []
+    out, rewritten = [], []
     for f, r in zip(facts, relations):
         own = table.get(r, []) if r else []
         # Related relations lend wordings only where the fact's own are too few; then the
@@ -203,8 +204,13 @@ def wording_prompts(conn: Connection, facts: list[Fact], cfg: BaftConfig) -> lis
         prompts = wd.training_prompts(f, own, cfg.wordings, cfg.seed, borrowed=lent)
         # Only where the table gives nothing: next to a relation's own wordings, rewrites of
         # the prompt cost generalisation on counterfact-val (docs/design.md, `rewrites`).
-        out.append(prompts or wd.rewrites(f, min(cfg.rewrites, cfg.wordings)))
-    return out
+        if not prompts:
+            prompts = wd.rewrites(f, min(cfg.rewrites, cfg.wordings))
+            rewritten.append(bool(prompts))
+        else:
+            rewritten.append(False)
+        out.append(prompts)
+    return out, rewritten
 
 
 def train(s: Handle, facts: list[Fact], cfg: BaftConfig, layer: int, inputs: TrainingInputs,
@@ -237,12 +243,12 @@ def train(s: Handle, facts: list[Fact], cfg: BaftConfig, layer: int, inputs: Tra
             t.stats["loop_retrained"] = len(w)       # wordings that looped after the first training
             t.stats["first_steps"] = first.stats["steps"]
             t.stats["seconds"] = round(t.stats["seconds"] + first.stats["seconds"], 3)
-    for k, (t, prompts, other) in enumerate(zip(trained, inputs.wordings, inputs.others)):
+    for k, (t, prompts, rewritten, other) in enumerate(zip(trained, inputs.wordings, inputs.rewritten,
+                                                           inputs.others)):
         if looping is not None:
             t.stats["looping_wordings"] = len(looping[k])   # after the first training, retrained or not
         t.stats["wording_prompts"] = prompts      # what this edit was trained on, for the audit
-        # the table had nothing for the relation and these are rewrites of the prompt
-        t.stats["rewritten"] = bool(prompts) and set(prompts) <= set(wd.rewrites(facts[k], len(wd.REWRITES)))
+        t.stats["rewritten"] = rewritten          # the table had nothing: these are rewrites of the prompt
         t.stats["other_relation_prompts"] = other
     metrics = [score(after, b) for after, b in zip(measure_many(model, tok, facts), before)]
     return trained, metrics

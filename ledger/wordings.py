@@ -298,15 +298,14 @@ def training_prompts(fact: Fact, wordings: list[str], n: int, seed: int,
 
 def rewrites(fact: Fact, n: int) -> list[str]:
     """The first n of REWRITES filled with the fact's prompt and subject, leaving out any that
-    equals its prompt or one of its rephrases. [] for a fact without a subject (an edit
-    without one trains on no wordings)."""
+    is one of its rephrases (trained on, or held out, already). [] for a fact without a
+    subject (an edit without one trains on no wordings)."""
     if n <= 0 or not fact.subject:
         return []
     prompt = fact.prompt.strip()
     question = prompt if prompt.endswith("?") else prompt + "?"
-    skip = {fact.prompt, *fact.rephrase_prompts}
     filled = (r.format(P=prompt, Q=question, S=fact.subject) for r in REWRITES[:n])
-    return [p for p in dict.fromkeys(filled) if p not in skip]
+    return [p for p in filled if p not in fact.rephrase_prompts]
 
 
 # --- commands ----------------------------------------------------------------------------------
