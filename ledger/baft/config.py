@@ -101,6 +101,10 @@ class BaftConfig:
     # margin of 0.99, which takes 1.6 times the steps for the same generalisation on
     # everyday facts (docs/design.md, under the field's name).
     stop_prob: float = 0.9
+    # ... where the target tokens of the rows the ledger adds (table wordings, rewrites, the
+    # prompt behind fixed prefixes) need only this probability, and to be the argmax; the
+    # fact's own prompt and rephrases keep stop_prob. None: stop_prob for every row.
+    stop_prob_wordings: float | None = None
     # ... and the KL on every unrelated row (mean over its tokens) is at most this.
     stop_kl: float = 0.01
     # Train on the fact's own rephrase prompts (a user's paraphrases are training data).
@@ -252,7 +256,8 @@ STORED_BEFORE: dict[str, Any] = {"gate_floor": 0.0, "gate_lr_scale": 1.0, "wordi
                                  "train_dtype": "float32", "rotation_init": "random", "gate_key_shrinkage": 1.0,
                                  "adam_beta1": 0.9, "wordings_nearest": False,
                                  "other_relations": 0, "subject_variants": 0, "after_target_tokens": 0,
-                                 "after_target_wordings": 0, "loop_check": 0, "rewrites": 0}
+                                 "after_target_wordings": 0, "loop_check": 0, "rewrites": 0,
+                                 "stop_prob_wordings": None}
 
 
 def default_layer(n_layers: int) -> int:

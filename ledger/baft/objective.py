@@ -483,15 +483,21 @@ class EditProblem:
     def _reached(self, tgt_hit: torch.Tensor, tgt_logp: torch.Tensor, row_kl: torch.Tensor,
                  live: list[torch.Tensor] | None, tgt_live: torch.Tensor) -> list[bool]:
         """The stop rule, per fact: every one of its target tokens that its block can move
-        (live_targets) is the argmax with probability at least stop_prob AND its unrelated rows
+        (live_targets) is the argmax with probability at least stop_prob (stop_prob_wordings on
+        the rows the ledger adds, where set) AND its unrelated rows
         (those its block is live on, where the path knows them) are back to the parent's
         distribution: stopping on the target alone leaves gates open."""
         rows, cfg = self.rows, self.cfg
+        # The probability each target token must reach: stop_prob on the fact's own prompt and
+        # rephrases, stop_prob_wordings (where set) on the rows the ledger adds.
+        need = torch.full_like(tgt_logp, cfg.stop_prob)
+        if cfg.stop_prob_wordings is not None:
+            need[~rows.tgt_given] = cfg.stop_prob_wordings
+        short = ~(tgt_logp.exp() >= need)        # a token not run (NaN) is short too
         reached = []
         for k in range(len(self.blocks)):
             mine = (rows.tgt_owner == k) & tgt_live
-            ok = bool(tgt_hit[mine].all()) and float(tgt_logp[mine].exp().min()) >= cfg.stop_prob \
-                if bool(mine.any()) else True
+            ok = bool(tgt_hit[mine].all()) and not bool(short[mine].any())
             rows_k = rows.stop_row if live is None else live[k][rows.n_edit:] & rows.stop_row
             worst = row_kl[: rows.n_unrelated][rows_k]
             reached.append(ok and (len(worst) == 0 or float(worst.max()) <= cfg.stop_kl))

@@ -138,6 +138,7 @@ class RowTexts:
     pairs: list[tuple[str, str | None]]
     owner: list[int]                        # fact index of an edit row, -1 for an unrelated row
     subject_pos: list[list[int]]            # per edit row
+    given: list[bool]                       # per edit row: the fact's prompt or one of its rephrases
     # Unrelated rows that hold a fact's own subject (other relations of the subject, the
     # prompt continued after its new target), by index among the unrelated rows: (the
     # subject's positions, the first position the KL reads). Their subject's states are no
@@ -161,12 +162,12 @@ def build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[t
             return continue_text(model, tok, prompts, max_new_tokens)
     pairs: list[tuple[str, str | None]] = []
     owner: list[int] = []
+    given_rows: list[bool] = []
     for k, fact in enumerate(facts):
-        prompts = [fact.prompt]
-        if cfg.train_on_rephrases:
-            prompts += list(fact.rephrase_prompts)
-        prompts += extra[k]          # other wordings of the relation (wordings.py)
-        prompts += [pre + fact.prompt for pre in PREFIXES[: cfg.n_prefixes]]
+        given = [fact.prompt, *(fact.rephrase_prompts if cfg.train_on_rephrases else [])]
+        added = extra[k] + [pre + fact.prompt for pre in PREFIXES[: cfg.n_prefixes]]  # wordings.py's, prefixed
+        prompts = given + added
+        given_rows += [True] * len(given) + [False] * len(added)
         pairs += [(p, fact.target_new) for p in prompts]
         owner += [k] * len(prompts)
     subject_pos = [subject_positions(tok, p, facts[k].subject) for (p, _), k in zip(pairs, owner)]
@@ -226,7 +227,7 @@ def build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[t
             texts.append(text)
     pairs += [(t, None) for t in texts]
     owner += [-1] * len(texts)
-    return RowTexts(pairs, owner, subject_pos, subject_rows)
+    return RowTexts(pairs, owner, subject_pos, given_rows, subject_rows)
 
 
 def pick_retention(tok, facts: list[Fact], retention: list[tuple[str, str]], n: int,
@@ -292,6 +293,7 @@ class TrainingRows:
         # The target tokens, in read order: their ids, their rows and the fact each belongs to.
         self.tgt_row = torch.arange(n_edit, device=device)[:, None].expand(n_edit, real.shape[1])[batch.target_mask[:n_edit]]
         self.tgt_owner = owner[self.tgt_row]
+        self.tgt_given = torch.tensor(texts.given, dtype=torch.bool, device=device)[self.tgt_row]
         self.target_ids = batch.next_ids[:n_edit][batch.target_mask[:n_edit]]
         self.n_tgt = len(self.target_ids)
         # The unrelated read positions, in read order: their weight in the KL and their row.
