@@ -254,6 +254,10 @@ _NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at e
 @click.option("--stop-prob", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=BaftConfig.stop_prob,
               show_default=True, help="Stop once every target token has at least this probability on every "
                                       "training prompt (lower: fewer steps, less carry-over to other wordings).")
+@click.option("--stop-prob-wordings", type=click.FloatRange(0.0, 1.0), default=BaftConfig.stop_prob_wordings,
+              show_default=True, help="... but on the prompts the ledger adds (relation wordings, rewrites, "
+                                      "prefixed prompts) only this probability, and to be the most likely token "
+                                      "(the fact's own prompt and rephrases keep --stop-prob).")
 @click.option("--locality-weight", type=float, default=BaftConfig.locality_weight, show_default=True,
               help="Weight of the KL term on unrelated inputs.")
 @click.option("--gate-floor", type=click.FloatRange(0.0, 1.0, max_open=True), default=BaftConfig.gate_floor,
@@ -295,7 +299,7 @@ _NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at e
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per new edit.")
 @click.pass_context
 def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int, steps: int, lr: float,
-        stop_prob: float, locality_weight: float, gate_floor: float, n_wordings: int, wordings_related: int,
+        stop_prob: float, stop_prob_wordings: float, locality_weight: float, gate_floor: float, n_wordings: int, wordings_related: int,
         other_relations: int, subject_variants: int, after_target_wordings: int, n_prefixes: int, rewrites: int, fmt: str,
         offset: int, limit: int | None, skip_bad: bool, strict: bool, batch: int, seed: int, message: str | None,
         as_json: bool) -> None:
@@ -316,6 +320,7 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
     relation wordings and supersedes no earlier edit.
     """
     cfg = BaftConfig(method=method, layer=layer, rank=rank, steps=steps, lr=lr, stop_prob=stop_prob,
+                     stop_prob_wordings=stop_prob_wordings,
                      locality_weight=locality_weight, gate_floor=gate_floor,
                      wordings=n_wordings, wordings_related=wordings_related, other_relations=other_relations,
                      subject_variants=subject_variants, after_target_wordings=after_target_wordings,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from sqlalchemy import Connection
@@ -223,10 +223,14 @@ def train(s: Handle, facts: list[Fact], cfg: BaftConfig, layer: int, inputs: Tra
     before = measure_many(model, tok, facts)
 
     def train_and_compose(after: list[list[str]] | None = None) -> list[TrainedEdit]:
-        """The new blocks trained on the parent's composition, then composed after the kept ones."""
+        """The new blocks trained on the parent's composition, then composed after the kept ones.
+        A retrain for loops (after) stops at stop_prob on every row: its after-target rows need
+        the steps the full margin gives (docs/design.md, `stop_prob_wordings`)."""
+        run_cfg = cfg
         if after is not None:
             composed.compose(kept, None)      # the first run's blocks off again
-        new = train_edits(model, tok, composed.sites, s.base.layers, facts, cfg, layer=layer,
+            run_cfg = replace(cfg, stop_prob_wordings=None)
+        new = train_edits(model, tok, composed.sites, s.base.layers, facts, run_cfg, layer=layer,
                           retention=inputs.retention, extra_prompts=inputs.wordings, other_prompts=inputs.others,
                           progress=progress, after_prompts=after, base_rows=composed.base_rows)
         composed.compose(kept + [Block(UNCOMMITTED + k, layer, t.tensors) for k, t in enumerate(new)], None)

@@ -92,7 +92,8 @@ def test_config_rejects_bad_values():
     from ledger.errors import InputError
     for bad in ({"method": "lora"}, {"rank": 0}, {"lr": 0}, {"steps": 0}, {"layer": -1}, {"gate_weight": -1},
                 {"gate_floor": 1.0}, {"gate_floor": -0.1}, {"gate_lr_scale": -1},
-                {"gate_lr_scale": 0, "gate_key_init": False}, {"n_prefixes": 9}, {"n_prefixes": -1}):
+                {"gate_lr_scale": 0, "gate_key_init": False}, {"n_prefixes": 9}, {"n_prefixes": -1},
+                {"stop_prob_wordings": 1.5}, {"stop_prob_wordings": -0.1}):
         with pytest.raises(InputError):
             BaftConfig(**bad)
 
@@ -595,6 +596,49 @@ def test_the_stop_rule_does_not_wait_for_targets_no_gate_is_open_for(tiny_llama)
     live, step = first_step(shut=True)
     assert not bool(live.any()) and step.reached == [True]
     assert step.parts["ce"] > 1.0                               # reached only because nothing can move
+
+
+def test_the_rows_the_ledger_adds_can_stop_at_a_lower_probability_than_the_facts_own(tiny_llama):
+    """stop_prob_wordings: the target tokens of the fact's prompt and rephrases need stop_prob,
+    those of the rows the ledger adds (wordings, the prefixed prompt) only stop_prob_wordings;
+    every one must still be the argmax. None: stop_prob for every row, as before the field."""
+    import math
+    from ledger.baft.objective import EditProblem
+    base = load_base(str(tiny_llama))
+    fact = _facts()[1]                  # with one rephrase
+    extra = [f"{fact.subject} is the capital city of", f"The country whose capital is {fact.subject} is"]
+
+    def problem_for(**kw):
+        cfg = BaftConfig(rank=2, n_prefixes=1, **kw)
+        return EditProblem(base.model, base.tokenizer, {}, base.layers, [fact], cfg, layer=EDITED,
+                           extra_prompts=[extra])
+
+    problem = problem_for()
+    try:
+        rows = problem.rows
+        # The prompt and the rephrase (trained on by default) are the fact's own; 2 wordings
+        # and the prefixed prompt are not.
+        per_row = {}
+        for row, given in zip(rows.tgt_row.tolist(), rows.tgt_given.tolist()):
+            per_row.setdefault(row, set()).add(given)
+        assert [per_row[r] for r in sorted(per_row)] == [{True}, {True}, {False}, {False}, {False}]
+        n = rows.n_tgt
+        hit, live = torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
+        kl = torch.zeros(max(1, rows.n_unrelated))
+        logp = torch.where(rows.tgt_given, math.log(0.95), math.log(0.6))
+        assert problem._reached(hit, logp, kl, None, live) == [False]       # 0.6 < stop_prob 0.9
+    finally:
+        problem.close()
+    for value, reached in ((0.5, True), (0.7, False)):
+        problem = problem_for(stop_prob_wordings=value)
+        try:
+            assert problem._reached(hit, logp, kl, None, live) == [reached]
+            assert problem._reached(~hit, logp, kl, None, live) == [False]  # the argmax still counts
+            low = torch.where(rows.tgt_given, math.log(0.8), math.log(0.95))
+            assert problem._reached(hit, low, kl, None, live) == [False]    # the fact's own keep 0.9
+        finally:
+            problem.close()
+    assert BaftConfig.from_dict({}, stored=True).stop_prob_wordings is None   # stored edits: as trained
 
 
 def test_the_gate_opens_on_the_facts_own_prompt_where_its_subject_state_lies_below_the_key(tiny_llama, monkeypatch):
