@@ -252,12 +252,13 @@ _NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at e
 @click.option("--steps", type=int, default=BaftConfig.steps, show_default=True, help="Most training steps.")
 @click.option("--lr", type=float, default=BaftConfig.lr, show_default=True, help="Adam learning rate.")
 @click.option("--stop-prob", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=BaftConfig.stop_prob,
-              show_default=True, help="Stop once every target token has at least this probability on every "
-                                      "training prompt (lower: fewer steps, less carry-over to other wordings).")
+              show_default=True, help="Stop once every target token has at least this probability on the fact's "
+                                      "prompt and rephrases (lower: fewer steps, less carry-over to other "
+                                      "wordings).")
 @click.option("--stop-prob-wordings", type=click.FloatRange(0.0, 1.0), default=BaftConfig.stop_prob_wordings,
-              show_default=True, help="... but on the prompts the ledger adds (relation wordings, rewrites, "
-                                      "prefixed prompts) only this probability, and to be the most likely token "
-                                      "(the fact's own prompt and rephrases keep --stop-prob).")
+              show_default=True, help="... and at least this one on the prompts the ledger adds (relation wordings, "
+                                      "rewrites, prefixed prompts); every target token must also be the most "
+                                      "likely one.")
 @click.option("--locality-weight", type=float, default=BaftConfig.locality_weight, show_default=True,
               help="Weight of the KL term on unrelated inputs.")
 @click.option("--gate-floor", type=click.FloatRange(0.0, 1.0, max_open=True), default=BaftConfig.gate_floor,

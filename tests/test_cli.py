@@ -74,9 +74,10 @@ def test_add_batch_prints_one_object_per_edit(initialised, facts_file):
 
 
 def test_add_stop_prob_is_stored_with_the_edit(initialised, db_url, fact_file):
-    initialised("add", str(fact_file), *FAST_ARGS, "--stop-prob", "0.5")
+    initialised("add", str(fact_file), *FAST_ARGS, "--stop-prob", "0.5", "--stop-prob-wordings", "0.25")
     with Ledger.open(db_url) as lg:
-        assert lg.edit("edit-1").config["stop_prob"] == 0.5
+        config = lg.edit("edit-1").config
+    assert (config["stop_prob"], config["stop_prob_wordings"]) == (0.5, 0.25)
 
 
 def test_add_neighbour_and_loop_options_are_stored_with_the_edit(initialised, db_url, fact_file):
@@ -110,7 +111,7 @@ def test_malformed_fact_file_exit_2_and_nothing_written(initialised, db_url, tmp
     (["checkout", "rev-0"], 2), (["checkout", "rev-99999999"], 2), (["show", "rev-abc"], 2),
     (["checkout", "x;DROP TABLE refs"], 2), (["log", "--rev", "../../etc"], 2),
     (["add", "/nonexistent/fact.json"], 2), (["add", "f.json", "--rank", "0"], 2), (["add", "f.json", "--prefixes", "9"], 2),
-    (["add", "f.json", "--stop-prob", "1"], 2),
+    (["add", "f.json", "--stop-prob", "1"], 2), (["add", "f.json", "--stop-prob-wordings", "1.5"], 2),
     # experiment-only options are not on the command line (their config fields stay, for stored edits)
     (["add", "f.json", "--rotation-init", "gradient"], 2), (["add", "f.json", "--gate-weight", "1"], 2),
     (["add", "f.json", "--train-dtype", "bfloat16"], 2),

@@ -236,3 +236,26 @@ def test_active_set_with_checkpoints_matches_a_full_replay(ledger, db_url, monke
         with pytest.raises(NotFoundError):
             revs.active_set(c, 10_000)
     eng.dispose()
+
+
+def test_a_retrain_for_loops_stops_at_stop_prob_on_every_row(ledger, monkeypatch):
+    """The first training stops at stop_prob_wordings on the rows the ledger adds; where
+    loop_check finds loops, the retrain waits for stop_prob on every row, because its
+    after-target rows need the steps of the full margin (docs/design.md)."""
+    import ledger.editing as editing
+    seen = []
+    real = editing.train_edits
+
+    def recording(*args, **kw):
+        seen.append(args[5].stop_prob_wordings)     # (model, tok, sites, layers, facts, cfg)
+        return real(*args, **kw)
+
+    def looping(model, tok, facts, wordings):      # the tiny random model: say three wordings loop
+        return [[f.prompt, f"{f.subject} is in", f"{f.subject} was in"] for f in facts]
+    monkeypatch.setattr(editing, "train_edits", recording)
+    monkeypatch.setattr(editing, "looping_wordings", looping)
+    cfg = BaftConfig.from_dict({**FAST, "loop_check": 3, "stop_prob_wordings": 0.4})
+    [res] = ledger.add(parse_facts_text(json.dumps(FACT)), cfg)
+    assert seen == [0.4, None]
+    assert res.stats["loop_retrained"] == 3
+    assert ledger.edit(res.edit).config["stop_prob_wordings"] == 0.4     # what the user asked for
