@@ -256,9 +256,9 @@ _NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at e
                                       "prompt and rephrases (lower: fewer steps, less carry-over to other "
                                       "wordings).")
 @click.option("--stop-prob-wordings", type=click.FloatRange(0.0, 1.0), default=BaftConfig.stop_prob_wordings,
-              show_default=True, help="... and at least this one on the prompts the ledger adds (relation wordings, "
-                                      "rewrites, prefixed prompts); every target token must also be the most "
-                                      "likely one.")
+              help="... but only this probability on the prompts the ledger adds (relation wordings, rewrites, "
+                   "prefixed prompts), where they must still be the most likely token (fewer steps, less "
+                   "carry-over to prompts that ask another question) [default: --stop-prob].")
 @click.option("--locality-weight", type=float, default=BaftConfig.locality_weight, show_default=True,
               help="Weight of the KL term on unrelated inputs.")
 @click.option("--gate-floor", type=click.FloatRange(0.0, 1.0, max_open=True), default=BaftConfig.gate_floor,
@@ -300,7 +300,7 @@ _NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at e
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per new edit.")
 @click.pass_context
 def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int, steps: int, lr: float,
-        stop_prob: float, stop_prob_wordings: float, locality_weight: float, gate_floor: float, n_wordings: int, wordings_related: int,
+        stop_prob: float, stop_prob_wordings: float | None, locality_weight: float, gate_floor: float, n_wordings: int, wordings_related: int,
         other_relations: int, subject_variants: int, after_target_wordings: int, n_prefixes: int, rewrites: int, fmt: str,
         offset: int, limit: int | None, skip_bad: bool, strict: bool, batch: int, seed: int, message: str | None,
         as_json: bool) -> None:
