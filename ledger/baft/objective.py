@@ -145,6 +145,12 @@ class EditProblem:
         self._ref_index = torch.full((len(rows.row_of_pos),), -1, dtype=torch.long, device=device)
         # Facts whose block has reached its target and is frozen (a batch: see step()).
         self.done = [False] * len(facts)
+        # The probability each target token must reach for the stop rule: stop_prob on the
+        # fact's own prompt and rephrases, stop_prob_wordings (where set) on the rows the
+        # ledger adds. Fixed for the run.
+        self.stop_need = torch.full((rows.n_tgt,), cfg.stop_prob, device=device)
+        if cfg.stop_prob_wordings is not None:
+            self.stop_need[~rows.tgt_given] = cfg.stop_prob_wordings
         # A BaFT block acts on its own fact's rows only; a ReFT block on every row.
         self.separable = cfg.method == "baft"
         # A kept gate (gate_lr_scale 0) never changes: its raw values are computed once.
@@ -488,12 +494,7 @@ class EditProblem:
         (those its block is live on, where the path knows them) are back to the parent's
         distribution: stopping on the target alone leaves gates open."""
         rows, cfg = self.rows, self.cfg
-        # The probability each target token must reach: stop_prob on the fact's own prompt and
-        # rephrases, stop_prob_wordings (where set) on the rows the ledger adds.
-        need = torch.full_like(tgt_logp, cfg.stop_prob)
-        if cfg.stop_prob_wordings is not None:
-            need[~rows.tgt_given] = cfg.stop_prob_wordings
-        short = ~(tgt_logp.exp() >= need)        # a token not run (NaN) is short too
+        short = ~(tgt_logp.exp() >= self.stop_need)      # a token not run (NaN) is short too
         reached = []
         for k in range(len(self.blocks)):
             mine = (rows.tgt_owner == k) & tgt_live
