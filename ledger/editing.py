@@ -222,8 +222,7 @@ def train(s: Handle, facts: list[Fact], cfg: BaftConfig, layer: int, inputs: Tra
     model, tok = composed.model, composed.tokenizer
     before = measure_many(model, tok, facts)
 
-    def train_and_compose(after: list[list[str]] | None = None,
-                          start: list[TrainedEdit] | None = None) -> list[TrainedEdit]:
+    def train_and_compose(after: list[list[str]] | None = None) -> list[TrainedEdit]:
         """The new blocks trained on the parent's composition, then composed after the kept ones.
         A retrain for loops (after) stops at stop_prob on every row: its after-target rows need
         the steps the full margin gives (docs/design.md, `stop_prob_wordings`)."""
@@ -233,8 +232,7 @@ def train(s: Handle, facts: list[Fact], cfg: BaftConfig, layer: int, inputs: Tra
             run_cfg = replace(cfg, stop_prob_wordings=None)
         new = train_edits(model, tok, composed.sites, s.base.layers, facts, run_cfg, layer=layer,
                           retention=inputs.retention, extra_prompts=inputs.wordings, other_prompts=inputs.others,
-                          progress=progress, after_prompts=after, base_rows=composed.base_rows,
-                          start=[t.tensors for t in start] if start else None)
+                          progress=progress, after_prompts=after, base_rows=composed.base_rows)
         composed.compose(kept + [Block(UNCOMMITTED + k, layer, t.tensors) for k, t in enumerate(new)], None)
         return new
 
@@ -244,14 +242,10 @@ def train(s: Handle, facts: list[Fact], cfg: BaftConfig, layer: int, inputs: Tra
     if any(looped):
         # Trained again from the parent, with an after-target row for each wording that
         # loops, so the edited model goes on after the answer as the parent does.
-        first_run = trained
-        trained = train_and_compose(looped, first_run if cfg.loop_retrain_warm else None)
+        first_run, trained = trained, train_and_compose(looped)
         for t, w, first in zip(trained, looped, first_run):
             t.stats["loop_retrained"] = len(w)       # wordings that looped after the first training
             t.stats["first_steps"] = first.stats["steps"]
-            if cfg.loop_retrain_warm:       # the gates are the first run's
-                t.stats["gate_key_fisher"] = first.stats["gate_key_fisher"]
-                t.stats["gate_key_prompt"] = first.stats["gate_key_prompt"]
             t.stats["seconds"] = round(t.stats["seconds"] + first.stats["seconds"], 3)
     for k, (t, prompts, rewritten, other) in enumerate(zip(trained, inputs.wordings, inputs.rewritten,
                                                            inputs.others)):

@@ -675,26 +675,3 @@ def test_the_gate_opens_on_the_facts_own_prompt_where_its_subject_state_lies_bel
         assert prompt_gate() == 0.0 and not problem.key_prompt[0]     # the key's ramp alone: shut
     finally:
         problem.close()
-
-
-def test_a_problem_started_from_a_block_begins_exactly_at_it(tiny_llama):
-    """start: the blocks begin as the given tensors (rotation, value and gate), not as the
-    identity with a freshly keyed gate, so a retrain for loops goes on from the first run."""
-    from ledger.baft.objective import EditProblem
-    base = load_base(str(tiny_llama))
-    given = [_random_block(base.hidden_size, 2, 7 + k).tensors() for k in range(2)]
-    cfg = BaftConfig(rank=2, n_prefixes=1, gate_floor=0.0)
-    problem = EditProblem(base.model, base.tokenizer, {}, base.layers, _facts(), cfg, layer=EDITED, start=given)
-    try:
-        for block, t in zip(problem.blocks, given):
-            got = block.tensors()
-            assert set(got) == set(t)
-            for name in t:
-                assert torch.allclose(got[name], t[name], atol=1e-6), name
-            assert not block.U.requires_grad      # a kept gate (gate_lr_scale 0) stays as given
-    finally:
-        problem.close()
-    with pytest.raises(ValueError, match="same rank"):
-        BaftBlock(base.hidden_size, 3).start_from(given[0])
-    with pytest.raises(ValueError, match="one block's tensors per fact"):
-        EditProblem(base.model, base.tokenizer, {}, base.layers, _facts(), cfg, layer=EDITED, start=given[:1])

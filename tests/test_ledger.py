@@ -259,32 +259,3 @@ def test_a_retrain_for_loops_stops_at_stop_prob_on_every_row(ledger, monkeypatch
     assert seen == [0.4, None]
     assert res.stats["loop_retrained"] == 3
     assert ledger.edit(res.edit).config["stop_prob_wordings"] == 0.4     # what the user asked for
-
-
-@pytest.mark.parametrize("warm", [False, True])
-def test_a_retrain_for_loops_goes_on_from_the_first_run_when_warm(ledger, monkeypatch, warm):
-    """loop_retrain_warm: the retrain starts from the first run's blocks; off, from the parent
-    (the identity with a fresh gate)."""
-    import ledger.editing as editing
-    starts, returned = [], []
-    real = editing.train_edits
-
-    def recording(*args, **kw):
-        starts.append(kw.get("start"))
-        out = real(*args, **kw)
-        returned.append([t.tensors for t in out])
-        return out
-
-    def looping(model, tok, facts, wordings):      # the tiny random model: say three wordings loop
-        return [[f.prompt, f"{f.subject} is in", f"{f.subject} was in"] for f in facts]
-    monkeypatch.setattr(editing, "train_edits", recording)
-    monkeypatch.setattr(editing, "looping_wordings", looping)
-    cfg = BaftConfig.from_dict({**FAST, "loop_check": 3, "loop_retrain_warm": warm})
-    [res] = ledger.add(parse_facts_text(json.dumps(FACT)), cfg)
-    assert len(starts) == 2 and starts[0] is None
-    if warm:
-        assert all(torch.equal(starts[1][0][k], returned[0][0][k]) for k in returned[0][0])
-    else:
-        assert starts[1] is None
-    assert res.stats["loop_retrained"] == 3
-    assert ledger.edit(res.edit).config["loop_retrain_warm"] is warm

@@ -155,9 +155,6 @@ class BaftConfig:
     # counterfact-val[0:40] single edits loop in 0.017 of generations against 0.050, at equal
     # generalisation, 1.2 times the steps (docs/design.md, under the field's name).
     loop_check: int = 3
-    # The retrain for loops goes on from the first training's blocks (True) instead of
-    # starting again from the parent (False).
-    loop_retrain_warm: bool = False
     # Short fixed prefixes before the prompt, for generalisation (as ROME does).
     n_prefixes: int = 2
     # Where the wordings table gives no wording for the fact's relation (nor a related or
@@ -266,7 +263,7 @@ STORED_BEFORE: dict[str, Any] = {"gate_floor": 0.0, "gate_lr_scale": 1.0, "wordi
                                  "adam_beta1": 0.9, "wordings_nearest": False,
                                  "other_relations": 0, "subject_variants": 0, "after_target_tokens": 0,
                                  "after_target_wordings": 0, "loop_check": 0, "rewrites": 0,
-                                 "stop_prob_wordings": None, "loop_retrain_warm": False}
+                                 "stop_prob_wordings": None}
 
 
 def default_layer(n_layers: int) -> int:

@@ -87,16 +87,6 @@ class BaftBlock(nn.Module):
         self.rotation.weight = q.to(self.W.dtype)
         self.W.copy_(self.rotation.weight)
 
-    @torch.no_grad()
-    def start_from(self, t: dict[str, torch.Tensor]) -> None:
-        """Start as the block whose tensors() gave t (same rank and floor): training goes on
-        from it instead of from the identity."""
-        if t["W"].shape != self.W.shape or not torch.equal(t.get("floor", torch.zeros_like(self.floor)), self.floor):
-            raise ValueError("start_from needs a block of the same rank and gate floor")
-        self.start_rotation(t["R"])
-        for name in ("W", "b", "U", "c"):
-            getattr(self, name).copy_(t[name])
-
     def raw_gate(self, h: torch.Tensor) -> torch.Tensor:
         """s(h), before the floor."""
         return torch.sigmoid(F.linear(h, self.U, self.c))

@@ -96,16 +96,13 @@ class EditProblem:
     def __init__(self, model, tok, sites: dict[int, InterventionSite], layers, facts: list[Fact],
                  cfg: BaftConfig, *, layer: int, retention: list[tuple[str, str]] = (),
                  extra_prompts: list[list[str]] | None = None, other_prompts: list[list[str]] | None = None,
-                 after_prompts: list[list[str]] | None = None, base_rows: BaseRows | None = None,
-                 start: list[dict[str, torch.Tensor]] | None = None):
+                 after_prompts: list[list[str]] | None = None, base_rows: BaseRows | None = None):
         self.model, self.cfg, self.layer, self.layers = model, cfg, layer, layers
         self.device = device = next(model.parameters()).device
         rng = random.Random(cfg.seed)
         extra = [list(x) for x in extra_prompts] if extra_prompts is not None else [[] for _ in facts]
         if len(extra) != len(facts):
             raise ValueError("extra_prompts needs one list per fact")
-        if start is not None and len(start) != len(facts):
-            raise ValueError("start needs one block's tensors per fact")
         self.n_extra = sum(len(x) for x in extra)
         others = [list(x) for x in other_prompts] if other_prompts is not None else [[] for _ in facts]
         cont = None if base_rows is None else partial(base_rows.continue_greedily, model, tok, layers, dict(sites))
@@ -172,16 +169,11 @@ class EditProblem:
                            for _ in facts]
         self.key_fisher = [False] * len(facts)     # per block: its gate's key by Fisher's direction
         self.key_prompt = [False] * len(facts)     # per block: its gate's ramp set from the prompt
-        if start is not None:
-            # Going on from given blocks (a retrain for loops): their gates and rotations stand.
-            for block, t in zip(self.blocks, start):
-                block.start_from(t)
-        else:
-            if cfg.gate_key_init and cfg.method == "baft":
-                self._init_gates(self.site_h)
-            if cfg.rotation_init == "gradient":
-                for block, q in zip(self.blocks, self._gradient_rotations(gen)):
-                    block.start_rotation(q)
+        if cfg.gate_key_init and cfg.method == "baft":
+            self._init_gates(self.site_h)
+        if cfg.rotation_init == "gradient":
+            for block, q in zip(self.blocks, self._gradient_rotations(gen)):
+                block.start_rotation(q)
         if cfg.gate_lr_scale == 0:
             for block in self.blocks:       # the gate stays as initialised: no gradient at all
                 block.U.requires_grad_(False)

@@ -36,8 +36,7 @@ def train_edits(model, tok, sites: dict[int, InterventionSite], layers, facts: l
                 cfg: BaftConfig, *, layer: int, retention: list[tuple[str, str]] = (),
                 extra_prompts: list[list[str]] | None = None, other_prompts: list[list[str]] | None = None,
                 progress: Callable[[int, int], None] | None = None, fast: bool = True,
-                after_prompts: list[list[str]] | None = None, base_rows: BaseRows | None = None,
-                start: list[dict[str, torch.Tensor]] | None = None) -> list[TrainedEdit]:
+                after_prompts: list[list[str]] | None = None, base_rows: BaseRows | None = None) -> list[TrainedEdit]:
     """Train one block per fact at `layer`, together, with every site in `sites` active and
     frozen. extra_prompts: per fact, more prompts that must give its target (the relation's
     other wordings, filled with the subject); other_prompts: per fact, prompts of its subject
@@ -45,12 +44,11 @@ def train_edits(model, tok, sites: dict[int, InterventionSite], layers, facts: l
     wordings whose continuation after the new target must stay the parent's. fast: the fast path
     (fast.py); False, the plain one (plain.py), which gives the same edit, slower. base_rows:
     the base model's continuations and references to reuse where no parent gate opens
-    (baserows.py). start: per fact, the tensors of a block to go on from (TrainedEdit.tensors)
-    instead of the identity with a fresh gate."""
+    (baserows.py)."""
     started = time.perf_counter()
     problem = EditProblem(model, tok, sites, layers, facts, cfg, layer=layer, retention=retention,
                           extra_prompts=extra_prompts, other_prompts=other_prompts,
-                          after_prompts=after_prompts, base_rows=base_rows, start=start)
+                          after_prompts=after_prompts, base_rows=base_rows)
     gate = [p for b in problem.blocks for p in (b.U, b.c) if p.requires_grad]
     gate_ids = {id(p) for p in gate}
     rest = [p for p in problem.parameters() if id(p) not in gate_ids]
