@@ -19,9 +19,11 @@ UNEDITED base model (docs/design.md, "Evaluation") in every setting. BaFT/ReFT t
 train_on_rephrases=False, train_on_locality=False: the fact's own rephrase and locality
 prompts are held out for evaluation. Every ledger holds the relation wordings of --wordings
 (default: the built-in tables `ledger init` gives a new ledger) minus, with --held-out strict
-(the default), every pair whose wording or relation is an evaluated fact's rephrase wording
+(the default), every pair whose wording is an evaluated fact's rephrase wording, and every pair
+of a relation whose key is one where an edit of the run would be lent that key
 (held_out_pairs), so generalisation is measured on wordings no edit of the run was trained on,
-whichever relation it borrows from. --held-out per-fact keeps the whole table, as a user's
+whichever relation it borrows from (--held-out strict-relations: every relation whose key is
+one, lent or not). --held-out per-fact keeps the whole table, as a user's
 ledger holds it, and relies on the product's own rule (wordings.training_prompts): an edit
 never trains on its own fact's prompt and rephrase wordings; other facts' edits may train on
 a wording this fact is evaluated on, filled with their own subjects. A fact the
@@ -69,9 +71,11 @@ from ledger.evaluate import (Generations, Measurement, answers, generate_many, g
                              mean_metrics, measure, score)
 from ledger.facts import Fact, fact_from_record, to_native  # noqa: E402
 from ledger.models import BaseModel  # noqa: E402
-from ledger.store.schema import Blob  # noqa: E402
+from ledger.editing import wording_prompts  # noqa: E402
+from ledger.store.schema import Blob, Wording  # noqa: E402
+from ledger.store.wordings import write as write_wordings  # noqa: E402
 from ledger.wordings import BUILTIN, DATA_DIR, read_pairs, template_of  # noqa: E402
-from sqlalchemy import select  # noqa: E402
+from sqlalchemy import create_engine, select  # noqa: E402
 
 DATASETS = {"counterfact": ("counterfact/counterfact-edit-1k.json", "counterfact"),
             "zsre": ("zsre/zsre_mend_train-1k.json", "zsre"),
@@ -147,13 +151,39 @@ def git_state() -> dict[str, Any]:
 
 # --- ledgers sharing one loaded base model -----------------------------------------------------
 
-def held_out_pairs(paths: list[Path], facts: list[Fact]) -> set[tuple[str, str]]:
+def held_out_pairs(paths: list[Path], facts: list[Fact], cfg: BaftConfig | None = None, *,
+                   whole_relations: bool = False) -> set[tuple[str, str]]:
     """The (relation, wording) pairs to leave out of the table (--held-out strict): every pair
-    whose wording or relation is the wording of an evaluated fact's rephrase, under any
-    relation. No edit of the run can then train on a wording it is evaluated on, whichever
-    relation it borrows from (wordings.related, wordings.nearest)."""
+    whose wording is the wording of an evaluated fact's rephrase, under any relation. Given
+    cfg, also every pair of a relation whose key is such a wording and which an edit of these
+    facts, trained with cfg, would still be lent (wordings.nearest lends a relation's key with
+    its wordings): checked with the product's own choice of prompts (editing.wording_prompts)
+    on the table left, until none is. No edit of the run can then train on a wording it is
+    evaluated on, whichever relation it borrows from (wordings.related, wordings.nearest).
+    whole_relations: every pair of every relation whose key is such a wording, whether lent or
+    not (--held-out strict-relations)."""
     evaluated = {w for f in facts for w in (template_of(p, f.subject) for p in f.rephrase_prompts) if w}
-    return {(r, w) for path in paths for r, w in read_pairs(path)[0] if r in evaluated or w in evaluated}
+    pairs = list(dict.fromkeys(p for path in paths for p in read_pairs(path)[0]))
+    out = {(r, w) for r, w in pairs if w in evaluated or (whole_relations and r in evaluated)}
+    if cfg is None or whole_relations:
+        return out
+    engine = create_engine("sqlite://")
+    Wording.__table__.create(engine)
+    while True:
+        with engine.begin() as conn:
+            conn.execute(Wording.__table__.delete())
+            write_wordings(conn, [p for p in pairs if p not in out], "held-out check", "")
+            prompts, rewritten = wording_prompts(conn, facts, cfg)
+        # The table's prompts only: a rewrite of a fact's own prompt comes from no table.
+        lent = {template_of(p, f.subject) for f, ps, rw in zip(facts, prompts, rewritten) if not rw for p in ps}
+        leaked = lent & evaluated
+        more = {(r, w) for r, w in pairs if r in leaked} - out
+        if not more:
+            if leaked:
+                raise RuntimeError(f"held-out wordings still reachable: {sorted(leaked)[:3]}")
+            engine.dispose()
+            return out
+        out |= more
 
 
 class Ledgers:
@@ -523,10 +553,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="relation wordings of every ledger: builtin (the tables `ledger init` starts with, "
                          "the default), none (`ledger init --no-wordings`), or a file relative to --data-dir "
                          "imported instead; with --held-out strict the evaluated rephrase wordings are left out")
-    ap.add_argument("--held-out", choices=("strict", "per-fact"), default="strict",
-                    help="strict: every evaluated rephrase wording leaves the table for every edit of the run; "
-                         "per-fact: the whole table, and each edit skips its own fact's wordings (the product's "
-                         "rule) (default strict)")
+    ap.add_argument("--held-out", choices=("strict", "strict-relations", "per-fact"), default="strict",
+                    help="strict: every evaluated rephrase wording leaves the table for every edit of the run, "
+                         "and so does every relation whose key is one and which some edit of the run would be "
+                         "lent; strict-relations: every relation whose key is one, lent or not; per-fact: the "
+                         "whole table, and each edit skips its own fact's wordings (the product's rule) "
+                         "(default strict)")
     ap.add_argument("--held-out-records", type=record_range, default=None, metavar="A:B",
                     help="with --held-out strict: hold out the rephrase wordings of records [A, B) of each file "
                          "instead of the evaluated ones, so that one run split over processes (--offset, --n, "
@@ -583,8 +615,9 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--held-out-records {first}:{end} must cover the evaluated records {args.offset}:{args.offset + count}")
     held = {name: load_dataset(args.data_dir, name, first, end - first) for name in args.datasets}
     data = {name: facts[args.offset - first: args.offset - first + count] for name, facts in held.items()}
-    held_out = held_out_pairs(wordings_paths, [f for facts in held.values() for _, f in facts]) \
-        if args.held_out == "strict" else set()
+    held_out = held_out_pairs(wordings_paths, [f for facts in held.values() for _, f in facts], cfgs["baft"],
+                              whole_relations=args.held_out == "strict-relations") \
+        if args.held_out != "per-fact" else set()
 
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         ledgers = Ledgers(Path(tmp), args.model, wordings_paths, held_out, args.keep_ledgers)

@@ -36,12 +36,16 @@ def test_a_record_range_that_misses_evaluated_records_is_refused(capsys):
 
 
 def test_a_rephrase_of_the_range_leaves_the_table():
-    rec = {"prompt": "The painter of {} is", "subject": "Guernica", "target_new": "Monet",
-           "rephrase_prompts": ["{} was painted by"]}
-    fact = fact_from_record({**rec, "prompt": rec["prompt"].format(rec["subject"]),
-                             "rephrase_prompts": [p.format(rec["subject"]) for p in rec["rephrase_prompts"]]})
-    out = quality.held_out_pairs(WORDINGS, [fact])
-    assert out and all("{} was painted by" in pair for pair in out)
+    """A rephrase wording of one fact of the range is out of reach of every other edit: here
+    the catalogue's key "{} was painted by", which the nearest relation would lend."""
+    def fact(subject, rephrase):
+        return fact_from_record({"prompt": f"The painter of {subject} is", "subject": subject, "target_new": "Monet",
+                                 "rephrase_prompts": [rephrase.format(subject)]})
+    facts = [fact("Guernica", "{} was painted by"), fact("The Night Watch", "Q: Who painted {}? A:")]
+    assert "{} was painted by" in _reachable(quality.held_out_pairs(WORDINGS, facts), facts[1:])
+    out = quality.held_out_pairs(WORDINGS, facts, CFG)
+    assert any(r == "{} was painted by" for r, _ in out)
+    assert not _reachable(out, facts) & {"{} was painted by", "Q: Who painted {}? A:"}
 
 
 def _fact(rephrase: str):
@@ -79,3 +83,50 @@ def test_a_long_sequential_row_splits_its_figures_by_the_order_edits_were_added_
     short = quality.Run("everyday", "baft", "sequential", 100)
     short.record(_fact("Richard Wagner passed away in"), {"reliability": 1.0, "generalization": 1.0, "locality": 1.0}, {})
     assert "by_order" not in short.row({}, {})
+
+
+def _located(prompt: str, rephrase: str):
+    subject = "The Eiffel Tower"
+    return fact_from_record({"prompt": prompt.format(subject), "subject": subject, "target_new": "Rome",
+                             "rephrase_prompts": [rephrase.format(subject)]})
+
+
+def _reachable(held: set, facts) -> set[str]:
+    """The templates the product would train these facts on, from the built-in table less held."""
+    from sqlalchemy import create_engine
+    from ledger.editing import wording_prompts
+    engine = create_engine("sqlite://")
+    quality.Wording.__table__.create(engine)
+    pairs = [p for path in WORDINGS for p in quality.read_pairs(path)[0] if p not in held]
+    with engine.begin() as conn:
+        quality.write_wordings(conn, list(dict.fromkeys(pairs)), "test", "")
+        prompts, rewritten = wording_prompts(conn, facts, CFG)
+    return {quality.template_of(p, f.subject) for f, ps, rw in zip(facts, prompts, rewritten) if not rw for p in ps}
+
+
+CFG = quality.BaftConfig(train_on_rephrases=False, train_on_locality=False)
+
+
+def test_a_relation_whose_key_is_evaluated_stays_unless_an_edit_would_be_lent_it():
+    """strict leaves out every evaluated wording, and a relation whose key is one only where an
+    edit of the run would be lent that key (wordings.nearest); strict-relations leaves out every
+    such relation. Under both no edit can train on an evaluated wording."""
+    # Its relation has 17 wordings: nothing is borrowed, so "{}, located in" keeps its wordings.
+    alone = _located("{} is located in", "{}, located in")
+    strict = quality.held_out_pairs(WORDINGS, [alone], CFG)
+    whole = quality.held_out_pairs(WORDINGS, [alone], whole_relations=True)
+    assert strict < whole
+    assert any(r == "{}, located in" for r, _ in whole)
+    assert not any(r == "{}, located in" for r, _ in strict)
+    assert "{}, located in" not in _reachable(strict, [alone])
+    # A fact of few wordings ("{} is a native speaker of") is lent the nearest relation's
+    # wordings with its key, "The mother tongue of {} is": another fact's evaluated rephrase.
+    evaluated = fact_from_record({"prompt": "Paris is the capital of", "subject": "Paris", "target_new": "Italy",
+                                  "rephrase_prompts": ["The mother tongue of Paris is"]})
+    borrows = _located("{} is a native speaker of", "Q: {}?")
+    facts = [evaluated, borrows]
+    without = quality.held_out_pairs(WORDINGS, facts)
+    assert "The mother tongue of {} is" in _reachable(without, facts)
+    strict = quality.held_out_pairs(WORDINGS, facts, CFG)
+    assert any(r == "The mother tongue of {} is" for r, _ in strict - without)
+    assert "The mother tongue of {} is" not in _reachable(strict, facts)
