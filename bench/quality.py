@@ -167,23 +167,29 @@ def held_out_pairs(paths: list[Path], facts: list[Fact], cfg: BaftConfig | None 
     out = {(r, w) for r, w in pairs if w in evaluated or (whole_relations and r in evaluated)}
     if cfg is None or whole_relations:
         return out
-    engine = create_engine("sqlite://")
-    Wording.__table__.create(engine)
     while True:
-        with engine.begin() as conn:
-            conn.execute(Wording.__table__.delete())
-            write_wordings(conn, [p for p in pairs if p not in out], "held-out check", "")
-            prompts, rewritten = wording_prompts(conn, facts, cfg)
-        # The table's prompts only: a rewrite of a fact's own prompt comes from no table.
-        lent = {template_of(p, f.subject) for f, ps, rw in zip(facts, prompts, rewritten) if not rw for p in ps}
-        leaked = lent & evaluated
+        leaked = reachable_templates([p for p in pairs if p not in out], facts, cfg) & evaluated
         more = {(r, w) for r, w in pairs if r in leaked} - out
         if not more:
             if leaked:
                 raise RuntimeError(f"held-out wordings still reachable: {sorted(leaked)[:3]}")
-            engine.dispose()
             return out
         out |= more
+
+
+def reachable_templates(pairs: list[tuple[str, str]], facts: list[Fact], cfg: BaftConfig) -> set[str]:
+    """The templates of the table prompts the product would train these facts on
+    (editing.wording_prompts) with a wordings table of these pairs; rewrites of a fact's own
+    prompt come from no table and are left out."""
+    engine = create_engine("sqlite://")
+    try:
+        Wording.__table__.create(engine)
+        with engine.begin() as conn:
+            write_wordings(conn, list(dict.fromkeys(pairs)), "held-out check", "")
+            prompts, rewritten = wording_prompts(conn, facts, cfg)
+    finally:
+        engine.dispose()
+    return {template_of(p, f.subject) for f, ps, rw in zip(facts, prompts, rewritten) if not rw for p in ps}
 
 
 class Ledgers:

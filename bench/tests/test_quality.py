@@ -93,15 +93,8 @@ def _located(prompt: str, rephrase: str):
 
 def _reachable(held: set, facts) -> set[str]:
     """The templates the product would train these facts on, from the built-in table less held."""
-    from sqlalchemy import create_engine
-    from ledger.editing import wording_prompts
-    engine = create_engine("sqlite://")
-    quality.Wording.__table__.create(engine)
     pairs = [p for path in WORDINGS for p in quality.read_pairs(path)[0] if p not in held]
-    with engine.begin() as conn:
-        quality.write_wordings(conn, list(dict.fromkeys(pairs)), "test", "")
-        prompts, rewritten = wording_prompts(conn, facts, CFG)
-    return {quality.template_of(p, f.subject) for f, ps, rw in zip(facts, prompts, rewritten) if not rw for p in ps}
+    return quality.reachable_templates(pairs, facts, CFG)
 
 
 CFG = quality.BaftConfig(train_on_rephrases=False, train_on_locality=False)
