@@ -262,7 +262,9 @@ _NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at e
 @click.option("--locality-weight", type=float, default=BaftConfig.locality_weight, show_default=True,
               help="Weight of the KL term on unrelated inputs.")
 @click.option("--gate-floor", type=click.FloatRange(0.0, 1.0, max_open=True), default=BaftConfig.gate_floor,
-              show_default=True, help="A gate below this is exactly 0 (0: the plain sigmoid gate).")
+              show_default=True, help="A gate below this is exactly 0 (0: the plain sigmoid gate; higher: fewer "
+                                      "changed neighbours, less carry-over to prompts that ask another question "
+                                      "of the subject).")
 @click.option("--wordings", "n_wordings", type=click.IntRange(0, 32), default=BaftConfig.wordings, show_default=True,
               help="Also train on up to N other wordings of the fact's relation from the ledger's table "
                    "(`ledger wordings`; a relation not in it borrows from the one sharing most content words).")
