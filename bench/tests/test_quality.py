@@ -123,3 +123,28 @@ def test_a_relation_whose_key_is_evaluated_stays_unless_an_edit_would_be_lent_it
     strict = quality.held_out_pairs(WORDINGS, facts, CFG)
     assert any(r == "The mother tongue of {} is" for r, _ in strict - without)
     assert "The mother tongue of {} is" not in _reachable(strict, facts)
+
+
+def test_an_add_the_loop_check_retrained_counts_both_runs_in_mean_steps_all_runs(tmp_path, monkeypatch):
+    """mean_steps is the kept run's; mean_steps_all_runs adds the first run of a retrained edit."""
+    import json
+
+    import ledger.editing as editing
+    from ledger import Ledger
+    from ledger.facts import parse_facts_text
+    from support import FACT, FAST, write_model
+
+    def looping(model, tok, facts, wordings):      # the tiny random model: say three wordings loop
+        return [[f.prompt, f"{f.subject} is in", f"{f.subject} was in"] for f in facts]
+    monkeypatch.setattr(editing, "looping_wordings", looping)
+    model = write_model(tmp_path / "tiny", "llama")
+    run = quality.Run("everyday", "baft", "single", None)
+    with Ledger.init(f"sqlite:///{tmp_path}/l.db", model=str(model), wordings=False) as lg:
+        [fact] = parse_facts_text(json.dumps(FACT))
+        cfg = quality.BaftConfig.from_dict({**FAST, "loop_check": 3})
+        res = quality.add_one(lg, run, cfg, 1, [("f", fact)], "f", fact, set())
+    assert res.stats["loop_retrained"] == 3
+    assert run.steps == [res.stats["steps"]]
+    assert run.all_steps == [res.stats["steps"] + res.stats["first_steps"]]
+    row = run.row({}, {})
+    assert row["mean_steps_all_runs"] == res.stats["steps"] + res.stats["first_steps"] > row["mean_steps"]
