@@ -405,6 +405,12 @@ def stats_note(stats: dict) -> str:
     return f", loops {stats['looping_wordings']}" + (" (retrained)" if "loop_retrained" in stats else "") + keyed
 
 
+def training_steps(stats: dict[str, Any]) -> int:
+    """The steps of every training run of one add: the kept run's, and the first run's where
+    the loop check trained the edit again (`first_steps`)."""
+    return stats["steps"] + stats.get("first_steps", 0)
+
+
 def add_one(lg, run: "Run", cfg: BaftConfig, i: int, facts, fid, fact, known):
     """Add one fact through `Ledger.add`, recording its time, steps and blob size in run;
     None (and a skip recorded) where the fact is known already or refused."""
@@ -422,7 +428,7 @@ def add_one(lg, run: "Run", cfg: BaftConfig, i: int, facts, fid, fact, known):
         return None
     run.seconds.append(time.perf_counter() - t)
     run.steps.append(res.stats["steps"])
-    run.all_steps.append(res.stats["steps"] + res.stats.get("first_steps", 0))
+    run.all_steps.append(training_steps(res.stats))
     run.bytes.append(blob_bytes(lg, res.edit))
     return res
 
@@ -477,7 +483,7 @@ def ledger_batch(ledgers: Ledgers, run: Run, cfg: BaftConfig, facts, base_meas, 
         run.total_seconds = time.perf_counter() - t
         edits = {r.edit for r in results}
         run.steps = [r.stats["steps"] for r in results if "steps" in r.stats]
-        run.all_steps = [r.stats["steps"] + r.stats.get("first_steps", 0) for r in results if "steps" in r.stats]
+        run.all_steps = [training_steps(r.stats) for r in results if "steps" in r.stats]
         run.bytes = [sum(blob_bytes(lg, e) for e in edits) // max(1, len(todo))] if edits else []
         run.progress(len(facts), len(facts), "all", f"{len(todo)} facts in {run.total_seconds:.1f} s, "
                                                     f"{len(edits)} edit(s), {lg.head()['revision']}")
@@ -499,7 +505,7 @@ def ftm_run(editor: FTMEditor, run: Run, facts, base_meas, known, *, restore_eac
             stats = editor.edit(fact)
             run.seconds.append(time.perf_counter() - t)
             run.steps.append(stats["steps"])
-            run.all_steps.append(stats["steps"])
+            run.all_steps.append(training_steps(stats))
             run.bytes.append(editor.delta_bytes)
             if restore_each:
                 m = score(measure(model, tok, fact), base_meas[fid])
@@ -525,7 +531,7 @@ def ftm_batch(editor: FTMEditor, run: Run, facts, base_meas, known) -> None:
         stats = editor.edit([f for _, f in todo]) if todo else {"steps": 0}
         run.total_seconds = time.perf_counter() - t
         run.steps.append(stats["steps"])
-        run.all_steps.append(stats["steps"])
+        run.all_steps.append(training_steps(stats))
         run.bytes = [editor.delta_bytes // max(1, len(todo))]
         run.progress(len(facts), len(facts), "all", f"{len(todo)} facts in {run.total_seconds:.1f} s, {stats['steps']} steps")
         evaluate_all(editor.model, editor.tok, run, facts, base_meas, [fid for fid, _ in todo])

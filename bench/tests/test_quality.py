@@ -4,11 +4,15 @@ generalisation by the kind of rephrase (a paraphrase, or a question about someth
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
+import ledger.editing as editing
 import quality
-from ledger.facts import fact_from_record
+from ledger import Ledger
+from ledger.facts import fact_from_record, parse_facts_text
+from support import FACT, FAST, write_model
 
 WORDINGS = [quality.DATA_DIR / name for name in quality.BUILTIN]
 
@@ -127,13 +131,6 @@ def test_a_relation_whose_key_is_evaluated_stays_unless_an_edit_would_be_lent_it
 
 def test_an_add_the_loop_check_retrained_counts_both_runs_in_mean_steps_all_runs(tmp_path, monkeypatch):
     """mean_steps is the kept run's; mean_steps_all_runs adds the first run of a retrained edit."""
-    import json
-
-    import ledger.editing as editing
-    from ledger import Ledger
-    from ledger.facts import parse_facts_text
-    from support import FACT, FAST, write_model
-
     def looping(model, tok, facts, wordings):      # the tiny random model: say three wordings loop
         return [[f.prompt, f"{f.subject} is in", f"{f.subject} was in"] for f in facts]
     monkeypatch.setattr(editing, "looping_wordings", looping)
