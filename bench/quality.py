@@ -74,7 +74,7 @@ from ledger.models import BaseModel  # noqa: E402
 from ledger.editing import wording_prompts  # noqa: E402
 from ledger.store.schema import Blob, Wording  # noqa: E402
 from ledger.store.wordings import write as write_wordings  # noqa: E402
-from ledger.wordings import BUILTIN, DATA_DIR, read_pairs, template_of  # noqa: E402
+from ledger.wordings import BUILTIN, DATA_DIR, SubjectForm, read_pairs, template_of  # noqa: E402
 from sqlalchemy import create_engine, select  # noqa: E402
 
 DATASETS = {"counterfact": ("counterfact/counterfact-edit-1k.json", "counterfact"),
@@ -154,7 +154,8 @@ def git_state() -> dict[str, Any]:
 def held_out_pairs(paths: list[Path], facts: list[Fact], cfg: BaftConfig | None = None, *,
                    whole_relations: bool = False) -> set[tuple[str, str]]:
     """The (relation, wording) pairs to leave out of the table (--held-out strict): every pair
-    whose wording is the wording of an evaluated fact's rephrase, under any relation. Given
+    whose wording is the wording of an evaluated fact's rephrase, under any relation, as written
+    or as a fact writes it for its subject (wordings.SubjectForm). Given
     cfg, also every pair of a relation whose key is such a wording and which an edit of these
     facts, trained with cfg, would still be lent (wordings.nearest lends a relation's key with
     its wordings): checked with the product's own choice of prompts (editing.wording_prompts)
@@ -163,8 +164,18 @@ def held_out_pairs(paths: list[Path], facts: list[Fact], cfg: BaftConfig | None 
     whole_relations: every pair of every relation whose key is such a wording, whether lent or
     not (--held-out strict-relations)."""
     evaluated = {w for f in facts for w in (template_of(p, f.subject) for p in f.rephrase_prompts) if w}
+    # A fact writes a table wording with its subject's determiner and number
+    # (wordings.SubjectForm): "{} was painted by" is "The {} was painted by" for the Mona Lisa.
+    by_form: dict[SubjectForm, set[str]] = {}
+    for f in facts:
+        by_form.setdefault(SubjectForm.of(f), set()).update(
+            w for w in (template_of(p, f.subject) for p in f.rephrase_prompts) if w)
     pairs = list(dict.fromkeys(p for path in paths for p in read_pairs(path)[0]))
-    out = {(r, w) for r, w in pairs if w in evaluated or (whole_relations and r in evaluated)}
+
+    def evaluated_wording(w: str) -> bool:
+        return w in evaluated or any(form.template(w) in ws for form, ws in by_form.items())
+
+    out = {(r, w) for r, w in pairs if evaluated_wording(w) or (whole_relations and r in evaluated)}
     if cfg is None or whole_relations:
         return out
     while True:

@@ -99,6 +99,77 @@ def fill(template: str, subject: str) -> str:
     return template.replace("{}", subject, 1)
 
 
+# How a prompt writes its subject: with a determiner right before it ("The Mona Lisa was
+# painted by", "A thermometer is used to measure the") and a plural verb right after it ("The
+# Harry Potter books were written by"). The table's wordings are written for a bare singular
+# subject ("{} was painted by"); filled as they are, they would train an edit on text nobody
+# types ("Mona Lisa was painted by", "Harry Potter books was written by").
+_DETERMINER_BEFORE = re.compile(r"(?i)(?<![\w'])(the|a|an)\s+\{\}")
+_ANY_DETERMINER_BEFORE = re.compile(
+    r"(?i)(?<![\w'])(the|a|an|this|that|these|those|his|her|its|their|my|your|our)\s+\{\}")
+_PLURAL_VERB_AFTER = re.compile(r"\{\}\s+(?:were|are|have)\b")
+_SINGULAR_VERB_AFTER = re.compile(r"\{\}(\s+)(was|is|has)\b")
+_PLURAL_OF = {"was": "were", "is": "are", "has": "have"}
+# A slot in apposition to a noun that has the determiner already ("The book {} was written
+# by", "the painting {}"), where a second one would be wrong: a determiner, one or two words,
+# then the slot, the last word no preposition.
+_APPOSITION = re.compile(r"(?i)(?<![\w'])(the|a|an)(\s+[\w-]+){1,2}\s+\{\}")
+_PREPOSITIONS = frozenset("of for by in on at to from with about behind into onto as than like".split())
+# Where a word starts a sentence: at the start, after a sentence's end, a colon or a line break.
+_STARTS_SENTENCE = re.compile(r"(?:^|[.!?:][\"'\u201d\u2019)\]]*\s+|\n)$")
+
+
+def _leads(template: str) -> bool:
+    """Whether "{}" (behind a determiner or not) starts its sentence: then the verb after it
+    is the subject's, which agrees with it ("The {} were written by", not "The author of {}
+    is")."""
+    before = re.sub(r"(?i)(?<![\w'])(the|a|an)\s+$", "", template[: template.index("{}")])
+    return bool(_STARTS_SENTENCE.search(before) or before.endswith(", "))
+
+
+@dataclass(frozen=True)
+class SubjectForm:
+    """The determiner ("the", "a", "an" or "") and the verb number a fact's prompt gives its
+    subject, applied to the wordings it trains on."""
+    determiner: str = ""
+    plural: bool = False
+
+    @classmethod
+    def of(cls, fact: Fact) -> "SubjectForm":
+        t = template_of(fact.prompt, fact.subject)
+        if t is None:
+            return cls()
+        m = _DETERMINER_BEFORE.search(t)
+        return cls(m.group(1).lower() if m else "", _leads(t) and bool(_PLURAL_VERB_AFTER.search(t)))
+
+    def subject_after(self, before: str, subject: str) -> str:
+        """The subject as written after the text `before`: with the determiner, capitalised
+        where it starts a sentence."""
+        if not self.determiner:
+            return subject
+        det = self.determiner.capitalize() if _STARTS_SENTENCE.search(before) else self.determiner
+        return f"{det} {subject}"
+
+    @staticmethod
+    def _in_apposition(t: str) -> bool:
+        m = _APPOSITION.search(t)
+        return bool(m) and m.group(2).split()[-1].lower() not in _PREPOSITIONS
+
+    def template(self, wording: str) -> str:
+        """The wording with the subject's determiner before "{}" (unless one is there, or "{}"
+        names a noun before it: "The book {}"), and for a plural subject its possessive and,
+        where it starts its clause, the be/have right after it made plural."""
+        t = wording
+        if self.plural:
+            t = t.replace("{}'s", "{}'", 1)      # "the Harry Potter books' author"
+            if _leads(t):
+                t = _SINGULAR_VERB_AFTER.sub(lambda m: "{}" + m.group(1) + _PLURAL_OF[m.group(2)], t, count=1)
+        if self.determiner and not _ANY_DETERMINER_BEFORE.search(t) and not self._in_apposition(t):
+            i = t.index("{}")
+            t = t[:i] + self.subject_after(t[:i], "{}")[: -len("{}")] + t[i:]
+        return t
+
+
 def _check_template(t: Any, where: str) -> str:
     if not isinstance(t, str) or not t.strip():
         raise InputError(f"{where}: a wording must be a non-empty string")
@@ -255,7 +326,8 @@ def other_relations(fact: Fact, wordings: list[str], n: int, seed: int) -> list[
     # The fact's own locality prompts are trained on as such or held out for evaluation
     # (train_on_locality), never taken in again here.
     own = {lp.prompt.strip().lower() for lp in fact.locality_prompts}
-    filled = (fill(r, fact.subject) for r, words in catalogue() if not words & mine and r != relation)
+    form = SubjectForm.of(fact)
+    filled = (fill(form.template(r), fact.subject) for r, words in catalogue() if not words & mine and r != relation)
     pool = [p for p in filled if p.strip().lower() not in own]
     rng = random.Random(f"{seed}:other:{fact.subject}:{fact.prompt}")
     return pool if len(pool) <= n else rng.sample(pool, n)
@@ -282,9 +354,11 @@ def training_prompts(fact: Fact, wordings: list[str], n: int, seed: int,
     # ... and their wordings: a rephrase behind a context sentence ("One day. {} plays") is
     # the same wording as the bare template.
     own = {w for _, w in pairs_of_fact(fact)} | {template_of(fact.prompt, fact.subject)}
+    form = SubjectForm.of(fact)
 
     def filled(ws):
-        return [p for p in dict.fromkeys(fill(w, fact.subject) for w in ws if w not in own) if p not in skip]
+        written = (form.template(w) for w in ws)
+        return [p for p in dict.fromkeys(fill(w, fact.subject) for w in written if w not in own) if p not in skip]
 
     rng = random.Random(f"{seed}:{fact.subject}:{fact.prompt}")
     prompts = filled(wordings)
@@ -304,7 +378,9 @@ def rewrites(fact: Fact, n: int) -> list[str]:
         return []
     prompt = fact.prompt.strip()
     question = prompt if prompt.endswith("?") else prompt + "?"
-    filled = (r.format(P=prompt, Q=question, S=fact.subject) for r in REWRITES[:n])
+    form = SubjectForm.of(fact)
+    filled = (r.format(P=prompt, Q=question, S=form.subject_after(r[: r.find("{S}")], fact.subject))
+              for r in REWRITES[:n])
     return [p for p in filled if p not in fact.rephrase_prompts]
 
 

@@ -12,8 +12,8 @@ from ledger.errors import InputError
 from ledger.facts import Fact
 from ledger.store.engine import make_engine
 from ledger.store.schema import AuditEvent, Wording
-from ledger.wordings import (REWRITES, builtin_pairs, content_words, fill, nearest, pairs_of_records, rewrites,
-                             template_of, training_prompts)
+from ledger.wordings import (REWRITES, SubjectForm, builtin_pairs, content_words, fill, nearest, pairs_of_records,
+                             rewrites, template_of, training_prompts)
 
 from support import FACT, FACT3, FAST
 
@@ -63,6 +63,39 @@ def test_training_prompts_are_a_fixed_sample_without_the_facts_own_prompts():
     assert got == training_prompts(fact, ws, 3, seed=0)
     assert training_prompts(fact, ws, 0, seed=0) == []
     assert sorted(training_prompts(fact, ws, 10, seed=0)) == sorted(fill(w, "Alice") for w in ws[1:])
+
+
+def test_wordings_write_the_subject_as_the_prompt_does():
+    mona = Fact(prompt="The Mona Lisa was painted by", target_new="Picasso", subject="Mona Lisa")
+    form = SubjectForm.of(mona)
+    assert form == SubjectForm("the", False)
+    assert form.template("{} is a painting by") == "The {} is a painting by"          # starts the sentence
+    assert form.template("The painter of {} is") == "The painter of the {} is"
+    assert form.template("Q: Who painted {}? A:") == "Q: Who painted the {}? A:"
+    assert form.template("Q: {} was painted by") == "Q: The {} was painted by"
+    assert form.template("The painter of the {} is") == "The painter of the {} is"    # one there already
+    assert form.template("The painting {} is the work of") == "The painting {} is the work of"  # apposition
+    got = training_prompts(mona, ["{} was painted by", "{} is a painting by", "The painter of {} is"], 5, seed=0)
+    # "{} was painted by" is the fact's own prompt once written with its determiner
+    assert sorted(got) == ["The Mona Lisa is a painting by", "The painter of the Mona Lisa is"]
+
+    books = Fact(prompt="The Harry Potter books were written by", target_new="Tolkien", subject="Harry Potter books")
+    form = SubjectForm.of(books)
+    assert form == SubjectForm("the", True)
+    assert form.template("{} was penned by") == "The {} were penned by"
+    assert form.template("In literature, {} is attributed to") == "In literature, the {} are attributed to"
+    assert form.template("The author of {} is") == "The author of the {} is"          # the verb is not the subject's
+    assert form.template("{}'s author is") == "The {}' author is"
+    # the plural verb must follow the subject: here it is the inventors'
+    assert SubjectForm.of(Fact(prompt="The inventors of the airplane were the", target_new="x",
+                               subject="airplane")) == SubjectForm("the", False)
+    thermo = Fact(prompt="A thermometer is used to measure the", target_new="speed", subject="thermometer")
+    assert SubjectForm.of(thermo).template("The purpose of {} is to measure") == "The purpose of a {} is to measure"
+    assert rewrites(thermo, 3)[1:] == ["Complete the sentence. A thermometer is used to measure the",
+                                       "Here is what I know about a thermometer. A thermometer is used to measure the"]
+    # a bare subject (all of CounterFact's) is filled as before
+    bare = Fact(prompt="Alice lives in", target_new="Rome", subject="Alice")
+    assert SubjectForm.of(bare) == SubjectForm() and SubjectForm().template("The home of {} is") == "The home of {} is"
 
 
 def test_borrowed_wordings_only_fill_up_to_n_after_the_relations_own():

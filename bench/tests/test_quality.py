@@ -52,6 +52,16 @@ def test_a_rephrase_of_the_range_leaves_the_table():
     assert not _reachable(out, facts) & {"{} was painted by", "Q: Who painted {}? A:"}
 
 
+def test_a_rephrase_is_held_out_as_the_fact_writes_the_table_wording():
+    """The Mona Lisa trains on "The painter of {} is" as "The painter of the Mona Lisa is"
+    (wordings.SubjectForm), so a rephrase with that text holds the bare wording out too."""
+    mona = fact_from_record({"prompt": "The Mona Lisa was painted by", "subject": "Mona Lisa", "target_new": "Monet",
+                             "rephrase_prompts": ["It hangs in Paris. The painter of the Mona Lisa is"]})
+    assert ("{} was painted by", "The painter of {} is") in quality.held_out_pairs(WORDINGS, [mona])
+    out = quality.held_out_pairs(WORDINGS, [mona], CFG)
+    assert "The painter of the {} is" not in _reachable(out, [mona])
+
+
 def _fact(rephrase: str):
     return fact_from_record({"prompt": "Richard Wagner died in", "subject": "Richard Wagner", "target_new": "Paris",
                              "rephrase_prompts": [rephrase]})
