@@ -163,13 +163,13 @@ def held_out_pairs(paths: list[Path], facts: list[Fact], cfg: BaftConfig | None 
     evaluated on, whichever relation it borrows from (wordings.related, wordings.nearest).
     whole_relations: every pair of every relation whose key is such a wording, whether lent or
     not (--held-out strict-relations)."""
-    evaluated = {w for f in facts for w in (template_of(p, f.subject) for p in f.rephrase_prompts) if w}
-    # A fact writes a table wording with its subject's determiner and number
+    # The evaluated wordings by how their facts write a table wording for the subject
     # (wordings.SubjectForm): "{} was painted by" is "The {} was painted by" for the Mona Lisa.
     by_form: dict[SubjectForm, set[str]] = {}
     for f in facts:
         by_form.setdefault(SubjectForm.of(f), set()).update(
             w for w in (template_of(p, f.subject) for p in f.rephrase_prompts) if w)
+    evaluated = set().union(*by_form.values())
     pairs = list(dict.fromkeys(p for path in paths for p in read_pairs(path)[0]))
 
     def evaluated_wording(w: str) -> bool:

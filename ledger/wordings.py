@@ -117,13 +117,14 @@ _APPOSITION = re.compile(r"(?i)(?<![\w'])(the|a|an)(\s+[\w-]+){1,2}\s+\{\}")
 _PREPOSITIONS = frozenset("of for by in on at to from with about behind into onto as than like".split())
 # Where a word starts a sentence: at the start, after a sentence's end, a colon or a line break.
 _STARTS_SENTENCE = re.compile(r"(?:^|[.!?:][\"'\u201d\u2019)\]]*\s+|\n)$")
+_TRAILING_DETERMINER = re.compile(r"(?i)(?<![\w'])(the|a|an)\s+$")
 
 
 def _leads(template: str) -> bool:
     """Whether "{}" (behind a determiner or not) starts its sentence: then the verb after it
     is the subject's, which agrees with it ("The {} were written by", not "The author of {}
     is")."""
-    before = re.sub(r"(?i)(?<![\w'])(the|a|an)\s+$", "", template[: template.index("{}")])
+    before = _TRAILING_DETERMINER.sub("", template[: template.index("{}")])
     return bool(_STARTS_SENTENCE.search(before) or before.endswith(", "))
 
 
@@ -142,13 +143,16 @@ class SubjectForm:
         m = _DETERMINER_BEFORE.search(t)
         return cls(m.group(1).lower() if m else "", _leads(t) and bool(_PLURAL_VERB_AFTER.search(t)))
 
-    def subject_after(self, before: str, subject: str) -> str:
-        """The subject as written after the text `before`: with the determiner, capitalised
-        where it starts a sentence."""
+    def _determiner_after(self, before: str) -> str:
+        """The determiner and its space as written after the text `before` (capitalised where
+        it starts a sentence); "" for none."""
         if not self.determiner:
-            return subject
-        det = self.determiner.capitalize() if _STARTS_SENTENCE.search(before) else self.determiner
-        return f"{det} {subject}"
+            return ""
+        return (self.determiner.capitalize() if _STARTS_SENTENCE.search(before) else self.determiner) + " "
+
+    def subject_after(self, before: str, subject: str) -> str:
+        """The subject as written after the text `before`, with its determiner."""
+        return self._determiner_after(before) + subject
 
     @staticmethod
     def _in_apposition(t: str) -> bool:
@@ -166,7 +170,7 @@ class SubjectForm:
                 t = _SINGULAR_VERB_AFTER.sub(lambda m: "{}" + m.group(1) + _PLURAL_OF[m.group(2)], t, count=1)
         if self.determiner and not _ANY_DETERMINER_BEFORE.search(t) and not self._in_apposition(t):
             i = t.index("{}")
-            t = t[:i] + self.subject_after(t[:i], "{}")[: -len("{}")] + t[i:]
+            t = t[:i] + self._determiner_after(t[:i]) + t[i:]
         return t
 
 
