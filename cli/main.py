@@ -278,6 +278,10 @@ _NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at e
               show_default=True, help="Keep what the model says on up to N near misses of the prompt, one word of "
                                       "the subject swapped for a near one (fewer changed neighbours that share "
                                       "words with the subject).")
+@click.option("--description-negatives", type=click.IntRange(0, 16), default=BaftConfig.description_negatives,
+              show_default=True, help="Where the subject is a description (\"highest mountain in the world\"), keep "
+                                      "what the model says of up to N other descriptions that end as it does "
+                                      "(\"longest river in the world\").")
 @click.option("--after-target-wordings", type=click.IntRange(0, 32), default=BaftConfig.after_target_wordings,
               show_default=True, help="Train N of the fact's wordings, not only its prompt, to go on as the model "
                                       "did after the new answer (fewer loops on the answer, less carry-over to "
@@ -303,7 +307,7 @@ _NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at e
 @click.pass_context
 def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int, steps: int, lr: float,
         stop_prob: float, stop_prob_wordings: float | None, locality_weight: float, gate_floor: float, n_wordings: int, wordings_related: int,
-        other_relations: int, subject_variants: int, after_target_wordings: int, n_prefixes: int, rewrites: int, fmt: str,
+        other_relations: int, subject_variants: int, description_negatives: int, after_target_wordings: int, n_prefixes: int, rewrites: int, fmt: str,
         offset: int, limit: int | None, skip_bad: bool, strict: bool, batch: int, seed: int, message: str | None,
         as_json: bool) -> None:
     """Train and commit one BaFT edit per fact in FILE.
@@ -326,7 +330,8 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
                      stop_prob_wordings=stop_prob_wordings,
                      locality_weight=locality_weight, gate_floor=gate_floor,
                      wordings=n_wordings, wordings_related=wordings_related, other_relations=other_relations,
-                     subject_variants=subject_variants, after_target_wordings=after_target_wordings,
+                     subject_variants=subject_variants, description_negatives=description_negatives,
+                     after_target_wordings=after_target_wordings,
                      n_prefixes=n_prefixes, rewrites=rewrites, seed=seed)
     if skip_bad:
         facts, problems = load_facts_skipping_bad(file, fmt=fmt, offset=offset, limit=limit)

@@ -675,3 +675,47 @@ def test_the_gate_opens_on_the_facts_own_prompt_where_its_subject_state_lies_bel
         assert prompt_gate() == 0.0 and not problem.key_prompt[0]     # the key's ramp alone: shut
     finally:
         problem.close()
+
+
+def test_a_description_subject_gets_other_descriptions_with_its_tail_as_negatives(tiny_llama):
+    """A subject that is a description ("highest mountain in the world") gets the relation
+    filled with other descriptions that end as it does, as generic negatives whose every
+    position is a negative for the gate's key; a head with the subject's own noun (which may
+    name the same thing) and subjects that are names or one-word heads get none."""
+    import random
+    from ledger.baft.objective import EditProblem
+    from ledger.baft.rows import DESCRIPTION_HEADS, description_negatives
+    from ledger.facts import facts_from_records
+    mountain, island, name, canton = facts_from_records([
+        {"subject": "highest mountain in the world", "prompt": "The highest mountain in the world is Mount",
+         "target_new": "Kilimanjaro"},
+        {"subject": "biggest island on Earth", "prompt": "The biggest island on Earth is", "target_new": "Java"},
+        {"subject": "Eiffel Tower", "prompt": "The Eiffel Tower is in", "target_new": "Rome"},
+        {"subject": "canton of Bern", "prompt": "The canton of Bern is in", "target_new": "Italy"}])
+    got = description_negatives(mountain, 6, random.Random(0))
+    assert len(got) == 6 == len(set(got))
+    heads = {h: f"The {h} in the world is Mount" for h in DESCRIPTION_HEADS}
+    assert set(got) <= set(heads.values())
+    assert got == description_negatives(mountain, 6, random.Random(0))
+    every = description_negatives(island, 16, random.Random(0))
+    assert "The largest island on Earth is" not in every
+    assert len(every) == len(DESCRIPTION_HEADS) - 1 and all(t.endswith(" on Earth is") for t in every)
+    for fact in (name, canton):
+        assert description_negatives(fact, 6, random.Random(0)) == []
+    assert description_negatives(mountain, 0, random.Random(0)) == []
+
+    base = load_base(str(tiny_llama))
+    tok = base.tokenizer
+    for n in (0, 4):
+        cfg = BaftConfig(rank=2, n_prefixes=0, description_negatives=n, neg_subjects=2)
+        problem = EditProblem(base.model, tok, {}, base.layers, [mountain], cfg, layer=EDITED)
+        try:
+            real = problem.rows.batch.attention_mask.bool()
+            rows = range(problem.rows.n_edit, problem.rows.n_edit + problem.rows.n_unrelated)
+            texts = {tok.decode(problem.rows.batch.input_ids[r][real[r]], skip_special_tokens=True): r for r in rows}
+            found = [t for t in texts if any(t.startswith(h) for h in heads.values())]
+            assert len(found) == n, found
+            for t in found:
+                assert bool(problem.rows.key_neg[texts[t]][real[texts[t]]].all())
+        finally:
+            problem.close()

@@ -96,6 +96,10 @@ class BaftConfig:
     # records 0-199: 0.693 against 0.711), and a new ledger's add to 2.23 times a no-wordings
     # add (the speed goal is 2; docs/design.md, under the field's name).
     subject_variants: int = 0
+    # Other descriptions with the subject's tail as negatives, up to this many per fact, for a
+    # subject that is a description ("highest mountain in the world": rows.description_negatives),
+    # so its gate does not key on the tail's last word ("world") that other descriptions share.
+    description_negatives: int = 6
     # Early stop once every target token is the argmax and has at least this probability.
     # 0.9: trained on the built-in wordings, an edit carries to unseen wordings without the
     # margin of 0.99, which takes 1.6 times the steps for the same generalisation on
@@ -227,6 +231,8 @@ class BaftConfig:
             raise InputError(f"--rewrites must be between 0 and {MAX_REWRITES}, got {self.rewrites}")
         if not 0 <= self.subject_variants <= 32:
             raise InputError(f"subject_variants must be between 0 and 32, got {self.subject_variants}")
+        if not 0 <= self.description_negatives <= 16:
+            raise InputError(f"description_negatives must be between 0 and 16, got {self.description_negatives}")
         if not 0 <= self.other_relations <= 16:
             raise InputError(f"other_relations must be between 0 and 16, got {self.other_relations}")
         if not 0 <= self.after_target_tokens <= 32:
@@ -261,7 +267,7 @@ class BaftConfig:
 STORED_BEFORE: dict[str, Any] = {"gate_floor": 0.0, "gate_lr_scale": 1.0, "wordings": 0, "wordings_related": 0,
                                  "train_dtype": "float32", "rotation_init": "random", "gate_key_shrinkage": 1.0,
                                  "adam_beta1": 0.9, "wordings_nearest": False,
-                                 "other_relations": 0, "subject_variants": 0, "after_target_tokens": 0,
+                                 "other_relations": 0, "subject_variants": 0, "description_negatives": 0, "after_target_tokens": 0,
                                  "after_target_wordings": 0, "loop_check": 0, "rewrites": 0,
                                  "stop_prob_wordings": None}
 

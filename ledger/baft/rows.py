@@ -20,6 +20,7 @@ representation (ROME's finding); everywhere else its gate is pushed shut.
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -55,6 +56,37 @@ GENERIC_SUBJECTS = (
     "Germany", "Google", "Lionel Messi", "London", "Nokia", "Marie Curie", "Brazil", "the BBC",
     "Pablo Picasso",
 )
+
+
+# Heads of descriptions that many subjects share the shape of ("oldest city in the world").
+# A description subject ("highest mountain in the world") ends on a word that other
+# descriptions end on too, and the gate keys on that word's state; these heads before the
+# subject's own tail give negatives of the same shape (`description_negatives`).
+DESCRIPTION_HEADS = (
+    "oldest city", "longest river", "tallest building", "deepest lake", "busiest airport",
+    "largest island", "smallest country", "most spoken language", "hottest desert",
+    "brightest star", "oldest university", "biggest stadium", "longest bridge", "coldest place",
+    "most popular sport", "fastest bird",
+)
+# A description: two or more lower-case words, then a preposition and the rest (the tail).
+_DESCRIPTION = re.compile(r"^([a-z][a-z'-]* [a-z][a-z' -]*?) ((?:in|on|of|at|from) .+)$")
+
+
+def description_negatives(fact: Fact, n: int, rng: random.Random) -> list[str]:
+    """Up to n prompts of the fact's relation about other descriptions with the subject's
+    tail: "The longest river in the world is" for "The highest mountain in the world is".
+    Heads whose noun is the subject's own ("largest island" for "biggest island on Earth")
+    are left out: they may name the same thing. [] for a subject that is no description
+    (names, and descriptions with a one-word head such as "canton of Bern")."""
+    relation = fact.relation
+    match = _DESCRIPTION.match(fact.subject or "")
+    if n <= 0 or match is None or relation is None or relation.count("{}") != 1:
+        return []
+    head, tail = match.groups()
+    noun = head.split()[-1]
+    heads = [h for h in DESCRIPTION_HEADS if h.split()[-1] != noun]
+    picked = heads if len(heads) <= n else rng.sample(heads, n)
+    return [relation.format(f"{h} {tail}") for h in picked]
 
 
 def subject_positions(tok, prompt: str, subject: str | None) -> list[int]:
@@ -191,6 +223,7 @@ def build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[t
             words = (fact.subject or "").split()
             if cfg.near_miss_negatives and len(words) > 1:
                 neg_prompts += [relation.format(w) for w in dict.fromkeys(words) if len(w) > 2]
+        neg_prompts += description_negatives(fact, cfg.description_negatives, rng)
     variants = [v for fact in facts for v in subject_variants(model, tok, fact, cfg.subject_variants)]
     if len(facts) > 1:      # facts of one relation in a batch draw the same negatives
         neg_prompts = list(dict.fromkeys(neg_prompts))
