@@ -66,6 +66,20 @@ def test_other_forms_keep_ignoring_the_fields_they_define():
 
 def test_the_projects_own_fact_files_load():
     assert len(load_facts(ROOT / "bench" / "data" / "everyday-dev.json")) == 40
+    assert len(load_facts(ROOT / "bench" / "data" / "descriptions-dev.json")) == 8
+
+
+@pytest.mark.parametrize("name", ["everyday-dev.json", "descriptions-dev.json"])
+def test_the_development_sets_keep_their_own_rules(name):
+    """bench/data/README.md: the subject once, verbatim, in the prompt and every rephrase; no
+    locality answer equal to the new target; no locality prompt that is another fact's prompt
+    or rephrase."""
+    facts = load_facts(ROOT / "bench" / "data" / name)
+    asked = {p for f in facts for p in [f.prompt, *f.rephrase_prompts]}
+    for f in facts:
+        assert all(p.count(f.subject) == 1 for p in [f.prompt, *f.rephrase_prompts]), f.subject
+        assert len(f.rephrase_prompts) == 3 and len(f.locality_prompts) == 3, f.subject
+        assert all(lp.answer != f.target_new and lp.prompt not in asked for lp in f.locality_prompts), f.subject
     assert len(load_facts(ROOT / "examples" / "fact.json")) == 1
 
 
