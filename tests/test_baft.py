@@ -719,3 +719,25 @@ def test_a_description_subject_gets_other_descriptions_with_its_tail_as_negative
                 assert bool(problem.rows.key_neg[texts[t]][real[texts[t]]].all())
         finally:
             problem.close()
+
+
+def test_a_prompt_with_braces_of_its_own_gets_its_negatives(tiny_llama):
+    """The relation is filled by replacing "{}", not by str.format: a user's prompt may hold
+    braces ("In {0} words:", "{city}"), and the generic and description negatives keep them."""
+    from ledger.baft.objective import EditProblem
+    from ledger.facts import facts_from_records
+    fact = facts_from_records([{"subject": "highest mountain in the world", "target_new": "Kilimanjaro",
+                                "prompt": "In {0} words, {city}: the highest mountain in the world is Mount"}])[0]
+    base = load_base(str(tiny_llama))
+    tok = base.tokenizer
+    cfg = BaftConfig(rank=2, n_prefixes=0, description_negatives=2, neg_subjects=2)
+    problem = EditProblem(base.model, tok, {}, base.layers, [fact], cfg, layer=EDITED)
+    try:
+        real = problem.rows.batch.attention_mask.bool()
+        texts = [tok.decode(problem.rows.batch.input_ids[r][real[r]], skip_special_tokens=True)
+                 for r in range(problem.rows.n_edit, problem.rows.n_edit + problem.rows.n_unrelated)]
+        braced = [t for t in texts if t.startswith("In {0} words, {city}: the ") and fact.subject not in t]
+        assert len(braced) == 4, texts      # 2 generic subjects, 2 descriptions
+        assert sum(" in the world is Mount" in t for t in braced) == 2
+    finally:
+        problem.close()

@@ -86,7 +86,13 @@ def description_negatives(fact: Fact, n: int, rng: random.Random) -> list[str]:
     noun = head.split()[-1]
     heads = [h for h in DESCRIPTION_HEADS if h.split()[-1] != noun]
     picked = heads if len(heads) <= n else rng.sample(heads, n)
-    return [relation.format(f"{h} {tail}") for h in picked]
+    return [fill(relation, f"{h} {tail}") for h in picked]
+
+
+def fill(relation: str, subject: str) -> str:
+    """The relation with this subject in place of "{}" (not str.format: a user's prompt may
+    hold braces of its own, "In {0} words: {} is")."""
+    return relation.replace("{}", subject, 1)
 
 
 def subject_positions(tok, prompt: str, subject: str | None) -> list[int]:
@@ -219,10 +225,10 @@ def build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[t
         if per_fact and relation and relation.count("{}") == 1:
             pool = [x for x in GENERIC_SUBJECTS if x.lower() not in own_subjects]
             picked = pool if len(pool) <= per_fact else rng.sample(pool, per_fact)
-            neg_prompts += [relation.format(x) for x in picked]
+            neg_prompts += [fill(relation, x) for x in picked]
             words = (fact.subject or "").split()
             if cfg.near_miss_negatives and len(words) > 1:
-                neg_prompts += [relation.format(w) for w in dict.fromkeys(words) if len(w) > 2]
+                neg_prompts += [fill(relation, w) for w in dict.fromkeys(words) if len(w) > 2]
         neg_prompts += description_negatives(fact, cfg.description_negatives, rng)
     variants = [v for fact in facts for v in subject_variants(model, tok, fact, cfg.subject_variants)]
     if len(facts) > 1:      # facts of one relation in a batch draw the same negatives
