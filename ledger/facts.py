@@ -64,6 +64,12 @@ class Fact:
         return None
 
 
+def fill(template: str, subject: str) -> str:
+    """The template (a relation, or a wording) with the subject in place of "{}"; not
+    str.format, as a user's prompt may hold braces of its own ("In {0} words: {} is")."""
+    return template.replace("{}", subject, 1)
+
+
 def _text(rec: dict, key: str, *, required: bool, limit: int, where: str) -> str | None:
     value = rec.get(key)
     if value is None:

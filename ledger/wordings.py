@@ -35,8 +35,8 @@ from sqlalchemy import Connection
 
 from .baft.config import MAX_REWRITES
 from .errors import InputError
-from .facts import (Fact, check_length_and_nul, detect_format, fact_from_record, read_text, records_of_text,
-                    to_native)
+from .facts import (Fact, check_length_and_nul, detect_format, fact_from_record, fill, read_text,
+                    records_of_text, to_native)
 from .handle import Handle
 from .store import audit, blobs
 from .store import wordings as table
@@ -92,11 +92,6 @@ def template_of(prompt: str, subject: str | None) -> str | None:
     ends = list(_SENTENCE_END.finditer(prompt, 0, start))
     head = prompt[ends[-1].end(): start] if ends else prompt[:start]
     return (head + "{}" + prompt[start + len(subject):]).strip()
-
-
-def fill(template: str, subject: str) -> str:
-    """The template with the subject in place of "{}" (not str.format: a prompt may hold braces)."""
-    return template.replace("{}", subject, 1)
 
 
 # How a prompt writes its subject: with a determiner right before it ("The Mona Lisa was

@@ -67,6 +67,7 @@ def test_other_forms_keep_ignoring_the_fields_they_define():
 def test_the_projects_own_fact_files_load():
     assert len(load_facts(ROOT / "bench" / "data" / "everyday-dev.json")) == 40
     assert len(load_facts(ROOT / "bench" / "data" / "descriptions-dev.json")) == 8
+    assert len(load_facts(ROOT / "examples" / "fact.json")) == 1
 
 
 @pytest.mark.parametrize("name", ["everyday-dev.json", "descriptions-dev.json"])
@@ -80,7 +81,6 @@ def test_the_development_sets_keep_their_own_rules(name):
         assert all(p.count(f.subject) == 1 for p in [f.prompt, *f.rephrase_prompts]), f.subject
         assert len(f.rephrase_prompts) == 3 and len(f.locality_prompts) == 3, f.subject
         assert all(lp.answer != f.target_new and lp.prompt not in asked for lp in f.locality_prompts), f.subject
-    assert len(load_facts(ROOT / "examples" / "fact.json")) == 1
 
 
 def test_add_refuses_an_unknown_field_and_skip_bad_skips_it(initialised, db_url, tmp_path):

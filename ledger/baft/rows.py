@@ -6,8 +6,9 @@ behind short fixed prefixes (generalisation, as ROME does), each followed by the
 
 Unrelated rows, shared by the facts: the facts' own locality prompts continued by the parent
 (when `train_on_locality`), the relation template filled with generic subjects (hard
-negatives), near misses of the prompt (one word of the subject swapped, `subject_variants`),
-a few neutral sentences, the prompts + targets of edits already active (a
+negatives) and, for a subject that is a description, with other descriptions that end as it
+does, near misses of the prompt (one word of the subject swapped, `subject_variants`), a few
+neutral sentences, the prompts + targets of edits already active (a
 retention set, so old edits survive new ones), and rows that hold a fact's own subject: the
 subject in other relations, and the prompt continued after its new target.
 
@@ -27,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from ..facts import Fact
+from ..facts import Fact, fill
 from ..text import Batch, make_batch, next_token_logprobs, prompt_ids
 from ..text import continue_greedily as continue_text
 from .config import MAX_PREFIXES, BaftConfig
@@ -87,12 +88,6 @@ def description_negatives(fact: Fact, n: int, rng: random.Random) -> list[str]:
     heads = [h for h in DESCRIPTION_HEADS if h.split()[-1] != noun]
     picked = heads if len(heads) <= n else rng.sample(heads, n)
     return [fill(relation, f"{h} {tail}") for h in picked]
-
-
-def fill(relation: str, subject: str) -> str:
-    """The relation with this subject in place of "{}" (not str.format: a user's prompt may
-    hold braces of its own, "In {0} words: {} is")."""
-    return relation.replace("{}", subject, 1)
 
 
 def subject_positions(tok, prompt: str, subject: str | None) -> list[int]:
