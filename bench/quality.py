@@ -58,7 +58,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -404,6 +404,19 @@ def evaluate_all(model, tok, run: Run, facts: list[tuple[str, Fact]], base_meas:
         run.progress(k + 1, len(edited), fid, f"at the last revision {brief(m)}")
 
 
+def base_progress(dataset: str, what: str) -> Callable[[int, int], None]:
+    """progress(done, total) for the base model's reference pass: a stderr line each time done
+    passes a multiple of 50, and at the end (on 1,000 facts the pass takes minutes before the
+    first edit)."""
+    last = [0]
+
+    def progress(done: int, total: int) -> None:
+        if done // 50 > last[0] // 50 or done == total:
+            print(f"[{dataset}/base model] {done}/{total} {what}", file=sys.stderr, flush=True)
+        last[0] = done
+    return progress
+
+
 def brief(m: dict[str, float]) -> str:
     short = {"reliability": "rel", "generalization": "gen", "locality": "loc", "gen_reliability": "grel",
              "repetition": "rep"}
@@ -668,12 +681,16 @@ def main(argv: list[str] | None = None) -> None:
             facts = data[dataset]
             common_ds = {**common, "data": DATASETS[dataset][0]}
             # The bare base model: its measurement is every fact's locality reference.
-            base_meas = {fid: measure(base.model, base.tokenizer, f) for fid, f in facts}
+            base_meas, measured = {}, base_progress(dataset, "facts measured")
+            for i, (fid, f) in enumerate(facts, 1):
+                base_meas[fid] = measure(base.model, base.tokenizer, f)
+                measured(i, len(facts))
             known = {fid for fid, f in facts if answers(base_meas[fid])}
             # Its greedy generations, made once: the reference of the BaFT/ReFT rows' free-generation metrics.
             unknown = [(fid, f) for fid, f in facts if fid not in known]
             base_gens = dict(zip([fid for fid, _ in unknown],
-                                 generate_many(base.model, base.tokenizer, [f for _, f in unknown]))) \
+                                 generate_many(base.model, base.tokenizer, [f for _, f in unknown],
+                                               progress=base_progress(dataset, "prompts generated")))) \
                 if set(args.methods) - {"ftm"} else None
             for method in args.methods:
                 gens = None if method == "ftm" else base_gens
