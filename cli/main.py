@@ -274,6 +274,10 @@ _NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at e
 @click.option("--other-relations", type=click.IntRange(0, 16), default=BaftConfig.other_relations, show_default=True,
               help="Keep what the model says of the subject in up to N other catalogued relations "
                    "(more steps; fewer changed neighbours that share the subject).")
+@click.option("--other-relations-before", type=click.IntRange(0, 16), default=BaftConfig.other_relations_before,
+              show_default=True,
+              help="... and first in up to N catalogued relations whose words come before the subject "
+                   "(\"The capital of {} is\"): fewer changed neighbours, the same reach.")
 @click.option("--subject-variants", type=click.IntRange(0, 32), default=BaftConfig.subject_variants,
               show_default=True, help="Keep what the model says on up to N near misses of the prompt, one word of "
                                       "the subject swapped for a near one (fewer changed neighbours that share "
@@ -307,7 +311,7 @@ _NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at e
 @click.pass_context
 def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int, steps: int, lr: float,
         stop_prob: float, stop_prob_wordings: float | None, locality_weight: float, gate_floor: float, n_wordings: int, wordings_related: int,
-        other_relations: int, subject_variants: int, description_negatives: int, after_target_wordings: int, n_prefixes: int, rewrites: int, fmt: str,
+        other_relations: int, other_relations_before: int, subject_variants: int, description_negatives: int, after_target_wordings: int, n_prefixes: int, rewrites: int, fmt: str,
         offset: int, limit: int | None, skip_bad: bool, strict: bool, batch: int, seed: int, message: str | None,
         as_json: bool) -> None:
     """Train and commit one BaFT edit per fact in FILE.
@@ -330,6 +334,7 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
                      stop_prob_wordings=stop_prob_wordings,
                      locality_weight=locality_weight, gate_floor=gate_floor,
                      wordings=n_wordings, wordings_related=wordings_related, other_relations=other_relations,
+                     other_relations_before=other_relations_before,
                      subject_variants=subject_variants, description_negatives=description_negatives,
                      after_target_wordings=after_target_wordings,
                      n_prefixes=n_prefixes, rewrites=rewrites, seed=seed)

@@ -311,25 +311,46 @@ def catalogue() -> tuple[tuple[str, frozenset[str]], ...]:
     return tuple((r, frozenset(ws)) for r, ws in groups.items())
 
 
-def other_relations(fact: Fact, wordings: list[str], n: int, seed: int) -> list[str]:
+def other_relations(fact: Fact, wordings: list[str], n: int, seed: int, *, before: int = 0) -> list[str]:
     """Up to n prompts that put the fact's subject into OTHER relations of the catalogue ("The
-    capital of Russia is" for a fact about Russia's currency): what an edit must leave alone
+    capital of Russia is" for a fact about Russia's currency), and first up to `before` more
+    among the relations whose words come before the subject: what an edit must leave alone
     although its gate is open there. A relation sharing a content word with the fact's
     relation or with any wording it trains on is left out, so no paraphrase of the edited
     relation is taken for another one, nor any of the fact's locality prompts. A fixed sample
-    per (fact, seed)."""
+    per (fact, seed).
+
+    Where the relation's words come first, the subject's state already holds them, so the
+    value can learn to leave that relation alone there and still change the edited one; a
+    prompt that names the subject first and asks another question after it ("Russia, whose
+    capital is") reads a state that holds no relation yet."""
     relation = template_of(fact.prompt, fact.subject)
-    if n <= 0 or relation is None:
+    if (n <= 0 and before <= 0) or relation is None:
         return []
     mine = content_words(relation).union(*(content_words(w) for w in wordings))
     # The fact's own locality prompts are trained on as such or held out for evaluation
     # (train_on_locality), never taken in again here.
     own = {lp.prompt.strip().lower() for lp in fact.locality_prompts}
     form = SubjectForm.of(fact)
-    filled = (fill(form.template(r), fact.subject) for r, words in catalogue() if not words & mine and r != relation)
-    pool = [p for p in filled if p.strip().lower() not in own]
-    rng = random.Random(f"{seed}:other:{fact.subject}:{fact.prompt}")
-    return pool if len(pool) <= n else rng.sample(pool, n)
+    templates = [form.template(r) for r, words in catalogue() if not words & mine and r != relation]
+    pool = [p for p in (fill(t, fact.subject) for t in templates) if p.strip().lower() not in own]
+    first = [p for t, p in zip(templates, (fill(t, fact.subject) for t in templates))
+             if words_before(t) and p.strip().lower() not in own]
+    # Each sample draws from its own generator of the same seed, so an edit stored without
+    # `before` gets the sample it was trained on.
+    seeded = f"{seed}:other:{fact.subject}:{fact.prompt}"
+    first = first if len(first) <= before else random.Random(seeded).sample(first, max(before, 0))
+    if n <= 0:
+        return first
+    rest = pool if len(pool) <= n else random.Random(seeded).sample(pool, n)
+    return first + [p for p in rest if p not in first]
+
+
+def words_before(template: str) -> bool:
+    """Whether a word other than an article comes before the subject's slot ("The capital of
+    {} is": yes; "{} is located in", "The {} is": no)."""
+    head = template[: template.find("{}")] if "{}" in template else ""
+    return any(w not in ("the", "a", "an") for w in re.findall(r"[\w']+", head.lower()))
 
 
 def builtin_pairs() -> list[tuple[str, str]]:

@@ -255,6 +255,7 @@ def test_stored_configs_without_newer_fields_retrain_as_they_were_trained():
     assert (cfg.wordings, cfg.wordings_related, cfg.gate_floor, cfg.gate_lr_scale) == (0, 0, 0.0, 1.0)
     assert cfg.adam_beta1 == 0.9        # torch's default, which edits stored without the field used
     assert (cfg.other_relations, cfg.after_target_tokens, cfg.after_target_wordings) == (0, 0, 0)
+    assert cfg.other_relations_before == 0
     assert cfg.subject_variants == 0 and cfg.rewrites == 0
     assert BaftConfig.from_dict(old) == BaftConfig(rank=4, lr=0.01)
     assert BaftConfig.from_dict({**old, "wordings": 3}, stored=True).wordings == 3
@@ -363,3 +364,24 @@ def test_other_relations_never_take_a_locality_prompt_of_the_fact():
                 locality_prompts=(LocalityPrompt("the capital of Russia is ", "Moscow"),))
     assert "The capital of Russia is" not in other_relations(held, [], 16 * 4, seed=0)
     assert len(other_relations(held, [], 16 * 4, seed=0)) == len(everything) - 1
+
+
+def test_other_relations_before_take_relations_whose_words_come_first():
+    """`before` draws first from the relations whose words come before the subject ("The
+    capital of Russia is"), never one that names the subject first ("Russia is located in");
+    with before 0 the sample is the one an edit stored without the field was trained on."""
+    from ledger.wordings import catalogue, other_relations, words_before
+    assert words_before("The capital of {} is") and words_before("Q: What is {}?")
+    assert not words_before("{} is located in") and not words_before("The {} is") and not words_before("no slot")
+    fact = Fact(prompt="The currency of Russia is the", target_new="lira", subject="Russia")
+    every = other_relations(fact, [], 16 * 4, seed=0)
+    firsts = other_relations(fact, [], 0, seed=0, before=16 * 4)
+    assert firsts and set(firsts) < set(every)
+    assert all(not p.startswith("Russia") for p in firsts)
+    assert any(p.startswith("Russia") for p in every)        # the catalogue has both kinds
+    two = other_relations(fact, [], 0, seed=0, before=2)
+    assert len(two) == 2 and set(two) <= set(firsts) and two == other_relations(fact, [], 0, seed=0, before=2)
+    both = other_relations(fact, [], 3, seed=0, before=2)
+    assert both[:2] == two and len(both) >= 3 and len(set(both)) == len(both)
+    assert both[2:] == [p for p in other_relations(fact, [], 3, seed=0) if p not in two]
+    assert other_relations(fact, [], 0, seed=0) == [] and len(catalogue()) > 16
