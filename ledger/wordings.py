@@ -332,10 +332,11 @@ def other_relations(fact: Fact, wordings: list[str], n: int, seed: int, *, befor
     # (train_on_locality), never taken in again here.
     own = {lp.prompt.strip().lower() for lp in fact.locality_prompts}
     form = SubjectForm.of(fact)
-    templates = [form.template(r) for r, words in catalogue() if not words & mine and r != relation]
-    pool = [p for p in (fill(t, fact.subject) for t in templates) if p.strip().lower() not in own]
-    first = [p for t, p in zip(templates, (fill(t, fact.subject) for t in templates))
-             if words_before(t) and p.strip().lower() not in own]
+    filled = [(t, fill(t, fact.subject)) for t in (form.template(r) for r, words in catalogue()
+                                                      if not words & mine and r != relation)]
+    filled = [(t, p) for t, p in filled if p.strip().lower() not in own]
+    pool = [p for _, p in filled]
+    first = [p for t, p in filled if words_before(t)]
     # Each sample draws from its own generator of the same seed, so an edit stored without
     # `before` gets the sample it was trained on.
     seeded = f"{seed}:other:{fact.subject}:{fact.prompt}"
