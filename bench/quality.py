@@ -408,12 +408,13 @@ def base_progress(dataset: str, what: str) -> Callable[[int, int], None]:
     """progress(done, total) for the base model's reference pass: a stderr line each time done
     passes a multiple of 50, and at the end (on 1,000 facts the pass takes minutes before the
     first edit)."""
-    last = [0]
+    last = 0
 
     def progress(done: int, total: int) -> None:
-        if done // 50 > last[0] // 50 or done == total:
+        nonlocal last
+        if done // 50 > last // 50 or done == total:
             print(f"[{dataset}/base model] {done}/{total} {what}", file=sys.stderr, flush=True)
-        last[0] = done
+        last = done
     return progress
 
 

@@ -332,15 +332,15 @@ def other_relations(fact: Fact, wordings: list[str], n: int, seed: int, *, befor
     # (train_on_locality), never taken in again here.
     own = {lp.prompt.strip().lower() for lp in fact.locality_prompts}
     form = SubjectForm.of(fact)
-    filled = [(t, fill(t, fact.subject)) for t in (form.template(r) for r, words in catalogue()
-                                                      if not words & mine and r != relation)]
+    templates = [form.template(r) for r, words in catalogue() if not words & mine and r != relation]
+    filled = [(t, fill(t, fact.subject)) for t in templates]
     filled = [(t, p) for t, p in filled if p.strip().lower() not in own]
     pool = [p for _, p in filled]
     first = [p for t, p in filled if words_before(t)]
     # Each sample draws from its own generator of the same seed, so an edit stored without
     # `before` gets the sample it was trained on.
     seeded = f"{seed}:other:{fact.subject}:{fact.prompt}"
-    first = first if len(first) <= before else random.Random(seeded).sample(first, max(before, 0))
+    first = first if len(first) <= before else random.Random(seeded).sample(first, before)
     if n <= 0:
         return first
     rest = pool if len(pool) <= n else random.Random(seeded).sample(pool, n)
