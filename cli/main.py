@@ -276,9 +276,10 @@ _NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at e
                    "(more steps; fewer changed neighbours that share the subject).")
 @click.option("--other-relations-before", type=click.IntRange(0, 16), default=BaftConfig.other_relations_before,
               show_default=True,
-              help="Keep what the model says of the subject in up to N catalogued relations whose words "
-                   "come before it (\"The capital of {} is\"), drawn before --other-relations: fewer changed "
-                   "neighbours, less reach to prompts that ask another question of the subject.")
+              help="Where the fact's prompt has words before the subject, keep what the model says of the "
+                   "subject in up to N catalogued relations whose words come before it (\"The capital of {} "
+                   "is\"), drawn before --other-relations: fewer changed neighbours, less reach to prompts "
+                   "that ask another question of the subject.")
 @click.option("--subject-variants", type=click.IntRange(0, 32), default=BaftConfig.subject_variants,
               show_default=True, help="Keep what the model says on up to N near misses of the prompt, one word of "
                                       "the subject swapped for a near one (fewer changed neighbours that share "

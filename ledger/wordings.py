@@ -323,7 +323,11 @@ def other_relations(fact: Fact, wordings: list[str], n: int, seed: int, *, befor
     Where the relation's words come first, the subject's state already holds them, so the
     value can learn to leave that relation alone there and still change the edited one; a
     prompt that names the subject first and asks another question after it ("Russia, whose
-    capital is") reads a state that holds no relation yet."""
+    capital is") reads a state that holds no relation yet. `before` applies only to a fact
+    whose own prompt has words before the subject ("The currency of Russia is", not "Russia
+    pays with"): an edit trained on the bare subject's state has to reach paraphrases with
+    words before it ("The money of Russia is"), and rows that shut it wherever such words
+    come first stop that."""
     relation = template_of(fact.prompt, fact.subject)
     if (n <= 0 and before <= 0) or relation is None:
         return []
@@ -336,7 +340,7 @@ def other_relations(fact: Fact, wordings: list[str], n: int, seed: int, *, befor
     filled = [(t, fill(t, fact.subject)) for t in templates]
     filled = [(t, p) for t, p in filled if p.strip().lower() not in own]
     pool = [p for _, p in filled]
-    first = [p for t, p in filled if words_before(t)]
+    first = [p for t, p in filled if words_before(t)] if words_before(relation) else []
     # Each sample draws from its own generator of the same seed, so an edit stored without
     # `before` gets the sample it was trained on.
     seeded = f"{seed}:other:{fact.subject}:{fact.prompt}"

@@ -385,3 +385,16 @@ def test_other_relations_before_take_relations_whose_words_come_first():
     assert both[:2] == two and len(both) >= 3 and len(set(both)) == len(both)
     assert both[2:] == [p for p in other_relations(fact, [], 3, seed=0) if p not in two]
     assert other_relations(fact, [], 0, seed=0) == [] and len(catalogue()) > 16
+
+
+def test_other_relations_before_only_where_the_prompt_has_words_before_the_subject():
+    """A fact whose prompt names the subject first ("Russia pays with") gets no `before` rows,
+    and its `other_relations` sample is the one it gets without them."""
+    from ledger.wordings import other_relations
+    first = Fact(prompt="Russia pays with the", target_new="lira", subject="Russia")
+    assert other_relations(first, [], 0, seed=0, before=4) == []
+    assert other_relations(first, [], 3, seed=0, before=4) == other_relations(first, [], 3, seed=0)
+    article = Fact(prompt="The Mona Lisa was painted by", target_new="Picasso", subject="Mona Lisa")
+    assert other_relations(article, [], 0, seed=0, before=4) == []
+    after = Fact(prompt="The painter of the Mona Lisa is", target_new="Picasso", subject="Mona Lisa")
+    assert len(other_relations(after, [], 0, seed=0, before=4)) == 4

@@ -144,13 +144,14 @@ class BaftConfig:
     # field's name).
     other_relations: int = 0
     # ... and first up to this many among the relations whose words come before the subject
-    # ("The capital of {} is", not "{} is located in": wordings.other_relations' `before`).
+    # ("The capital of {} is", not "{} is located in": wordings.other_relations' `before`),
+    # for a fact whose own prompt has words before the subject ("The currency of Russia is").
     # There the subject's state holds the other relation, so the value learns to leave it
     # alone without shutting what a prompt naming the subject first goes on to ask. On
-    # everyday-dev, 40 in a row, 2 take locality from 0.876 to 0.917 and gen_locality from
-    # 0.750 to 0.800 at the same generalisation (0.909 against 0.908); on counterfact-val,
-    # 48 in a row, generalisation 0.764 against 0.785 (paraphrases gain, prompts asking
-    # another question lose) and 1.27 times the seconds (docs/design.md, under the field's name).
+    # everyday-dev, 40 in a row, 2 take locality from 0.876 to 0.916 at generalisation 0.903
+    # against 0.908; on edit-1k records 0-99 the same generalisation (0.759), where rows for
+    # every fact, the subject-first prompts' too, take it to 0.651 on the first 43
+    # (docs/design.md, under the field's name).
     other_relations_before: int = 2
     # The prompt with its new target, continued by the parent for this many tokens, as an
     # unrelated row whose KL starts after the target: after the new answer the edited model
