@@ -329,7 +329,11 @@ def other_relations(fact: Fact, wordings: list[str], n: int, seed: int, *, befor
     words before it ("The money of Russia is"), and rows that shut it wherever such words
     come first stop that."""
     relation = template_of(fact.prompt, fact.subject)
-    if (n <= 0 and before <= 0) or relation is None:
+    if relation is None:
+        return []
+    if not words_before(relation):
+        before = 0
+    if n <= 0 and before <= 0:
         return []
     mine = content_words(relation).union(*(content_words(w) for w in wordings))
     # The fact's own locality prompts are trained on as such or held out for evaluation
@@ -337,10 +341,9 @@ def other_relations(fact: Fact, wordings: list[str], n: int, seed: int, *, befor
     own = {lp.prompt.strip().lower() for lp in fact.locality_prompts}
     form = SubjectForm.of(fact)
     templates = [form.template(r) for r, words in catalogue() if not words & mine and r != relation]
-    filled = [(t, fill(t, fact.subject)) for t in templates]
-    filled = [(t, p) for t, p in filled if p.strip().lower() not in own]
+    filled = [(t, p) for t in templates if (p := fill(t, fact.subject)).strip().lower() not in own]
     pool = [p for _, p in filled]
-    first = [p for t, p in filled if words_before(t)] if words_before(relation) else []
+    first = [p for t, p in filled if words_before(t)]
     # Each sample draws from its own generator of the same seed, so an edit stored without
     # `before` gets the sample it was trained on.
     seeded = f"{seed}:other:{fact.subject}:{fact.prompt}"
