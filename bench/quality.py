@@ -2,8 +2,9 @@
 
 One process, one model load. Per dataset (the first N records from --offset of
 counterfact/counterfact-edit-1k.json and zsre/zsre_mend_train-1k.json under --data-dir, and of
-bench/data/everyday-dev.json, hand-written everyday facts, and of bench/data/descriptions-dev.json,
-hand-written facts whose subject is a description, with --datasets descriptions):
+bench/data/everyday-dev.json, hand-written everyday facts, and, with --datasets descriptions or
+everyday-check, of bench/data/descriptions-dev.json, hand-written facts whose subject is a
+description, or bench/data/everyday-check.json, hand-written everyday facts of other relations):
 
 - single:     each fact edited alone from the base model. BaFT/ReFT: one SQLite ledger,
               `checkout rev-1` then `Ledger.add` per fact (the full product path), the fact
@@ -83,7 +84,10 @@ DATASETS = {"counterfact": ("counterfact/counterfact-edit-1k.json", "counterfact
             # Everyday facts of relations CounterFact lacks, hand-written for tuning (bench/data).
             "everyday": (str(ROOT / "bench" / "data" / "everyday-dev.json"), "native"),
             # Subjects that are descriptions ("tallest building in the world"), hand-written (bench/data).
-            "descriptions": (str(ROOT / "bench" / "data" / "descriptions-dev.json"), "native")}
+            "descriptions": (str(ROOT / "bench" / "data" / "descriptions-dev.json"), "native"),
+            # Everyday facts of other relations than everyday's, hand-written to check that what
+            # is tuned on everyday carries to facts it was not tuned on (bench/data).
+            "everyday-check": (str(ROOT / "bench" / "data" / "everyday-check.json"), "native")}
 # --cf-split: tune on val (or train), report on edit-1k.
 CF_SPLITS = {"edit-1k": "counterfact/counterfact-edit-1k.json", "val": "counterfact/counterfact-val.json",
              "train": "counterfact/counterfact-train.json"}
@@ -587,7 +591,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", type=name_list(METHODS), default=list(METHODS), metavar="M,...",
                     help="of baft,reft,ftm (default all)")
     ap.add_argument("--datasets", type=name_list(tuple(DATASETS)), default=["counterfact", "zsre", "everyday"],
-                    metavar="D,...", help="of counterfact,zsre,everyday,descriptions (default the first three)")
+                    metavar="D,...", help="of counterfact,zsre,everyday,descriptions,everyday-check (default the first three)")
     ap.add_argument("--settings", type=name_list(SETTINGS), default=["single", "sequential"], metavar="S,...",
                     help="of single,sequential,batch (default single,sequential; batch is added by --batch-K)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("LEDGER_THREADS") or 2),

@@ -67,10 +67,11 @@ def test_other_forms_keep_ignoring_the_fields_they_define():
 def test_the_projects_own_fact_files_load():
     assert len(load_facts(ROOT / "bench" / "data" / "everyday-dev.json")) == 40
     assert len(load_facts(ROOT / "bench" / "data" / "descriptions-dev.json")) == 8
+    assert len(load_facts(ROOT / "bench" / "data" / "everyday-check.json")) == 32
     assert len(load_facts(ROOT / "examples" / "fact.json")) == 1
 
 
-@pytest.mark.parametrize("name", ["everyday-dev.json", "descriptions-dev.json"])
+@pytest.mark.parametrize("name", ["everyday-dev.json", "descriptions-dev.json", "everyday-check.json"])
 def test_the_development_sets_keep_their_own_rules(name):
     """bench/data/README.md: the subject once, verbatim, in the prompt and every rephrase; no
     locality answer equal to the new target; no locality prompt that is another fact's prompt
