@@ -398,6 +398,59 @@ def test_a_key_at_the_shared_start_of_every_input_opens_only_under_fishers_direc
         problem.close()
 
 
+def test_start_words_leave_out_the_subjects_own_words():
+    from ledger.baft.rows import START_WORDS, start_words
+    from ledger.facts import Fact
+    assert start_words(Fact(prompt="Egypt is in", target_new="Asia", subject="Egypt"), 48) == \
+        [w for w in START_WORDS if w != "Egypt"]
+    assert "Amazon" not in start_words(Fact(prompt="The Amazon River flows into the", target_new="sea",
+                                            subject="Amazon River"), 48)
+    assert "Newton" not in start_words(Fact(prompt="Isaac Newton was a", target_new="poet",
+                                            subject="Isaac Newton"), 48)
+    assert start_words(Fact(prompt="x is", target_new="y", subject="x"), 3) == list(START_WORDS[:3])
+    assert start_words(Fact(prompt="x is", target_new="y", subject="x"), 0) == []
+
+
+def test_a_start_word_is_a_negative_for_the_key_where_it_would_open_the_gate(tiny_llama):
+    """The start words' states are those that any input beginning with the word holds at its
+    first positions (nothing comes before them). A gate whose plain key opens on such a state
+    is shut there once the state is among the key's negatives, and stays open at the key."""
+    from ledger.baft.objective import EditProblem
+    from ledger.baft.packing import block_output
+    from ledger.text import make_batch
+    base = load_base(str(tiny_llama))
+    cfg = BaftConfig(rank=2, n_prefixes=1)
+    problem = EditProblem(base.model, base.tokenizer, {}, base.layers, _facts()[:1], cfg, layer=EDITED)
+    try:
+        states = problem._start_states(base.tokenizer, [["Tokyo"], []])
+        assert states[1] is None
+        batch = make_batch(base.tokenizer, [("Tokyo is a large city", None)])
+        h_in = block_output(base.model, base.layers[EDITED], batch.input_ids, batch.attention_mask,
+                            packed=False, base=True)
+        h_in = h_in[0] if isinstance(h_in, tuple) else h_in
+        assert torch.allclose(states[0], h_in[0, : len(states[0])].float(), atol=1e-5)
+
+        g = torch.Generator().manual_seed(0)
+        B, T = problem.rows.batch.input_ids.shape
+        h = 0.1 * torch.randn(B, T, base.hidden_size, generator=g)
+        key_at = problem.rows.open_masks[0]
+        key = 8 * torch.randn(base.hidden_size, generator=g) / base.hidden_size ** 0.5
+        h[key_at] = key
+        start = (0.6 * key + 0.1 * torch.randn(base.hidden_size, generator=g))[None, :]   # a state near the key
+        block = problem.blocks[0]
+        gates = []
+        for starts in (None, [start]):
+            with torch.no_grad():
+                block.U.zero_()
+                problem._init_gates(h, starts)
+                gates.append((float(block.gate(block.raw_gate(h[key_at])).min()),
+                              float(block.gate(block.raw_gate(start)).max())))
+        assert gates[0][0] > 0.9 and gates[0][1] > 0.5        # without it: open on the start word
+        assert gates[1][0] > 0.9 and gates[1][1] == 0.0        # with it: shut there, open at the key
+    finally:
+        problem.close()
+
+
 @pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
 def test_packed_reference_pass_equals_the_padded_model(family, request):
     """The set-up pass, which stops at the edited block, gives its raw output as the padded

@@ -13,6 +13,8 @@ ROTATION_INITS = ("random", "gradient")
 MAX_PREFIXES = 8
 # How many relation-agnostic rewrites of a prompt there are (wordings.REWRITES).
 MAX_REWRITES = 8
+# How many words rows.START_WORDS holds.
+MAX_START_WORDS = 48
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,13 @@ class BaftConfig:
     # subject that is a description ("highest mountain in the world": rows.description_negatives),
     # so its gate does not key on the tail's last word ("world") that other descriptions share.
     description_negatives: int = 6
+    # Words that often begin an input (rows.START_WORDS: places, languages, companies, names),
+    # their states at the start of an input as negatives for the gate's key: up to this many,
+    # none that is a word of the subject. At the first position a state holds its token
+    # alone, and a gate keyed on a country in mid-prompt ("The capital of Japan is") opens
+    # there on other places ("Amazon was founded by", "Canada shares its longest border")
+    # unless it has seen them. They cost no step: only the key's set-up reads them.
+    start_negatives: int = 48
     # Early stop once every target token is the argmax and has at least this probability.
     # 0.9: trained on the built-in wordings, an edit carries to unseen wordings without the
     # margin of 0.99, which takes 1.6 times the steps for the same generalisation on
@@ -241,6 +250,8 @@ class BaftConfig:
             raise InputError(f"--rewrites must be between 0 and {MAX_REWRITES}, got {self.rewrites}")
         if not 0 <= self.subject_variants <= 32:
             raise InputError(f"subject_variants must be between 0 and 32, got {self.subject_variants}")
+        if not 0 <= self.start_negatives <= MAX_START_WORDS:
+            raise InputError(f"start_negatives must be between 0 and {MAX_START_WORDS}, got {self.start_negatives}")
         if not 0 <= self.description_negatives <= 16:
             raise InputError(f"description_negatives must be between 0 and 16, got {self.description_negatives}")
         if not 0 <= self.other_relations <= 16:
@@ -279,7 +290,7 @@ class BaftConfig:
 STORED_BEFORE: dict[str, Any] = {"gate_floor": 0.0, "gate_lr_scale": 1.0, "wordings": 0, "wordings_related": 0,
                                  "train_dtype": "float32", "rotation_init": "random", "gate_key_shrinkage": 1.0,
                                  "adam_beta1": 0.9, "wordings_nearest": False,
-                                 "other_relations": 0, "other_relations_before": 0, "subject_variants": 0, "description_negatives": 0, "after_target_tokens": 0,
+                                 "other_relations": 0, "other_relations_before": 0, "subject_variants": 0, "description_negatives": 0, "start_negatives": 0, "after_target_tokens": 0,
                                  "after_target_wordings": 0, "loop_check": 0, "rewrites": 0,
                                  "stop_prob_wordings": None}
 

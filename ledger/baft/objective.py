@@ -36,13 +36,13 @@ import torch
 
 from ..facts import Fact
 from ..models import hidden_size
-from ..text import head_matches_logits
+from ..text import head_matches_logits, make_batch
 from .config import BaftConfig
 from .hooks import InterventionSite
 from .layer import BaftBlock, FusedIntervention
 from .packing import block_output, map_hidden, packing_works
 from .baserows import BaseRows, active_sites
-from .rows import TrainingRows, build_rows
+from .rows import TrainingRows, build_rows, start_words
 
 # The gate's key init: the gate is ~0.95 at the key and ~0.05 this share of the key's distance
 # closer to the unrelated states' mean, or at the closest unrelated state if that is further.
@@ -170,7 +170,8 @@ class EditProblem:
         self.key_fisher = [False] * len(facts)     # per block: its gate's key by Fisher's direction
         self.key_prompt = [False] * len(facts)     # per block: its gate's ramp set from the prompt
         if cfg.gate_key_init and cfg.method == "baft":
-            self._init_gates(self.site_h)
+            starts = self._start_states(tok, [start_words(f, cfg.start_negatives) for f in facts])
+            self._init_gates(self.site_h, starts)
         if cfg.rotation_init == "gradient":
             for block, q in zip(self.blocks, self._gradient_rotations(gen)):
                 block.start_rotation(q)
@@ -185,22 +186,40 @@ class EditProblem:
     # --- how a block starts -------------------------------------------------------------------
 
     @torch.no_grad()
-    def _init_gates(self, h: torch.Tensor) -> None:
+    def _start_states(self, tok, words: list[list[str]]) -> list[torch.Tensor | None]:
+        """Per fact, the states at the edited block's output of its start words, each alone at
+        the start of an input (rows.start_words): what the first tokens of any input that
+        begins with the word hold there, since nothing comes before them. None: no words."""
+        every = sorted({w for ws in words for w in ws})
+        if not every:
+            return [None] * len(words)
+        batch = make_batch(tok, [(w, None) for w in every], device=self.device)
+        out = block_output(self.model, self.layers[self.layer], batch.input_ids, batch.attention_mask,
+                           packed=False, base=self.head_ok)
+        h = (out[0] if isinstance(out, tuple) else out).detach().float()
+        real = batch.attention_mask.bool()
+        states = {w: h[i][real[i]] for i, w in enumerate(every)}
+        return [torch.cat([states[w] for w in ws]) if ws else None for ws in words]
+
+    @torch.no_grad()
+    def _init_gates(self, h: torch.Tensor, starts: list[torch.Tensor | None] | None = None) -> None:
         """Each gate starts as a match on its subject's key: U along the direction that sets
         the key (the mean state at the subject's last token of its edit rows) apart from the
         unrelated states, c so that the gate is ~0.95 at the key and ~0.05 at the closest
-        unrelated state (or KEY_MARGIN of the way to the unrelated states' mean)."""
+        unrelated state (or KEY_MARGIN of the way to the unrelated states' mean). The states of
+        the fact's start words (`starts`) count among the unrelated ones, but for their mean."""
         h = h.float()
-        neg = h[self.rows.key_neg]
-        mu = neg.mean(0)
+        starts = starts or [None] * len(self.blocks)
+        neg_rows = h[self.rows.key_neg]
+        mu = neg_rows.mean(0)
         alpha = self.cfg.gate_key_shrinkage
-        neg_scatter = None      # d x d, computed only if some key needs Fisher's direction
+        row_scatter = None      # d x d, computed only if some key needs Fisher's direction
 
         def ramp(top: float, width: float) -> tuple[float, float]:
             """The gate's slope and middle along e: sigmoid(+-3) at top and at top - width."""
             return 6.0 / width, top - width / 2
 
-        def separation(direction, key):
+        def separation(direction, key, neg):
             """(unit direction, the key's projection, the closest unrelated state's), from mu."""
             e = direction / direction.norm()
             return e, float((key - mu) @ e), float(((neg - mu) @ e).max())
@@ -212,7 +231,8 @@ class EditProblem:
             key = pos.mean(0)
             if (key - mu).norm() == 0:
                 continue
-            e, p_key, p_neg = separation(key - mu, key)
+            neg = neg_rows if starts[k] is None else torch.cat([neg_rows, starts[k]])
+            e, p_key, p_neg = separation(key - mu, key, neg)
             if alpha < 1 and p_key - p_neg < KEY_MARGIN * p_key:
                 # The difference of means does not set the key apart: typically a subject that
                 # begins the prompt, whose state is mostly what the start of every input shares,
@@ -220,12 +240,14 @@ class EditProblem:
                 # Fisher's discriminant discounts the directions the unrelated states (and
                 # the subject's own states across its rows) spread along; the scatter is shrunk
                 # towards the identity, as few states estimate it.
-                if neg_scatter is None:
-                    neg_scatter = (neg - mu).T @ (neg - mu)
+                if row_scatter is None:
+                    row_scatter = (neg_rows - mu).T @ (neg_rows - mu)
+                neg_scatter = row_scatter if starts[k] is None else \
+                    row_scatter + (starts[k] - mu).T @ (starts[k] - mu)
                 scatter = (neg_scatter + (pos - key).T @ (pos - key)) / max(1, len(neg) + len(pos) - 2)
                 eye = torch.eye(len(key), dtype=h.dtype, device=h.device)
                 shrunk = (1 - alpha) * scatter + alpha * float(scatter.diagonal().mean()) * eye
-                fisher = separation(torch.linalg.solve(shrunk, key - mu), key)
+                fisher = separation(torch.linalg.solve(shrunk, key - mu), key, neg)
                 if (fisher[1] - fisher[2]) / fisher[1] > (p_key - p_neg) / p_key:
                     e, p_key, p_neg = fisher
                     self.key_fisher[k] = True

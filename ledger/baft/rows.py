@@ -31,7 +31,7 @@ import torch
 from ..facts import Fact, fill
 from ..text import Batch, make_batch, next_token_logprobs, prompt_ids
 from ..text import continue_greedily as continue_text
-from .config import MAX_PREFIXES, BaftConfig
+from .config import MAX_PREFIXES, MAX_START_WORDS, BaftConfig
 
 # Contexts put before the prompt in training (`n_prefixes`: the first n), so the edit holds
 # behind other text. New ones go at the end, so that `n_prefixes` = k keeps its meaning for
@@ -57,6 +57,29 @@ GENERIC_SUBJECTS = (
     "Germany", "Google", "Lionel Messi", "London", "Nokia", "Marie Curie", "Brazil", "the BBC",
     "Pablo Picasso",
 )
+
+# Words that begin many inputs: places, peoples and languages, companies, given names. At an
+# input's first position a state holds its token alone (there is nothing before it to read),
+# and a gate keyed on a subject in mid-prompt can open there on a place or a name ("Amazon
+# was founded by" under an edit of "The capital of Japan is"). Their states at the start of
+# an input are negatives for each gate's key (`start_negatives`), never trained on.
+START_WORDS = (
+    "Australia", "Egypt", "Sweden", "Peru", "Norway", "Vietnam", "Turkey", "Poland",
+    "Tokyo", "Chicago", "Madrid", "Sydney", "Moscow", "Dublin", "Cairo", "Boston",
+    "English", "French", "Russian", "Arabic", "Korean", "Dutch", "Greek", "Irish",
+    "Samsung", "Intel", "Sony", "Tesla", "Boeing", "Adobe", "Amazon", "Facebook",
+    "James", "Anna", "Michael", "Maria", "David", "Emma", "Newton", "Napoleon",
+    "Africa", "Europe", "Asia", "America", "Monday", "January", "Christmas", "Harvard",
+)
+assert len(START_WORDS) == MAX_START_WORDS
+
+
+def start_words(fact: Fact, n: int) -> list[str]:
+    """The first n of START_WORDS, but any that the subject holds as a word or that holds the
+    subject ("Egypt" for a fact about Egypt; "Amazon" for the Amazon River)."""
+    subject = (fact.subject or "").lower()
+    words = set(re.findall(r"[\w']+", subject))
+    return [w for w in START_WORDS[:n] if w.lower() not in words and (not subject or subject not in w.lower())]
 
 
 # Heads of descriptions that many subjects share the shape of ("oldest city in the world").
