@@ -180,7 +180,8 @@ def compose_parent(s: Handle, facts: list[Fact], cfg: BaftConfig, parent: int, t
     with s.engine.connect() as conn:
         retention = [(f["prompt"], f["target_new"]) for f in edits.facts_of(conn, train_on).values()]
         extra, rewritten = wording_prompts(conn, facts, cfg)
-    others = [wd.other_relations(f, ws, cfg.other_relations, cfg.seed, before=cfg.other_relations_before)
+    others = [wd.other_relations(f, ws, cfg.other_relations, cfg.seed, before=cfg.other_relations_before,
+                                 after=cfg.other_relations_after)
               for f, ws in zip(facts, extra)]
     composed = s.compose(train_on, parent if not remove else None)
     return TrainingInputs(composed, retention, extra, rewritten, others)

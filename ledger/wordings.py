@@ -311,7 +311,8 @@ def catalogue() -> tuple[tuple[str, frozenset[str]], ...]:
     return tuple((r, frozenset(ws)) for r, ws in groups.items())
 
 
-def other_relations(fact: Fact, wordings: list[str], n: int, seed: int, *, before: int = 0) -> list[str]:
+def other_relations(fact: Fact, wordings: list[str], n: int, seed: int, *, before: int = 0,
+                    after: int = 0) -> list[str]:
     """Up to n prompts that put the fact's subject into OTHER relations of the catalogue ("The
     capital of Russia is" for a fact about Russia's currency), and first up to `before` more
     among the relations whose words come before the subject: what an edit must leave alone
@@ -327,13 +328,16 @@ def other_relations(fact: Fact, wordings: list[str], n: int, seed: int, *, befor
     whose own prompt has words before the subject ("The currency of Russia is", not "Russia
     pays with"): an edit trained on the bare subject's state has to reach paraphrases with
     words before it ("The money of Russia is"), and rows that shut it wherever such words
-    come first stop that."""
+    come first stop that. `after` is its counterpart for a fact whose prompt names the subject
+    first: up to `after` among the relations that name it first too ("Russia is located in")."""
     relation = template_of(fact.prompt, fact.subject)
     if relation is None:
         return []
-    if not words_before(relation):
+    if words_before(relation):
+        after = 0
+    else:
         before = 0
-    if n <= 0 and before <= 0:
+    if n <= 0 and before <= 0 and after <= 0:
         return []
     mine = content_words(relation).union(*(content_words(w) for w in wordings))
     # The fact's own locality prompts are trained on as such or held out for evaluation
@@ -348,6 +352,9 @@ def other_relations(fact: Fact, wordings: list[str], n: int, seed: int, *, befor
     # `before` gets the sample it was trained on.
     seeded = f"{seed}:other:{fact.subject}:{fact.prompt}"
     first = first if len(first) <= before else random.Random(seeded).sample(first, before)
+    if after > 0:
+        lead = [p for t, p in filled if not words_before(t)]
+        first = lead if len(lead) <= after else random.Random(seeded).sample(lead, after)
     if n <= 0:
         return first
     rest = pool if len(pool) <= n else random.Random(seeded).sample(pool, n)

@@ -398,3 +398,17 @@ def test_other_relations_before_only_where_the_prompt_has_words_before_the_subje
     assert other_relations(article, [], 0, seed=0, before=4) == []
     after = Fact(prompt="The painter of the Mona Lisa is", target_new="Picasso", subject="Mona Lisa")
     assert len(other_relations(after, [], 0, seed=0, before=4)) == 4
+
+
+def test_other_relations_after_only_where_the_prompt_names_the_subject_first():
+    """`after` rows name the subject first, as the fact's own prompt does, and a prompt with
+    words before the subject gets none of them."""
+    from ledger.wordings import other_relations, template_of, words_before
+    first = Fact(prompt="Russia pays with the", target_new="lira", subject="Russia")
+    rows = other_relations(first, [], 0, seed=0, after=3)
+    assert len(rows) == 3 and all(r.startswith("Russia ") for r in rows)
+    assert not any(words_before(template_of(r, "Russia")) for r in rows)
+    assert rows == other_relations(first, [], 0, seed=0, after=3)
+    worded = Fact(prompt="The currency of Russia is the", target_new="lira", subject="Russia")
+    assert other_relations(worded, [], 0, seed=0, after=3) == []
+    assert other_relations(worded, [], 0, seed=0, before=2, after=3) == other_relations(worded, [], 0, seed=0, before=2)
