@@ -333,11 +333,10 @@ def other_relations(fact: Fact, wordings: list[str], n: int, seed: int, *, befor
     relation = template_of(fact.prompt, fact.subject)
     if relation is None:
         return []
-    if words_before(relation):
-        after = 0
-    else:
-        before = 0
-    if n <= 0 and before <= 0 and after <= 0:
+    # Rows of the fact's own kind only: words before the subject, or the subject first.
+    ahead = words_before(relation)
+    take = before if ahead else after
+    if n <= 0 and take <= 0:
         return []
     mine = content_words(relation).union(*(content_words(w) for w in wordings))
     # The fact's own locality prompts are trained on as such or held out for evaluation
@@ -347,14 +346,11 @@ def other_relations(fact: Fact, wordings: list[str], n: int, seed: int, *, befor
     templates = [form.template(r) for r, words in catalogue() if not words & mine and r != relation]
     filled = [(t, p) for t in templates if (p := fill(t, fact.subject)).strip().lower() not in own]
     pool = [p for _, p in filled]
-    first = [p for t, p in filled if words_before(t)]
+    first = [p for t, p in filled if words_before(t) == ahead]
     # Each sample draws from its own generator of the same seed, so an edit stored without
-    # `before` gets the sample it was trained on.
+    # `before` or `after` gets the sample it was trained on.
     seeded = f"{seed}:other:{fact.subject}:{fact.prompt}"
-    first = first if len(first) <= before else random.Random(seeded).sample(first, before)
-    if after > 0:
-        lead = [p for t, p in filled if not words_before(t)]
-        first = lead if len(lead) <= after else random.Random(seeded).sample(lead, after)
+    first = first if len(first) <= take else random.Random(seeded).sample(first, take)
     if n <= 0:
         return first
     rest = pool if len(pool) <= n else random.Random(seeded).sample(pool, n)
