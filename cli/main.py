@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import click
 
 from ledger import BaftConfig, InputError, LedgerError, ProgressEvent, load_facts, load_facts_skipping_bad
-from ledger.baft.config import MAX_PREFIXES, MAX_REWRITES, MAX_START_WORDS
+from ledger.baft.config import MAX_PREFIXES, MAX_RELATION_NEGATIVES, MAX_REWRITES, MAX_START_WORDS
 
 # `Ledger` (and with it SQLAlchemy) is imported by the commands that open a ledger, and torch
 # only by those that run the model: `ledger --help` imports neither.
@@ -291,6 +291,11 @@ _NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at e
 @click.option("--start-negatives", type=click.IntRange(0, MAX_START_WORDS), default=BaftConfig.start_negatives,
               show_default=True, help="Keep the edit shut at the start of inputs that begin with up to N common "
                                       "words (places, languages, companies, names) other than the subject's.")
+@click.option("--relation-negatives", type=click.IntRange(0, MAX_RELATION_NEGATIVES),
+              default=BaftConfig.relation_negatives, show_default=True,
+              help="Keep the edit shut on its subject in up to N catalogued relations other than its own "
+                   "(\"The capital of Kenya is\" for \"Kenya is a country in\"): fewer changes to what the "
+                   "model says of the subject, less reach to prompts that ask another question of it.")
 @click.option("--after-target-wordings", type=click.IntRange(0, 32), default=BaftConfig.after_target_wordings,
               show_default=True, help="Train N of the fact's wordings, not only its prompt, to go on as the model "
                                       "did after the new answer (fewer loops on the answer, less carry-over to "
@@ -316,7 +321,8 @@ _NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at e
 @click.pass_context
 def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int, steps: int, lr: float,
         stop_prob: float, stop_prob_wordings: float | None, locality_weight: float, gate_floor: float, n_wordings: int, wordings_related: int,
-        other_relations: int, other_relations_before: int, subject_variants: int, description_negatives: int, start_negatives: int, after_target_wordings: int, n_prefixes: int, rewrites: int, fmt: str,
+        other_relations: int, other_relations_before: int, subject_variants: int, description_negatives: int, start_negatives: int, relation_negatives: int,
+        after_target_wordings: int, n_prefixes: int, rewrites: int, fmt: str,
         offset: int, limit: int | None, skip_bad: bool, strict: bool, batch: int, seed: int, message: str | None,
         as_json: bool) -> None:
     """Train and commit one BaFT edit per fact in FILE.
@@ -341,7 +347,7 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
                      wordings=n_wordings, wordings_related=wordings_related, other_relations=other_relations,
                      other_relations_before=other_relations_before,
                      subject_variants=subject_variants, description_negatives=description_negatives,
-                     start_negatives=start_negatives,
+                     start_negatives=start_negatives, relation_negatives=relation_negatives,
                      after_target_wordings=after_target_wordings,
                      n_prefixes=n_prefixes, rewrites=rewrites, seed=seed)
     if skip_bad:

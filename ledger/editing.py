@@ -173,6 +173,7 @@ class TrainingInputs:
     wordings: list[list[str]]          # per fact, other wordings of its relation, filled
     rewritten: list[bool]              # per fact, its wordings are rewrites of its prompt
     others: list[list[str]]            # per fact, its subject in other catalogued relations
+    negatives: list[list[str]]         # per fact, such prompts for its gate's key to stay shut on
 
 
 def compose_parent(s: Handle, facts: list[Fact], cfg: BaftConfig, parent: int, train_on: set[int],
@@ -183,8 +184,9 @@ def compose_parent(s: Handle, facts: list[Fact], cfg: BaftConfig, parent: int, t
     others = [wd.other_relations(f, ws, cfg.other_relations, cfg.seed, before=cfg.other_relations_before,
                                  after=cfg.other_relations_after)
               for f, ws in zip(facts, extra)]
+    negatives = [wd.relation_negatives(f, ws, cfg.relation_negatives, cfg.seed) for f, ws in zip(facts, extra)]
     composed = s.compose(train_on, parent if not remove else None)
-    return TrainingInputs(composed, retention, extra, rewritten, others)
+    return TrainingInputs(composed, retention, extra, rewritten, others, negatives)
 
 
 def wording_prompts(conn: Connection, facts: list[Fact], cfg: BaftConfig) -> tuple[list[list[str]], list[bool]]:
@@ -234,7 +236,8 @@ def train(s: Handle, facts: list[Fact], cfg: BaftConfig, layer: int, inputs: Tra
             run_cfg = replace(cfg, stop_prob_wordings=None)
         new = train_edits(model, tok, composed.sites, s.base.layers, facts, run_cfg, layer=layer,
                           retention=inputs.retention, extra_prompts=inputs.wordings, other_prompts=inputs.others,
-                          progress=progress, after_prompts=after, base_rows=composed.base_rows)
+                          negative_prompts=inputs.negatives, progress=progress, after_prompts=after,
+                          base_rows=composed.base_rows)
         composed.compose(kept + [Block(UNCOMMITTED + k, layer, t.tensors) for k, t in enumerate(new)], None)
         return new
 
@@ -256,6 +259,7 @@ def train(s: Handle, facts: list[Fact], cfg: BaftConfig, layer: int, inputs: Tra
         t.stats["wording_prompts"] = prompts      # what this edit was trained on, for the audit
         t.stats["rewritten"] = rewritten          # the table had nothing: these are rewrites of the prompt
         t.stats["other_relation_prompts"] = other
+        t.stats["relation_negative_prompts"] = inputs.negatives[k]
     metrics = [score(after, b) for after, b in zip(measure_many(model, tok, facts), before)]
     return trained, metrics
 

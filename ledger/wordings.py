@@ -331,20 +331,14 @@ def other_relations(fact: Fact, wordings: list[str], n: int, seed: int, *, befor
     come first stop that. `after` is its counterpart for a fact whose prompt names the subject
     first: up to `after` among the relations that name it first too ("Russia is located in")."""
     relation = template_of(fact.prompt, fact.subject)
-    if relation is None:
+    filled = _other_relations_filled(fact, wordings)
+    if relation is None or not filled:
         return []
     # Rows of the fact's own kind only: words before the subject, or the subject first.
     ahead = words_before(relation)
     take = before if ahead else after
     if n <= 0 and take <= 0:
         return []
-    mine = content_words(relation).union(*(content_words(w) for w in wordings))
-    # The fact's own locality prompts are trained on as such or held out for evaluation
-    # (train_on_locality), never taken in again here.
-    own = {lp.prompt.strip().lower() for lp in fact.locality_prompts}
-    form = SubjectForm.of(fact)
-    templates = [form.template(r) for r, words in catalogue() if not words & mine and r != relation]
-    filled = [(t, p) for t in templates if (p := fill(t, fact.subject)).strip().lower() not in own]
     pool = [p for _, p in filled]
     first = [p for t, p in filled if words_before(t) == ahead]
     # Each sample draws from its own generator of the same seed, so an edit stored without
@@ -355,6 +349,42 @@ def other_relations(fact: Fact, wordings: list[str], n: int, seed: int, *, befor
         return first
     rest = pool if len(pool) <= n else random.Random(seeded).sample(pool, n)
     return first + [p for p in rest if p not in first]
+
+
+def relation_negatives(fact: Fact, wordings: list[str], n: int, seed: int) -> list[str]:
+    """Up to n prompts that put the fact's subject into other relations of the catalogue,
+    for the gate's key to stay shut on (BaftConfig.relation_negatives): relations whose words
+    come before the subject ("The capital of Kenya is"), and, for a fact whose prompt names
+    the subject first, relations that name it first too ("Kenya is a city in"). The same
+    relations as other_relations may draw from. A fixed sample per (fact, seed).
+
+    Where words come before the subject, its state holds them, and the gate can tell the
+    edited relation from another there. A relation that names the subject first gives the
+    bare subject's state, which a fact whose prompt has words before the subject reaches only
+    through its paraphrases that name the subject first ("Spain's capital city is"): those
+    are left out for such a fact."""
+    relation = template_of(fact.prompt, fact.subject)
+    if n <= 0 or relation is None:
+        return []
+    ahead = words_before(relation)
+    pool = [p for t, p in _other_relations_filled(fact, wordings) if words_before(t) or not ahead]
+    return pool if len(pool) <= n else random.Random(f"{seed}:negatives:{fact.subject}:{fact.prompt}").sample(pool, n)
+
+
+def _other_relations_filled(fact: Fact, wordings: list[str]) -> list[tuple[str, str]]:
+    """(template, prompt) of every catalogued relation other than the fact's, written as the
+    fact writes its subject and filled with it. A relation sharing a content word with the
+    fact's relation or with any wording it trains on is left out, so no paraphrase of the
+    edited relation is taken for another one, and so is any of the fact's locality prompts
+    (trained on as such, or held out for evaluation)."""
+    relation = template_of(fact.prompt, fact.subject)
+    if relation is None:
+        return []
+    mine = content_words(relation).union(*(content_words(w) for w in wordings))
+    own = {lp.prompt.strip().lower() for lp in fact.locality_prompts}
+    form = SubjectForm.of(fact)
+    templates = [form.template(r) for r, words in catalogue() if not words & mine and r != relation]
+    return [(t, p) for t in templates if (p := fill(t, fact.subject)).strip().lower() not in own]
 
 
 def words_before(template: str) -> bool:

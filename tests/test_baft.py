@@ -794,3 +794,47 @@ def test_a_prompt_with_braces_of_its_own_gets_its_negatives(tiny_llama):
         assert sum(" in the world is Mount" in t for t in braced) == 2
     finally:
         problem.close()
+
+
+def test_a_relation_negative_is_the_subjects_state_there_and_sets_the_ramp_not_the_direction(tiny_llama):
+    """relation_negatives: the state read for a prompt of the subject in another relation is
+    the edited block's output at the subject's last token there. Among the key's negatives it
+    sets the ramp along the direction chosen without it: a gate that opens on it is shut
+    there, open at the key, and keeps its direction."""
+    from ledger.baft.objective import EditProblem
+    from ledger.baft.packing import block_output
+    from ledger.baft.rows import subject_positions
+    from ledger.text import make_batch
+    base = load_base(str(tiny_llama))
+    fact = _facts()[0]
+    other = f"The oldest friend of {fact.subject} is"
+    batch = make_batch(base.tokenizer, [(other, None)])
+    h_in = block_output(base.model, base.layers[EDITED], batch.input_ids, batch.attention_mask, packed=False, base=True)
+    h_in = (h_in[0] if isinstance(h_in, tuple) else h_in).float()
+    problem = EditProblem(base.model, base.tokenizer, {}, base.layers, [fact], BaftConfig(rank=2, n_prefixes=1),
+                          layer=EDITED, negative_prompts=[[other]])
+    problem.close()     # the new blocks leave the model: what follows reads the parent alone
+    [state] = problem._subject_states(base.tokenizer, [fact], [[other]])
+    assert problem._subject_states(base.tokenizer, [fact], [[]]) == [None]
+    assert state.shape == (1, base.hidden_size)
+    assert torch.allclose(state[0], h_in[0, subject_positions(base.tokenizer, other, fact.subject)[-1]], atol=1e-5)
+
+    g = torch.Generator().manual_seed(0)
+    B, T = problem.rows.batch.input_ids.shape
+    h = 0.1 * torch.randn(B, T, base.hidden_size, generator=g)
+    key_at = problem.rows.open_masks[0]
+    key = 8 * torch.randn(base.hidden_size, generator=g) / base.hidden_size ** 0.5
+    h[key_at] = key
+    near = (0.6 * key + 0.1 * torch.randn(base.hidden_size, generator=g))[None, :]
+    block = problem.blocks[0]
+    gates, directions = [], []
+    for rel in (None, [near]):
+        with torch.no_grad():
+            block.U.zero_()
+            problem._init_gates(h, None, rel)
+            gates.append((float(block.gate(block.raw_gate(h[key_at])).min()),
+                          float(block.gate(block.raw_gate(near)).max())))
+            directions.append(block.U[0] / block.U[0].norm())
+    assert gates[0][0] > 0.9 and gates[0][1] > 0.5        # without it: open on the other relation
+    assert gates[1][0] > 0.9 and gates[1][1] == 0.0        # with it: shut there, open at the key
+    assert float(directions[0] @ directions[1]) > 0.9999    # the same direction, a steeper ramp

@@ -412,3 +412,26 @@ def test_other_relations_after_only_where_the_prompt_names_the_subject_first():
     worded = Fact(prompt="The currency of Russia is the", target_new="lira", subject="Russia")
     assert other_relations(worded, [], 0, seed=0, after=3) == []
     assert other_relations(worded, [], 0, seed=0, before=2, after=3) == other_relations(worded, [], 0, seed=0, before=2)
+
+
+def test_relation_negatives_keep_the_bare_subject_only_for_a_fact_that_names_it_first():
+    """A fact whose prompt has words before its subject draws only relations with words
+    before it too: the bare subject's state is where its paraphrases that name the subject
+    first ("Russia's currency is") open the gate. A fact that names the subject first draws
+    from both kinds. Neither draws its own locality prompts nor a relation that shares a
+    content word with what it trains on; the sample is fixed per seed."""
+    from ledger.facts import LocalityPrompt
+    from ledger.wordings import relation_negatives, template_of, words_before
+    worded = Fact(prompt="The currency of Russia is the", target_new="lira", subject="Russia",
+                  locality_prompts=[LocalityPrompt("The capital of Russia is", "Moscow")])
+    drawn = relation_negatives(worded, ["Russia pays with the"], 32, seed=0)
+    assert drawn and all(words_before(template_of(p, "Russia")) for p in drawn)
+    assert "The capital of Russia is" not in drawn
+    assert not any("currency" in p or "pays" in p for p in drawn)
+    first = Fact(prompt="Russia pays with the", target_new="lira", subject="Russia")
+    both = relation_negatives(first, [], 32, seed=0)
+    kinds = {words_before(template_of(p, "Russia")) for p in both}
+    assert kinds == {True, False} and len(both) > len(drawn)
+    assert relation_negatives(first, [], 5, seed=0) == relation_negatives(first, [], 5, seed=0)
+    assert len(relation_negatives(first, [], 5, seed=0)) == 5
+    assert relation_negatives(first, [], 0, seed=0) == []

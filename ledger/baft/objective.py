@@ -42,7 +42,7 @@ from .hooks import InterventionSite
 from .layer import BaftBlock, FusedIntervention
 from .packing import block_output, map_hidden, packing_works
 from .baserows import BaseRows, active_sites
-from .rows import TrainingRows, build_rows, start_words
+from .rows import TrainingRows, build_rows, start_words, subject_positions
 
 # The gate's key init: the gate is ~0.95 at the key and ~0.05 this share of the key's distance
 # closer to the unrelated states' mean, or at the closest unrelated state if that is further.
@@ -96,7 +96,8 @@ class EditProblem:
     def __init__(self, model, tok, sites: dict[int, InterventionSite], layers, facts: list[Fact],
                  cfg: BaftConfig, *, layer: int, retention: list[tuple[str, str]] = (),
                  extra_prompts: list[list[str]] | None = None, other_prompts: list[list[str]] | None = None,
-                 after_prompts: list[list[str]] | None = None, base_rows: BaseRows | None = None):
+                 after_prompts: list[list[str]] | None = None, base_rows: BaseRows | None = None,
+                 negative_prompts: list[list[str]] | None = None):
         self.model, self.cfg, self.layer, self.layers = model, cfg, layer, layers
         self.device = device = next(model.parameters()).device
         rng = random.Random(cfg.seed)
@@ -171,7 +172,9 @@ class EditProblem:
         self.key_prompt = [False] * len(facts)     # per block: its gate's ramp set from the prompt
         if cfg.gate_key_init and cfg.method == "baft":
             starts = self._start_states(tok, [start_words(f, cfg.start_negatives) for f in facts])
-            self._init_gates(self.site_h, starts)
+            # The subject's states in other relations (relation_negatives), for the ramp.
+            rel = self._subject_states(tok, facts, negative_prompts or [[] for _ in facts])
+            self._init_gates(self.site_h, starts, rel)
         if cfg.rotation_init == "gradient":
             for block, q in zip(self.blocks, self._gradient_rotations(gen)):
                 block.start_rotation(q)
@@ -202,14 +205,37 @@ class EditProblem:
         return [torch.cat([states[w] for w in ws]) if ws else None for ws in words]
 
     @torch.no_grad()
-    def _init_gates(self, h: torch.Tensor, starts: list[torch.Tensor | None] | None = None) -> None:
+    def _subject_states(self, tok, facts: list[Fact], prompts: list[list[str]]) -> list[torch.Tensor | None]:
+        """Per fact, the states at the edited block's output at its subject's last token in
+        each of its prompts (the fact's subject in other relations: relation_negatives), from
+        one pass that ends there. None: no prompts, or the subject found in none."""
+        every = [(k, p) for k, ps in enumerate(prompts) for p in ps]
+        out: list[list[torch.Tensor]] = [[] for _ in facts]
+        if every:
+            batch = make_batch(tok, [(p, None) for _, p in every], device=self.device)   # right-padded
+            o = block_output(self.model, self.layers[self.layer], batch.input_ids, batch.attention_mask,
+                             packed=False, base=self.head_ok)
+            h = (o[0] if isinstance(o, tuple) else o).detach().float()
+            for i, (k, p) in enumerate(every):
+                at = subject_positions(tok, p, facts[k].subject)
+                if at:
+                    out[k].append(h[i, at[-1]])
+        return [torch.stack(x) if x else None for x in out]
+
+    @torch.no_grad()
+    def _init_gates(self, h: torch.Tensor, starts: list[torch.Tensor | None] | None = None,
+                    rel: list[torch.Tensor | None] | None = None) -> None:
         """Each gate starts as a match on its subject's key: U along the direction that sets
         the key (the mean state at the subject's last token of its edit rows) apart from the
         unrelated states, c so that the gate is ~0.95 at the key and ~0.05 at the closest
         unrelated state (or KEY_MARGIN of the way to the unrelated states' mean). The states of
-        the fact's start words (`starts`) count among the unrelated ones, but for their mean."""
+        the fact's start words (`starts`) count among the unrelated ones, but for their mean.
+        Those of its subject in other relations (`rel`) only set the ramp: along the direction
+        chosen without them, the closest of them is a closest unrelated state too. Fisher's
+        direction fitted to states so near the key opens on tokens of unrelated inputs."""
         h = h.float()
         starts = starts or [None] * len(self.blocks)
+        rel = rel or [None] * len(self.blocks)
         neg_rows = h[self.rows.key_neg]
         mu = neg_rows.mean(0)
         alpha = self.cfg.gate_key_shrinkage
@@ -251,6 +277,8 @@ class EditProblem:
                 if (fisher[1] - fisher[2]) / fisher[1] > (p_key - p_neg) / p_key:
                     e, p_key, p_neg = fisher
                     self.key_fisher[k] = True
+            if rel[k] is not None:      # the subject in other relations: the ramp, not the direction
+                p_neg = max(p_neg, float(((rel[k] - mu) @ e).max()))
             beta, mid = ramp(p_key, max(p_key - p_neg, KEY_MARGIN * p_key))
             # The fact's own prompt must open the gate: where its subject's state there lies so
             # low on the ramp that the floored gate is (nearly) shut (a subject that begins the

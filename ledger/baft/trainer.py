@@ -36,19 +36,22 @@ def train_edits(model, tok, sites: dict[int, InterventionSite], layers, facts: l
                 cfg: BaftConfig, *, layer: int, retention: list[tuple[str, str]] = (),
                 extra_prompts: list[list[str]] | None = None, other_prompts: list[list[str]] | None = None,
                 progress: Callable[[int, int], None] | None = None, fast: bool = True,
-                after_prompts: list[list[str]] | None = None, base_rows: BaseRows | None = None) -> list[TrainedEdit]:
+                after_prompts: list[list[str]] | None = None, base_rows: BaseRows | None = None,
+                negative_prompts: list[list[str]] | None = None) -> list[TrainedEdit]:
     """Train one block per fact at `layer`, together, with every site in `sites` active and
     frozen. extra_prompts: per fact, more prompts that must give its target (the relation's
     other wordings, filled with the subject); other_prompts: per fact, prompts of its subject
     in other relations, whose continuations must stay the parent's; after_prompts: per fact,
-    wordings whose continuation after the new target must stay the parent's. fast: the fast path
+    wordings whose continuation after the new target must stay the parent's; negative_prompts:
+    per fact, prompts of its subject whose states there its gate's key is set apart from. fast: the fast path
     (fast.py); False, the plain one (plain.py), which gives the same edit, slower. base_rows:
     the base model's continuations and references to reuse where no parent gate opens
     (baserows.py)."""
     started = time.perf_counter()
     problem = EditProblem(model, tok, sites, layers, facts, cfg, layer=layer, retention=retention,
                           extra_prompts=extra_prompts, other_prompts=other_prompts,
-                          after_prompts=after_prompts, base_rows=base_rows)
+                          after_prompts=after_prompts, base_rows=base_rows,
+                          negative_prompts=negative_prompts)
     gate = [p for b in problem.blocks for p in (b.U, b.c) if p.requires_grad]
     gate_ids = {id(p) for p in gate}
     rest = [p for p in problem.parameters() if id(p) not in gate_ids]
