@@ -173,7 +173,7 @@ class TrainingInputs:
     wordings: list[list[str]]          # per fact, other wordings of its relation, filled
     rewritten: list[bool]              # per fact, its wordings are rewrites of its prompt
     others: list[list[str]]            # per fact, its subject in other catalogued relations
-    negatives: list[list[str]]         # per fact, such prompts for its gate's key to stay shut on
+    negatives: list[list[str]]         # per fact, such prompts that set the ramp of its gate's key
 
 
 def compose_parent(s: Handle, facts: list[Fact], cfg: BaftConfig, parent: int, train_on: set[int],

@@ -331,14 +331,14 @@ def other_relations(fact: Fact, wordings: list[str], n: int, seed: int, *, befor
     come first stop that. `after` is its counterpart for a fact whose prompt names the subject
     first: up to `after` among the relations that name it first too ("Russia is located in")."""
     relation = template_of(fact.prompt, fact.subject)
-    filled = _other_relations_filled(fact, wordings)
-    if relation is None or not filled:
+    if relation is None:
         return []
     # Rows of the fact's own kind only: words before the subject, or the subject first.
     ahead = words_before(relation)
     take = before if ahead else after
     if n <= 0 and take <= 0:
         return []
+    filled = _other_relations_filled(fact, wordings)
     pool = [p for _, p in filled]
     first = [p for t, p in filled if words_before(t) == ahead]
     # Each sample draws from its own generator of the same seed, so an edit stored without
@@ -353,10 +353,10 @@ def other_relations(fact: Fact, wordings: list[str], n: int, seed: int, *, befor
 
 def relation_negatives(fact: Fact, wordings: list[str], n: int, seed: int) -> list[str]:
     """Up to n prompts that put the fact's subject into other relations of the catalogue,
-    for the gate's key to stay shut on (BaftConfig.relation_negatives): relations whose words
-    come before the subject ("The capital of Kenya is"), and, for a fact whose prompt names
-    the subject first, relations that name it first too ("Kenya is a city in"). The same
-    relations as other_relations may draw from. A fixed sample per (fact, seed).
+    whose states there set the ramp of the gate's key (BaftConfig.relation_negatives):
+    relations whose words come before the subject ("The capital of Kenya is"), and, for a fact
+    whose prompt names the subject first, relations that name it first too ("Kenya is a city
+    in"). The same relations as other_relations may draw from. A fixed sample per (fact, seed).
 
     Where words come before the subject, its state holds them, and the gate can tell the
     edited relation from another there. A relation that names the subject first gives the

@@ -43,10 +43,10 @@ def train_edits(model, tok, sites: dict[int, InterventionSite], layers, facts: l
     other wordings, filled with the subject); other_prompts: per fact, prompts of its subject
     in other relations, whose continuations must stay the parent's; after_prompts: per fact,
     wordings whose continuation after the new target must stay the parent's; negative_prompts:
-    per fact, prompts of its subject whose states there its gate's key is set apart from. fast: the fast path
-    (fast.py); False, the plain one (plain.py), which gives the same edit, slower. base_rows:
-    the base model's continuations and references to reuse where no parent gate opens
-    (baserows.py)."""
+    per fact, prompts of its subject whose states there set the ramp of its gate's key. fast:
+    the fast path (fast.py); False, the plain one (plain.py), which gives the same edit,
+    slower. base_rows: the base model's continuations and references to reuse where no parent
+    gate opens (baserows.py)."""
     started = time.perf_counter()
     problem = EditProblem(model, tok, sites, layers, facts, cfg, layer=layer, retention=retention,
                           extra_prompts=extra_prompts, other_prompts=other_prompts,
