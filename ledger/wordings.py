@@ -338,7 +338,7 @@ def other_relations(fact: Fact, wordings: list[str], n: int, seed: int, *, befor
     take = before if ahead else after
     if n <= 0 and take <= 0:
         return []
-    filled = _other_relations_filled(fact, wordings)
+    filled = _other_relations_filled(fact, relation, wordings)
     pool = [p for _, p in filled]
     first = [p for t, p in filled if words_before(t) == ahead]
     # Each sample draws from its own generator of the same seed, so an edit stored without
@@ -367,19 +367,16 @@ def relation_negatives(fact: Fact, wordings: list[str], n: int, seed: int) -> li
     if n <= 0 or relation is None:
         return []
     ahead = words_before(relation)
-    pool = [p for t, p in _other_relations_filled(fact, wordings) if words_before(t) or not ahead]
+    pool = [p for t, p in _other_relations_filled(fact, relation, wordings) if words_before(t) or not ahead]
     return pool if len(pool) <= n else random.Random(f"{seed}:negatives:{fact.subject}:{fact.prompt}").sample(pool, n)
 
 
-def _other_relations_filled(fact: Fact, wordings: list[str]) -> list[tuple[str, str]]:
-    """(template, prompt) of every catalogued relation other than the fact's, written as the
-    fact writes its subject and filled with it. A relation sharing a content word with the
-    fact's relation or with any wording it trains on is left out, so no paraphrase of the
-    edited relation is taken for another one, and so is any of the fact's locality prompts
-    (trained on as such, or held out for evaluation)."""
-    relation = template_of(fact.prompt, fact.subject)
-    if relation is None:
-        return []
+def _other_relations_filled(fact: Fact, relation: str, wordings: list[str]) -> list[tuple[str, str]]:
+    """(template, prompt) of every catalogued relation other than the fact's (`relation`, its
+    prompt's template), written as the fact writes its subject and filled with it. A relation
+    sharing a content word with the fact's relation or with any wording it trains on is left
+    out, so no paraphrase of the edited relation is taken for another one, and so is any of
+    the fact's locality prompts (trained on as such, or held out for evaluation)."""
     mine = content_words(relation).union(*(content_words(w) for w in wordings))
     own = {lp.prompt.strip().lower() for lp in fact.locality_prompts}
     form = SubjectForm.of(fact)

@@ -411,6 +411,18 @@ def test_start_words_leave_out_the_subjects_own_words():
     assert start_words(Fact(prompt="x is", target_new="y", subject="x"), 0) == []
 
 
+def _key_and_a_state_near_it(problem, hidden: int):
+    """States made to order for the key's set-up: small noise on every row, one key on the
+    first fact's key positions, and one state near the key (a (1, hidden) row)."""
+    g = torch.Generator().manual_seed(0)
+    B, T = problem.rows.batch.input_ids.shape
+    h = 0.1 * torch.randn(B, T, hidden, generator=g)
+    key_at = problem.rows.open_masks[0]
+    key = 8 * torch.randn(hidden, generator=g) / hidden ** 0.5
+    h[key_at] = key
+    return h, key_at, (0.6 * key + 0.1 * torch.randn(hidden, generator=g))[None, :]
+
+
 def test_a_start_word_is_a_negative_for_the_key_where_it_would_open_the_gate(tiny_llama):
     """The start words' states are those that any input beginning with the word holds at its
     first positions (nothing comes before them). A gate whose plain key opens on such a state
@@ -430,13 +442,7 @@ def test_a_start_word_is_a_negative_for_the_key_where_it_would_open_the_gate(tin
         h_in = h_in[0] if isinstance(h_in, tuple) else h_in
         assert torch.allclose(states[0], h_in[0, : len(states[0])].float(), atol=1e-5)
 
-        g = torch.Generator().manual_seed(0)
-        B, T = problem.rows.batch.input_ids.shape
-        h = 0.1 * torch.randn(B, T, base.hidden_size, generator=g)
-        key_at = problem.rows.open_masks[0]
-        key = 8 * torch.randn(base.hidden_size, generator=g) / base.hidden_size ** 0.5
-        h[key_at] = key
-        start = (0.6 * key + 0.1 * torch.randn(base.hidden_size, generator=g))[None, :]   # a state near the key
+        h, key_at, start = _key_and_a_state_near_it(problem, base.hidden_size)
         block = problem.blocks[0]
         gates = []
         for starts in (None, [start]):
@@ -819,13 +825,7 @@ def test_a_relation_negative_is_the_subjects_state_there_and_sets_the_ramp_not_t
     assert state.shape == (1, base.hidden_size)
     assert torch.allclose(state[0], h_in[0, subject_positions(base.tokenizer, other, fact.subject)[-1]], atol=1e-5)
 
-    g = torch.Generator().manual_seed(0)
-    B, T = problem.rows.batch.input_ids.shape
-    h = 0.1 * torch.randn(B, T, base.hidden_size, generator=g)
-    key_at = problem.rows.open_masks[0]
-    key = 8 * torch.randn(base.hidden_size, generator=g) / base.hidden_size ** 0.5
-    h[key_at] = key
-    near = (0.6 * key + 0.1 * torch.randn(base.hidden_size, generator=g))[None, :]
+    h, key_at, near = _key_and_a_state_near_it(problem, base.hidden_size)
     block = problem.blocks[0]
     gates, directions = [], []
     for rel in (None, [near]):

@@ -189,6 +189,15 @@ class EditProblem:
     # --- how a block starts -------------------------------------------------------------------
 
     @torch.no_grad()
+    def _block_states(self, tok, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parent's states at the edited block's output for these texts, as one
+        right-padded batch (float), and the mask of their real positions."""
+        batch = make_batch(tok, [(t, None) for t in texts], device=self.device)
+        out = block_output(self.model, self.layers[self.layer], batch.input_ids, batch.attention_mask,
+                           packed=False, base=self.head_ok)
+        return (out[0] if isinstance(out, tuple) else out).detach().float(), batch.attention_mask.bool()
+
+    @torch.no_grad()
     def _start_states(self, tok, words: list[list[str]]) -> list[torch.Tensor | None]:
         """Per fact, the states at the edited block's output of its start words, each alone at
         the start of an input (rows.start_words): what the first tokens of any input that
@@ -196,11 +205,7 @@ class EditProblem:
         every = sorted({w for ws in words for w in ws})
         if not every:
             return [None] * len(words)
-        batch = make_batch(tok, [(w, None) for w in every], device=self.device)
-        out = block_output(self.model, self.layers[self.layer], batch.input_ids, batch.attention_mask,
-                           packed=False, base=self.head_ok)
-        h = (out[0] if isinstance(out, tuple) else out).detach().float()
-        real = batch.attention_mask.bool()
+        h, real = self._block_states(tok, every)
         states = {w: h[i][real[i]] for i, w in enumerate(every)}
         return [torch.cat([states[w] for w in ws]) if ws else None for ws in words]
 
@@ -212,10 +217,7 @@ class EditProblem:
         every = [(k, p) for k, ps in enumerate(prompts) for p in ps]
         out: list[list[torch.Tensor]] = [[] for _ in facts]
         if every:
-            batch = make_batch(tok, [(p, None) for _, p in every], device=self.device)   # right-padded
-            o = block_output(self.model, self.layers[self.layer], batch.input_ids, batch.attention_mask,
-                             packed=False, base=self.head_ok)
-            h = (o[0] if isinstance(o, tuple) else o).detach().float()
+            h, _ = self._block_states(tok, [p for _, p in every])
             for i, (k, p) in enumerate(every):
                 at = subject_positions(tok, p, facts[k].subject)
                 if at:
