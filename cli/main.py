@@ -261,6 +261,9 @@ _NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at e
                    "carry-over to prompts that ask another question) [default: --stop-prob].")
 @click.option("--locality-weight", type=float, default=BaftConfig.locality_weight, show_default=True,
               help="Weight of the KL term on unrelated inputs.")
+@click.option("--locality-row-weight", type=click.FloatRange(0.0), default=BaftConfig.locality_row_weight,
+              show_default=True, help="In that KL term, each of the fact's own locality prompts weighs this many "
+                                      "unrelated inputs.")
 @click.option("--gate-floor", type=click.FloatRange(0.0, 1.0, max_open=True), default=BaftConfig.gate_floor,
               show_default=True, help="A gate below this is exactly 0 (0: the plain sigmoid gate; higher: fewer "
                                       "changed neighbours, less carry-over to prompts that ask another question "
@@ -320,7 +323,8 @@ _NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at e
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per new edit.")
 @click.pass_context
 def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int, steps: int, lr: float,
-        stop_prob: float, stop_prob_wordings: float | None, locality_weight: float, gate_floor: float, n_wordings: int, wordings_related: int,
+        stop_prob: float, stop_prob_wordings: float | None, locality_weight: float, locality_row_weight: float,
+        gate_floor: float, n_wordings: int, wordings_related: int,
         other_relations: int, other_relations_before: int, subject_variants: int, description_negatives: int, start_negatives: int, relation_negatives: int,
         after_target_wordings: int, n_prefixes: int, rewrites: int, fmt: str,
         offset: int, limit: int | None, skip_bad: bool, strict: bool, batch: int, seed: int, message: str | None,
@@ -343,7 +347,7 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
     """
     cfg = BaftConfig(method=method, layer=layer, rank=rank, steps=steps, lr=lr, stop_prob=stop_prob,
                      stop_prob_wordings=stop_prob_wordings,
-                     locality_weight=locality_weight, gate_floor=gate_floor,
+                     locality_weight=locality_weight, locality_row_weight=locality_row_weight, gate_floor=gate_floor,
                      wordings=n_wordings, wordings_related=wordings_related, other_relations=other_relations,
                      other_relations_before=other_relations_before,
                      subject_variants=subject_variants, description_negatives=description_negatives,

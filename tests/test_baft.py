@@ -93,7 +93,8 @@ def test_config_rejects_bad_values():
     for bad in ({"method": "lora"}, {"rank": 0}, {"lr": 0}, {"steps": 0}, {"layer": -1}, {"gate_weight": -1},
                 {"gate_floor": 1.0}, {"gate_floor": -0.1}, {"gate_lr_scale": -1},
                 {"gate_lr_scale": 0, "gate_key_init": False}, {"n_prefixes": 9}, {"n_prefixes": -1},
-                {"stop_prob_wordings": 1.5}, {"stop_prob_wordings": -0.1}):
+                {"stop_prob_wordings": 1.5}, {"stop_prob_wordings": -0.1}, {"stop_locality_margin": -0.1},
+                {"locality_row_weight": -1}):
         with pytest.raises(InputError):
             BaftConfig(**bad)
 
@@ -685,19 +686,69 @@ def test_the_rows_the_ledger_adds_can_stop_at_a_lower_probability_than_the_facts
         hit, live = torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
         kl = torch.zeros(max(1, rows.n_unrelated))
         logp = torch.where(rows.tgt_given, math.log(0.95), math.log(0.6))
-        assert problem._reached(hit, logp, kl, None, live) == [False]       # 0.6 < stop_prob 0.9
+        assert problem._reached(hit, logp, kl, kl, None, live) == [False]       # 0.6 < stop_prob 0.9
     finally:
         problem.close()
     for value, reached in ((0.5, True), (0.7, False)):
         problem = problem_for(stop_prob_wordings=value)
         try:
-            assert problem._reached(hit, logp, kl, None, live) == [reached]
-            assert problem._reached(~hit, logp, kl, None, live) == [False]  # the argmax still counts
+            assert problem._reached(hit, logp, kl, kl, None, live) == [reached]
+            assert problem._reached(~hit, logp, kl, kl, None, live) == [False]  # the argmax still counts
             low = torch.where(rows.tgt_given, math.log(0.8), math.log(0.95))
-            assert problem._reached(hit, low, kl, None, live) == [False]    # the fact's own keep 0.9
+            assert problem._reached(hit, low, kl, kl, None, live) == [False]    # the fact's own keep 0.9
         finally:
             problem.close()
     assert BaftConfig.from_dict({}, stored=True).stop_prob_wordings is None   # stored edits: as trained
+
+
+def test_the_stop_rule_waits_for_the_users_own_neighbours_greedy_continuation(tiny_llama):
+    """stop_locality_margin: on the parent's continuation of the fact's own locality prompt
+    (and there only), each position where the parent's top token leads by the margin must
+    still lead by half of it before the fact stops; a near tie in the parent is left alone.
+    locality_row_weight scales that row's KL, not its share of the stop rule's KL."""
+    import math
+    from ledger.baft.objective import EditProblem
+    from ledger.text import prompt_ids
+    base = load_base(str(tiny_llama))
+    fact = _facts()[0]                  # locality prompt "Bob lives in"
+    tok = base.tokenizer
+    cfg = BaftConfig(rank=2, n_prefixes=0, continuation_tokens=3, locality_row_weight=4.0)
+    problem = EditProblem(base.model, tok, {}, base.layers, [fact], cfg, layer=EDITED)
+    try:
+        rows = problem.rows
+        n_edit = rows.n_edit
+        real = rows.batch.attention_mask.bool()
+        loc = next(r for r in range(n_edit, n_edit + rows.n_unrelated)
+                   if tok.decode(rows.batch.input_ids[r][real[r]], skip_special_tokens=True).startswith("Bob lives in"))
+        start = len(prompt_ids(tok, "Bob lives in")) - 1
+        guarded = rows.row_of_pos[rows.guard_pos].unique().tolist()
+        assert guarded == [loc - n_edit]
+        cols = rows.read[n_edit:].nonzero()[:, 1][rows.guard_pos].tolist()
+        assert cols == list(range(start, int(real[loc].sum())))
+        mine = rows.row_of_pos == loc - n_edit
+        assert torch.allclose(rows.kl_weight[mine], 4.0 * rows.pos_weight[mine])
+        assert torch.equal(rows.kl_weight[~mine], rows.pos_weight[~mine])
+
+        # Four positions: the parent leads by 1, 1, 1 and by a near tie of 0.05; the edited model
+        # by 1, by 0.4, not at all, and not at all.
+        ref = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.0], [2.0, 1.0, 0.0], [2.0, 1.0, 0.0],
+                                              [1.05, 1.0, 0.0]]), -1)
+        edited = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.0], [1.4, 1.0, 0.0], [1.0, 2.0, 0.0],
+                                                 [0.0, 2.0, 0.0]]), -1)
+        assert EditProblem._slips(ref, edited, 0.9).tolist() == [False, True, True, False]
+        assert EditProblem._slips(ref, edited, 0.5).tolist() == [False, False, True, False]
+
+        hit, live = torch.ones(rows.n_tgt, dtype=torch.bool), torch.ones(rows.n_tgt, dtype=torch.bool)
+        logp = torch.full((rows.n_tgt,), math.log(0.95))
+        kl = torch.zeros(max(1, rows.n_unrelated))
+        slip = torch.zeros_like(kl)
+        assert problem._reached(hit, logp, kl, slip, None, live) == [True]
+        slip[loc - n_edit] = 1.0
+        assert problem._reached(hit, logp, kl, slip, None, live) == [False]
+    finally:
+        problem.close()
+    stored = BaftConfig.from_dict({}, stored=True)                              # stored edits: as trained
+    assert stored.stop_locality_margin == 0.0 and stored.locality_row_weight == 1.0
 
 
 def test_the_gate_opens_on_the_facts_own_prompt_where_its_subject_state_lies_below_the_key(tiny_llama, monkeypatch):

@@ -135,6 +135,17 @@ class BaftConfig:
     stop_prob_wordings: float | None = None
     # ... and the KL on every unrelated row (mean over its tokens) is at most this.
     stop_kl: float = 0.01
+    # ... and on the parent's greedy continuation of each of the fact's own locality prompts
+    # (train_on_locality), wherever the parent's top token leads its next by at least this
+    # log-probability, it still leads in the edited model by half of it, so generating from
+    # the user's neighbours gives what the parent gave. 0: no such wait.
+    stop_locality_margin: float = 0.1
+    # In the KL, each of the fact's own locality prompts weighs this many unrelated rows: a
+    # close neighbour ("Michel Rocard is a native speaker of" for an edit of Danielle
+    # Darrieux's mother tongue) shares the subject's kind, the gate's key sits near its state,
+    # and at 1 such an edit on Gemma 3 ran to the step cap with the neighbour's third token
+    # changed; at 4 it stops at 40 steps with the neighbour's KL at 0.005 (docs/design.md).
+    locality_row_weight: float = 4.0
     # Train on the fact's own rephrase prompts (a user's paraphrases are training data).
     # Benchmarks turn this off so generalisation is measured on unseen prompts.
     train_on_rephrases: bool = True
@@ -285,9 +296,11 @@ class BaftConfig:
             raise InputError(f"loop_check must be between 0 and 64, got {self.loop_check}")
         if not 0 <= self.after_target_wordings <= 32:
             raise InputError(f"after_target_wordings must be between 0 and 32, got {self.after_target_wordings}")
+        if self.stop_locality_margin < 0:
+            raise InputError(f"stop_locality_margin must not be negative, got {self.stop_locality_margin}")
         if self.wordings_related < 0:
             raise InputError(f"--wordings-related must not be negative, got {self.wordings_related}")
-        for name in ("locality_weight", "gate_weight", "gate_open_weight", "gate_lr_scale"):
+        for name in ("locality_weight", "gate_weight", "gate_open_weight", "gate_lr_scale", "locality_row_weight"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must not be negative")
         if self.layer is not None and self.layer < 0:
@@ -313,7 +326,8 @@ STORED_BEFORE: dict[str, Any] = {"gate_floor": 0.0, "gate_lr_scale": 1.0, "wordi
                                  "adam_beta1": 0.9, "wordings_nearest": False,
                                  "other_relations": 0, "other_relations_before": 0, "other_relations_after": 0, "subject_variants": 0, "description_negatives": 0, "start_negatives": 0, "relation_negatives": 0, "after_target_tokens": 0,
                                  "after_target_wordings": 0, "loop_check": 0, "rewrites": 0,
-                                 "stop_prob_wordings": None}
+                                 "stop_prob_wordings": None, "stop_locality_margin": 0.0,
+                                 "locality_row_weight": 1.0}
 
 
 def default_layer(n_layers: int) -> int:

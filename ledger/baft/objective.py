@@ -499,6 +499,7 @@ class EditProblem:
         tgt_logp = torch.full((n_tgt,), float("nan"), device=self.device)
         tgt_hit = torch.zeros(n_tgt, dtype=torch.bool, device=self.device)
         row_kl = torch.zeros(max(1, rows.n_unrelated), device=self.device)
+        row_slip = torch.zeros(max(1, rows.n_unrelated), device=self.device)
         active_tgt = self._active_targets()
         ce_total = kl_total = 0.0
         rows_run = tokens_run = 0
@@ -521,8 +522,12 @@ class EditProblem:
             pos_weight = rows.pos_weight if ukeep is None else rows.pos_weight[ukeep]
             row_of_pos = rows.row_of_pos if ukeep is None else rows.row_of_pos[ukeep]
             kl_pos = (ref.exp() * (ref - logp[n_t:])).sum(-1)
-            kl = (kl_pos * pos_weight).sum()
+            kl = (kl_pos * (rows.kl_weight if ukeep is None else rows.kl_weight[ukeep])).sum()
             row_kl.index_add_(0, row_of_pos, kl_pos.detach() * pos_weight * rows.n_unrelated)
+            guard = rows.guard_pos if ukeep is None else rows.guard_pos[ukeep]
+            if cfg.stop_locality_margin > 0 and bool(guard.any()):
+                slips = self._slips(ref[guard], logp[n_t:][guard].detach(), cfg.stop_locality_margin)
+                row_slip.index_add_(0, row_of_pos[guard], slips.float())
             part = ce + cfg.locality_weight * kl
             ce_total += ce.item()
             kl_total += kl.item()
@@ -536,15 +541,30 @@ class EditProblem:
         parts = {"loss": loss, "ce": ce_total, "kl": kl_total, "gate": close.item(),
                  "gate_open": opened.item(), "worst_kl": float(row_kl.max()),
                  "rows_run": rows_run, "tokens_run": tokens_run}
-        return Step(loss, parts, self._reached(tgt_hit, tgt_logp, row_kl, live, tgt_live), pending)
+        return Step(loss, parts, self._reached(tgt_hit, tgt_logp, row_kl, row_slip, live, tgt_live), pending)
+
+    @staticmethod
+    def _slips(ref: torch.Tensor, logp: torch.Tensor, margin: float) -> torch.Tensor:
+        """Per position: where the parent's top token leads its next by at least `margin`,
+        whether it leads the edited model's others by less than half of that. A near tie in
+        the parent is left alone: greedy decoding there hangs on rounding, edit or not."""
+        top = ref.topk(2, dim=-1)
+        sure = (top.values[:, 0] - top.values[:, 1]) >= margin
+        lead = top.indices[:, :1]
+        mine = logp.gather(-1, lead).squeeze(-1)
+        rest = logp.scatter(-1, lead, float("-inf")).amax(-1)
+        return sure & (mine - rest < margin / 2)
 
     def _reached(self, tgt_hit: torch.Tensor, tgt_logp: torch.Tensor, row_kl: torch.Tensor,
-                 live: list[torch.Tensor] | None, tgt_live: torch.Tensor) -> list[bool]:
+                 row_slip: torch.Tensor, live: list[torch.Tensor] | None, tgt_live: torch.Tensor) -> list[bool]:
         """The stop rule, per fact: every one of its target tokens that its block can move
         (live_targets) is the argmax with probability at least stop_prob (stop_prob_wordings on
         the rows the ledger adds, where set) AND its unrelated rows
         (those its block is live on, where the path knows them) are back to the parent's
-        distribution: stopping on the target alone leaves gates open."""
+        distribution: stopping on the target alone leaves gates open. On the continuations of
+        the fact's own locality prompts, the parent's greedy choice also leads with margin
+        (stop_locality_margin): a mean KL within stop_kl still lets one token of a close
+        call flip, and a user's own neighbours are the ones they check."""
         rows, cfg = self.rows, self.cfg
         short = ~(tgt_logp.exp() >= self.stop_need)      # a token not run (NaN) is short too
         reached = []
@@ -553,7 +573,8 @@ class EditProblem:
             ok = bool(tgt_hit[mine].all()) and not bool(short[mine].any())
             rows_k = rows.stop_row if live is None else live[k][rows.n_edit:] & rows.stop_row
             worst = row_kl[: rows.n_unrelated][rows_k]
-            reached.append(ok and (len(worst) == 0 or float(worst.max()) <= cfg.stop_kl))
+            reached.append(ok and (len(worst) == 0 or float(worst.max()) <= cfg.stop_kl)
+                           and not bool(row_slip[: rows.n_unrelated][rows_k].any()))
         if not self.separable:      # a ReFT block acts on every fact's rows: all or none
             reached = [all(reached)] * len(reached)
         return reached

@@ -201,6 +201,10 @@ class RowTexts:
     # negatives for the gate's key, and the stop rule does not wait for them (the gate is open
     # there by design).
     subject_rows: dict[int, tuple[list[int], int]] = field(default_factory=dict)
+    # The fact's own locality prompts continued by the parent, by index among the unrelated
+    # rows: the first position of the continuation. From there on the stop rule waits for
+    # the parent's greedy choice to lead (BaftConfig.stop_locality_margin).
+    guarded_rows: dict[int, int] = field(default_factory=dict)
 
 
 def build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[tuple[str, str]],
@@ -253,6 +257,7 @@ def build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[t
         neg_prompts = list(dict.fromkeys(neg_prompts))
     # A locality prompt continued by the parent's OWN greedy continuation: the KL then
     # protects what the model actually goes on to say there, not just the next token.
+    guarded_rows = {len(texts) + i: len(prompt_ids(tok, p)) - 1 for i, p in enumerate(loc_prompts)}
     texts += continue_greedily(loc_prompts + neg_prompts + variants,
                                [cfg.continuation_tokens] * len(loc_prompts)
                                + [cfg.neg_continuation_tokens] * (len(neg_prompts) + len(variants)),
@@ -284,7 +289,7 @@ def build_rows(model, tok, facts: list[Fact], cfg: BaftConfig, retention: list[t
             texts.append(text)
     pairs += [(t, None) for t in texts]
     owner += [-1] * len(texts)
-    return RowTexts(pairs, owner, subject_pos, given_rows, subject_rows)
+    return RowTexts(pairs, owner, subject_pos, given_rows, subject_rows, guarded_rows)
 
 
 def pick_retention(tok, facts: list[Fact], retention: list[tuple[str, str]], n: int,
@@ -347,6 +352,11 @@ class TrainingRows:
             self.read[n_edit + i, :start] = False
             self.key_neg[n_edit + i, pos] = False
             self.stop_row[i] = False
+        # Positions where the stop rule waits for the parent's greedy choice to lead: the
+        # continuations of the fact's own locality prompts.
+        guard = torch.zeros_like(real)
+        for i, start in texts.guarded_rows.items():
+            guard[n_edit + i, start:] = real[n_edit + i, start:]
         # The target tokens, in read order: their ids, their rows and the fact each belongs to.
         self.tgt_row = torch.arange(n_edit, device=device)[:, None].expand(n_edit, real.shape[1])[batch.target_mask[:n_edit]]
         self.tgt_owner = owner[self.tgt_row]
@@ -359,6 +369,11 @@ class TrainingRows:
         self.pos_weight = (1.0 / row_len).expand_as(unrel)[unrel] / max(1, self.n_unrelated)
         self.row_of_pos = torch.arange(self.n_unrelated, device=device)[:, None].expand_as(unrel)[unrel]
         self.read_row = self.read.nonzero()[:, 0]       # the row of each read position
+        self.guard_pos = guard[n_edit:][unrel]          # per unrelated read position
+        # The KL's weight per position: a guarded row (the user's own neighbour) weighs
+        # cfg.locality_row_weight rows.
+        guarded_row = guard[n_edit:].any(1)[self.row_of_pos]
+        self.kl_weight = torch.where(guarded_row, self.pos_weight * cfg.locality_row_weight, self.pos_weight)
 
         # Per fact: where its block acts while training (its output is multiplied by this
         # mask), and where its gate is pushed shut / open.
