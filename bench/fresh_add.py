@@ -10,6 +10,7 @@ Prints one JSON line: {"op": "fresh_add", "median_s", "baseline_median_s", "rati
 the goal is a ratio of at most 2. Per-fact lines go to stderr.
 
     .venv/bin/python bench/fresh_add.py [-n 8] [--data bench/data/everyday-dev.json] [--threads 2]
+        [--config JSON] [--baseline-config JSON]
 """
 from __future__ import annotations
 
@@ -51,9 +52,12 @@ def main() -> None:
     ap.add_argument("--baseline-config", type=json.loads, default={}, metavar="JSON",
                     help="BaftConfig fields of the baseline adds (default: the same defaults but "
                          "rewrites 0)")
+    ap.add_argument("--config", type=json.loads, default={}, metavar="JSON",
+                    help="BaftConfig fields of the adds on the ledger with the built-in wordings "
+                         "(default: the defaults)")
     args = ap.parse_args()
     facts = facts_of(args)
-    cfg, base_cfg = BaftConfig(), BaftConfig.from_dict({"rewrites": 0, **args.baseline_config})
+    cfg, base_cfg = BaftConfig.from_dict(args.config), BaftConfig.from_dict({"rewrites": 0, **args.baseline_config})
     seconds: dict[str, list[float]] = {"builtin": [], "none": []}
     steps: dict[str, list[int]] = {"builtin": [], "none": []}
     wording_rows: list[int] = []
@@ -85,7 +89,7 @@ def main() -> None:
                             text=True).stdout.strip()
     print(json.dumps({"op": "fresh_add", "n": len(seconds["builtin"]), "median_s": round(med["builtin"], 3),
                       "baseline": "ledger init --no-wordings, same facts, same run",
-                      "baseline_config": args.baseline_config, "baseline_median_s": round(med["none"], 3),
+                      "config": args.config, "baseline_config": args.baseline_config, "baseline_median_s": round(med["none"], 3),
                       "ratio": round(med["builtin"] / med["none"], 3), "goal_ratio": 2.0,
                       "mean_steps": round(statistics.mean(steps["builtin"]), 1),
                       "baseline_mean_steps": round(statistics.mean(steps["none"]), 1),
