@@ -116,9 +116,9 @@ class BaftConfig:
     # the ramp of the gate's key: up to this many. The edit rides on the subject, and a gate
     # open wherever the subject is changes what the model says of it in every relation. Like
     # start_negatives, no training rows. Not the default: on everyday-check, 32 in a row, 6
-    # take locality from 0.721 to 0.795 at generalisation 0.858 against 0.868, and cost
-    # counterfact-val's prompts that ask another question (docs/design.md, under the field's
-    # name).
+    # take locality from 0.721 to 0.795 at generalisation 0.858 against 0.868; on edit-1k
+    # records 0-99 generalisation falls from 0.729 to 0.685 for locality 0.995 against 0.975
+    # (docs/design.md, under the field's name).
     relation_negatives: int = 0
     # Early stop once every target token is the argmax and has at least this probability.
     # 0.9: trained on the built-in wordings, an edit carries to unseen wordings without the
