@@ -328,7 +328,8 @@ class TrainingRows:
     The loss reads, row-major: the edit rows' target positions (CE), then every real position
     of the unrelated rows (KL; in a subject row from its first read position on), each
     unrelated ROW weighing the same, so a long neutral sentence does not drown the one
-    position where a neighbour's answer is decided.
+    position where a neighbour's answer is decided; a fact's own locality prompt weighs
+    cfg.locality_row_weight rows.
     """
 
     def __init__(self, tok, texts: RowTexts, cfg: BaftConfig, n_facts: int, device: torch.device):
