@@ -143,8 +143,9 @@ class BaftConfig:
     # In the KL, each of the fact's own locality prompts weighs this many unrelated rows: a
     # close neighbour ("Michel Rocard is a native speaker of" for an edit of Danielle
     # Darrieux's mother tongue) shares the subject's kind, the gate's key sits near its state,
-    # and at 1 such an edit on Gemma 3 ran to the step cap with the neighbour's third token
-    # changed; at 4 it stops at 40 steps with the neighbour's KL at 0.005 (docs/design.md).
+    # and at 1 that edit on Gemma 3 (--seed 2) ran to the step cap with the neighbour's third
+    # token changed; at 4 it stops at 40 steps with the neighbour's KL at 0.005
+    # (docs/design.md).
     locality_row_weight: float = 4.0
     # Train on the fact's own rephrase prompts (a user's paraphrases are training data).
     # Benchmarks turn this off so generalisation is measured on unseen prompts.
