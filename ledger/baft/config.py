@@ -117,7 +117,7 @@ class BaftConfig:
     # open wherever the subject is changes what the model says of it in every relation. Like
     # start_negatives, no training rows. Not the default: on everyday-check, 32 in a row, 6
     # take locality from 0.721 to 0.795 at generalisation 0.858 against 0.868; on edit-1k
-    # records 0-99 generalisation falls from 0.729 to 0.685 for locality 0.995 against 0.975
+    # (n=200) generalisation falls from 0.673 to 0.646 for locality 0.997 against 0.980
     # (docs/design.md, under the field's name).
     relation_negatives: int = 0
     # Early stop once every target token is the argmax and has at least this probability.
