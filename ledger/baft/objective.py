@@ -90,6 +90,11 @@ class Step:
         self.pending = None
 
 
+def _kept(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """t's entries at the positions `keep` marks (all of t when None)."""
+    return t if keep is None else t[keep]
+
+
 class EditProblem:
     """The rows, new blocks and parent distributions of one training run, and its loss."""
 
@@ -519,14 +524,14 @@ class EditProblem:
             tgt_hit[tkeep] = logp[:n_t].detach().argmax(-1) == rows.target_ids[tkeep]
             ukeep = None if keep is None else keep[n_tgt:]
             ref = self.reference(path, ukeep)
-            pos_weight = rows.pos_weight if ukeep is None else rows.pos_weight[ukeep]
-            row_of_pos = rows.row_of_pos if ukeep is None else rows.row_of_pos[ukeep]
-            kl_pos = (ref.exp() * (ref - logp[n_t:])).sum(-1)
-            kl = (kl_pos * (rows.kl_weight if ukeep is None else rows.kl_weight[ukeep])).sum()
-            row_kl.index_add_(0, row_of_pos, kl_pos.detach() * pos_weight * rows.n_unrelated)
-            guard = rows.guard_pos if ukeep is None else rows.guard_pos[ukeep]
+            unrel_logp = logp[n_t:]
+            row_of_pos = _kept(rows.row_of_pos, ukeep)
+            kl_pos = (ref.exp() * (ref - unrel_logp)).sum(-1)
+            kl = (kl_pos * _kept(rows.kl_weight, ukeep)).sum()
+            row_kl.index_add_(0, row_of_pos, kl_pos.detach() * _kept(rows.pos_weight, ukeep) * rows.n_unrelated)
+            guard = _kept(rows.guard_pos, ukeep)
             if cfg.stop_locality_margin > 0 and bool(guard.any()):
-                slips = self._slips(ref[guard], logp[n_t:][guard].detach(), cfg.stop_locality_margin)
+                slips = self._slips(ref[guard], unrel_logp[guard].detach(), cfg.stop_locality_margin)
                 row_slip.index_add_(0, row_of_pos[guard], slips.float())
             part = ce + cfg.locality_weight * kl
             ce_total += ce.item()
