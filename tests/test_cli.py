@@ -83,11 +83,11 @@ def test_add_stop_prob_is_stored_with_the_edit(initialised, db_url, fact_file):
 def test_add_neighbour_and_loop_options_are_stored_with_the_edit(initialised, db_url, fact_file):
     initialised("add", str(fact_file), *FAST_ARGS, "--other-relations", "2", "--after-target-wordings", "3",
                 "--subject-variants", "4", "--other-relations-before", "1", "--start-negatives", "5",
-                "--relation-negatives", "6")
+                "--relation-negatives", "3")
     with Ledger.open(db_url) as lg:
         config = lg.edit("edit-1").config
     assert (config["other_relations"], config["after_target_wordings"], config["subject_variants"]) == (2, 3, 4)
-    assert (config["other_relations_before"], config["start_negatives"], config["relation_negatives"]) == (1, 5, 6)
+    assert (config["other_relations_before"], config["start_negatives"], config["relation_negatives"]) == (1, 5, 3)
 
 
 @pytest.mark.parametrize("content, needle", [

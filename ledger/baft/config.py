@@ -115,11 +115,12 @@ class BaftConfig:
     # Kenya is" for "Kenya is a country in"), its states there among the negatives that set
     # the ramp of the gate's key: up to this many. The edit rides on the subject, and a gate
     # open wherever the subject is changes what the model says of it in every relation. Like
-    # start_negatives, no training rows. Not the default: on everyday-check, 32 in a row, 6
-    # take locality from 0.721 to 0.795 at generalisation 0.858 against 0.868; on edit-1k
-    # (n=200) generalisation falls from 0.673 to 0.646 for locality 0.997 against 0.980
-    # (docs/design.md, under the field's name).
-    relation_negatives: int = 0
+    # start_negatives, no training rows. On the tuning sets, 6 against 0: everyday-dev (40 in
+    # a row) locality 0.921 against 0.913, gen_locality 0.842 against 0.800, generalisation
+    # 0.903 against 0.899; counterfact-val (48 in a row) gen_locality 0.979 against 0.938,
+    # generalisation 0.785 against 0.806 (the prompts that ask another question); on
+    # everyday-check locality 0.788 against 0.721 (docs/design.md, under the field's name).
+    relation_negatives: int = 6
     # Early stop once every target token is the argmax and has at least this probability.
     # 0.9: trained on the built-in wordings, an edit carries to unseen wordings without the
     # margin of 0.99, which takes 1.6 times the steps for the same generalisation on
