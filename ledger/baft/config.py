@@ -115,13 +115,10 @@ class BaftConfig:
     # Kenya is" for "Kenya is a country in"), its states there among the negatives that set
     # the ramp of the gate's key: up to this many. The edit rides on the subject, and a gate
     # open wherever the subject is changes what the model says of it in every relation. Like
-    # start_negatives, no training rows. On the tuning sets, 6 against 0: everyday-dev (40 in
-    # a row) locality 0.921 against 0.913, gen_locality 0.842 against 0.800, generalisation
-    # 0.903 against 0.899; counterfact-val (48 in a row) gen_locality 0.979 against 0.938,
-    # generalisation 0.785 against 0.806 (the prompts that ask another question);
-    # counterfact-train records 0-29 (single) locality 0.983 against 0.950, generalisation
-    # 0.767 against 0.800; on everyday-check locality 0.788 against 0.721 (docs/design.md,
-    # under the field's name).
+    # start_negatives, no training rows. 6: on the tuning sets it gives locality on everyday
+    # facts (everyday-dev 0.921 against 0.913 at 0) for some reach to CounterFact prompts that
+    # ask another question of the subject (docs/design.md, under the field's name, has each
+    # set's figures).
     relation_negatives: int = 6
     # Early stop once every target token is the argmax and has at least this probability.
     # 0.9: trained on the built-in wordings, an edit carries to unseen wordings without the
