@@ -259,6 +259,9 @@ _NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at e
               help="... but only this probability on the prompts the ledger adds (relation wordings, rewrites, "
                    "prefixed prompts), where they must still be the most likely token (fewer steps, less "
                    "carry-over to prompts that ask another question) [default: --stop-prob].")
+@click.option("--target-focus", type=click.FloatRange(0.0, 8.0), default=BaftConfig.target_focus, show_default=True,
+              help="Weigh each target token by (1 - p)^G of its probability p at the last step, so training "
+                   "pushes where the stop rule still waits (0: every token alike).")
 @click.option("--locality-weight", type=float, default=BaftConfig.locality_weight, show_default=True,
               help="Weight of the KL term on unrelated inputs.")
 @click.option("--locality-row-weight", type=click.FloatRange(0.0), default=BaftConfig.locality_row_weight,
@@ -323,7 +326,7 @@ _NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at e
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per new edit.")
 @click.pass_context
 def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int, steps: int, lr: float,
-        stop_prob: float, stop_prob_wordings: float | None, locality_weight: float, locality_row_weight: float,
+        stop_prob: float, stop_prob_wordings: float | None, target_focus: float, locality_weight: float, locality_row_weight: float,
         gate_floor: float, n_wordings: int, wordings_related: int,
         other_relations: int, other_relations_before: int, subject_variants: int, description_negatives: int, start_negatives: int, relation_negatives: int,
         after_target_wordings: int, n_prefixes: int, rewrites: int, fmt: str,
@@ -346,7 +349,7 @@ def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int
     relation wordings and supersedes no earlier edit.
     """
     cfg = BaftConfig(method=method, layer=layer, rank=rank, steps=steps, lr=lr, stop_prob=stop_prob,
-                     stop_prob_wordings=stop_prob_wordings,
+                     stop_prob_wordings=stop_prob_wordings, target_focus=target_focus,
                      locality_weight=locality_weight, locality_row_weight=locality_row_weight, gate_floor=gate_floor,
                      wordings=n_wordings, wordings_related=wordings_related, other_relations=other_relations,
                      other_relations_before=other_relations_before,

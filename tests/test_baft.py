@@ -94,7 +94,7 @@ def test_config_rejects_bad_values():
                 {"gate_floor": 1.0}, {"gate_floor": -0.1}, {"gate_lr_scale": -1},
                 {"gate_lr_scale": 0, "gate_key_init": False}, {"n_prefixes": 9}, {"n_prefixes": -1},
                 {"stop_prob_wordings": 1.5}, {"stop_prob_wordings": -0.1}, {"stop_locality_margin": -0.1},
-                {"locality_row_weight": -1}):
+                {"locality_row_weight": -1}, {"target_focus": -1}, {"target_focus": 9}):
         with pytest.raises(InputError):
             BaftConfig(**bad)
 
@@ -889,3 +889,38 @@ def test_a_relation_negative_is_the_subjects_state_there_and_sets_the_ramp_not_t
     assert gates[0][0] > 0.9 and gates[0][1] > 0.5        # without it: open on the other relation
     assert gates[1][0] > 0.9 and gates[1][1] == 0.0        # with it: shut there, open at the key
     assert float(directions[0] @ directions[1]) > 0.9999    # the same direction, a steeper ramp
+
+
+def test_target_focus_weighs_the_tokens_the_stop_rule_still_waits_on(tiny_llama):
+    """target_focus g: each target token's CE weight is (1 - p)^g of its probability at the
+    last step, scaled so a fact's live tokens weigh their number in all, so the CE's share of
+    the loss stays as it was. 0 (stored edits' value): every token weighs 1. Before any step
+    (p unknown) every token weighs 1."""
+    from ledger.baft.objective import EditProblem
+    base = load_base(str(tiny_llama))
+    fact = _facts()[1]
+    for g in (0.0, 1.0, 2.0):
+        problem = EditProblem(base.model, base.tokenizer, {}, base.layers, [fact],
+                              BaftConfig(rank=2, n_prefixes=1, target_focus=g), layer=EDITED)
+        try:
+            n = problem.rows.n_tgt
+            live = torch.ones(n, dtype=torch.bool)
+            assert torch.equal(problem._target_weights(live), torch.ones(n))
+            p = torch.linspace(0.0, 0.95, n)
+            problem.last_tgt_p = p.clone()
+            w = problem._target_weights(live)
+            if g == 0:
+                assert torch.equal(w, torch.ones(n))
+                continue
+            expected = (1 - p) ** g
+            assert torch.allclose(w, expected * n / expected.sum(), atol=1e-6)
+            assert float(w.sum()) == pytest.approx(n, rel=1e-6)
+            assert float(w[0]) > 1 > float(w[-1])            # the lagging token weighs most
+            # A token the block cannot move (its gate shut) takes no share of the weight.
+            shut = live.clone()
+            shut[0] = False
+            w2 = problem._target_weights(shut)
+            assert float(w2[shut].sum()) == pytest.approx(n - 1, rel=1e-6)
+        finally:
+            problem.close()
+    assert BaftConfig.from_dict({}, stored=True).target_focus == 0.0     # stored edits: as trained

@@ -74,10 +74,11 @@ def test_add_batch_prints_one_object_per_edit(initialised, facts_file):
 
 
 def test_add_stop_prob_is_stored_with_the_edit(initialised, db_url, fact_file):
-    initialised("add", str(fact_file), *FAST_ARGS, "--stop-prob", "0.5", "--stop-prob-wordings", "0.25")
+    initialised("add", str(fact_file), *FAST_ARGS, "--stop-prob", "0.5", "--stop-prob-wordings", "0.25",
+                "--target-focus", "0.5")
     with Ledger.open(db_url) as lg:
         config = lg.edit("edit-1").config
-    assert (config["stop_prob"], config["stop_prob_wordings"]) == (0.5, 0.25)
+    assert (config["stop_prob"], config["stop_prob_wordings"], config["target_focus"]) == (0.5, 0.25, 0.5)
 
 
 def test_add_neighbour_and_loop_options_are_stored_with_the_edit(initialised, db_url, fact_file):

@@ -157,6 +157,8 @@ class EditProblem:
         self.stop_need = torch.full((rows.n_tgt,), cfg.stop_prob, device=device)
         if cfg.stop_prob_wordings is not None:
             self.stop_need[~rows.tgt_given] = cfg.stop_prob_wordings
+        # Each target token's probability at the last step (NaN: not run yet), for target_focus.
+        self.last_tgt_p = torch.full((rows.n_tgt,), float("nan"), device=device)
         # A BaFT block acts on its own fact's rows only; a ReFT block on every row.
         self.separable = cfg.method == "baft"
         # A kept gate (gate_lr_scale 0) never changes: its raw values are computed once.
@@ -505,7 +507,7 @@ class EditProblem:
         tgt_hit = torch.zeros(n_tgt, dtype=torch.bool, device=self.device)
         row_kl = torch.zeros(max(1, rows.n_unrelated), device=self.device)
         row_slip = torch.zeros(max(1, rows.n_unrelated), device=self.device)
-        active_tgt = self._active_targets()
+        active_tgt = self._active_targets() * self._target_weights(tgt_live)
         ce_total = kl_total = 0.0
         rows_run = tokens_run = 0
         for group in groups:
@@ -541,6 +543,7 @@ class EditProblem:
                 if pending.requires_grad:
                     pending.backward()
                 pending = None
+        self.last_tgt_p = tgt_logp.exp()
         gate_part = cfg.gate_weight * close.item() + cfg.gate_open_weight * opened.item()
         loss = ce_total + cfg.locality_weight * kl_total + gate_part
         parts = {"loss": loss, "ce": ce_total, "kl": kl_total, "gate": close.item(),
@@ -583,6 +586,26 @@ class EditProblem:
         if not self.separable:      # a ReFT block acts on every fact's rows: all or none
             reached = [all(reached)] * len(reached)
         return reached
+
+    def _target_weights(self, live: torch.Tensor) -> torch.Tensor:
+        """Per target token, its weight in the CE: 1 each, or with target_focus g > 0, (1 - p)^g
+        of its probability p at the last step (a token not run: p = 0), scaled so the weights
+        of each fact's live tokens (live_targets) still sum to their number. The stop rule
+        often waits on a last token or two to reach stop_prob, each 1/n of the mean CE's
+        gradient; focused, the steps push there, and the CE's share of the loss against the
+        KL stays as it was."""
+        g = self.cfg.target_focus
+        if g <= 0:
+            return torch.ones_like(self.last_tgt_p)
+        w = (1 - self.last_tgt_p.nan_to_num(0.0)).clamp_min(0) ** g
+        out = torch.ones_like(w)
+        owner = self.rows.tgt_owner
+        for k in range(len(self.blocks)):
+            mine = (owner == k) & live
+            total = float(w[mine].sum())
+            if total > 0:
+                out[mine] = w[mine] * (int(mine.sum()) / total)
+        return out
 
     def _active_targets(self) -> torch.Tensor:
         done = torch.tensor(self.done, dtype=torch.bool, device=self.device)
