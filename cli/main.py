@@ -326,7 +326,8 @@ _NO_SUBJECT = ("note: {edit} ({prompt} -> {target}) has no subject: it acts at e
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per new edit.")
 @click.pass_context
 def add(ctx: click.Context, file: str, method: str, layer: int | None, rank: int, steps: int, lr: float,
-        stop_prob: float, stop_prob_wordings: float | None, target_focus: float, locality_weight: float, locality_row_weight: float,
+        stop_prob: float, stop_prob_wordings: float | None, target_focus: float, locality_weight: float,
+        locality_row_weight: float,
         gate_floor: float, n_wordings: int, wordings_related: int,
         other_relations: int, other_relations_before: int, subject_variants: int, description_negatives: int, start_negatives: int, relation_negatives: int,
         after_target_wordings: int, n_prefixes: int, rewrites: int, fmt: str,

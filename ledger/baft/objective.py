@@ -507,7 +507,9 @@ class EditProblem:
         tgt_hit = torch.zeros(n_tgt, dtype=torch.bool, device=self.device)
         row_kl = torch.zeros(max(1, rows.n_unrelated), device=self.device)
         row_slip = torch.zeros(max(1, rows.n_unrelated), device=self.device)
-        active_tgt = self._active_targets() * self._target_weights(tgt_live)
+        active_tgt = self._active_targets()
+        if cfg.target_focus > 0:
+            active_tgt = active_tgt * self._target_weights(tgt_live)
         ce_total = kl_total = 0.0
         rows_run = tokens_run = 0
         for group in groups:
@@ -543,7 +545,8 @@ class EditProblem:
                 if pending.requires_grad:
                     pending.backward()
                 pending = None
-        self.last_tgt_p = tgt_logp.exp()
+        if cfg.target_focus > 0:
+            self.last_tgt_p = tgt_logp.exp()
         gate_part = cfg.gate_weight * close.item() + cfg.gate_open_weight * opened.item()
         loss = ce_total + cfg.locality_weight * kl_total + gate_part
         parts = {"loss": loss, "ce": ce_total, "kl": kl_total, "gate": close.item(),
@@ -598,14 +601,11 @@ class EditProblem:
         if g <= 0:
             return torch.ones_like(self.last_tgt_p)
         w = (1 - self.last_tgt_p.nan_to_num(0.0)).clamp_min(0) ** g
-        out = torch.ones_like(w)
-        owner = self.rows.tgt_owner
-        for k in range(len(self.blocks)):
-            mine = (owner == k) & live
-            total = float(w[mine].sum())
-            if total > 0:
-                out[mine] = w[mine] * (int(mine.sum()) / total)
-        return out
+        owner, n = self.rows.tgt_owner, len(self.blocks)
+        total = w.new_zeros(n).index_add_(0, owner, torch.where(live, w, 0.0))[owner]
+        count = w.new_zeros(n).index_add_(0, owner, live.to(w.dtype))[owner]
+        scaled = live & (total > 0)
+        return torch.where(scaled, w * count / torch.where(scaled, total, 1.0), 1.0)
 
     def _active_targets(self) -> torch.Tensor:
         done = torch.tensor(self.done, dtype=torch.bool, device=self.device)
