@@ -108,13 +108,14 @@ class States:
         return self.cache[text][layer]
 
 
-def fact_gates(fact: Fact, wordings: list[str], S: States, tok, layer: int) -> dict[str, object]:
-    """The five gates of one fact at one layer: key -> a function of a prompt, its gate value."""
+def fact_gates(fact: Fact, wordings: list[str], S: States, tok, layer: int, cfg: BaftConfig) -> dict[str, object]:
+    """The five gates of one fact at one layer, with the rows cfg gives a new edit: key -> a
+    function of a prompt's states, its gate value."""
     template = wd.template_of(fact.prompt, fact.subject)
-    positives = [fact.prompt, *wordings, *(p + fact.prompt for p in PREFIXES[:2])]
-    generic = [fill(template, s) for s in GENERIC_SUBJECTS[:8] if s.lower() not in fact.subject.lower()] \
+    positives = [fact.prompt, *wordings, *(p + fact.prompt for p in PREFIXES[:cfg.n_prefixes])]
+    generic = [fill(template, s) for s in GENERIC_SUBJECTS[:cfg.neg_subjects] if s.lower() not in fact.subject.lower()] \
         if template else []
-    others = wd.relation_negatives(fact, wordings, 6, 0)
+    others = wd.relation_negatives(fact, wordings, cfg.relation_negatives, cfg.seed)
 
     def at_subject(texts):
         out = [S(t, layer)[subject_positions(tok, t, fact.subject)[-1]] for t in texts
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         for k, fact in enumerate(facts):
             kind = quality.rephrase_kind(fact) if args.dataset == "counterfact" else None
             for layer in layers:
-                gates = fact_gates(fact, wordings[k], S, tok, layer)
+                gates = fact_gates(fact, wordings[k], S, tok, layer, cfg)
                 for key, gate in gates.items():
                     for p in fact.rephrase_prompts:
                         v = gate(S(p, layer))
