@@ -17,8 +17,11 @@ the unseen rephrases of a fact and stays shut on its neighbours:
   query gate open at it.
 
 Each key follows the product's recipe in its simplest form: the direction from the mean of the
-negatives to the key, a ramp with the gate about 0.95 at the key and 0.05 at the closest
-negative (or a quarter of the key's projection below it), the floor 0.2. The subject key leaves
+negatives to the key, a ramp with the match about 0.95 at the key and 0.05 at the closest
+negative (or a quarter of the key's projection below it). A gate fires where its match is at
+least 0.5; a match below the floor (0.2) is reported as 0, as the product shuts it (the
+product's `floored_gate` also rescales what is above the floor, which the 0.5 threshold on the
+match does not need). The subject key leaves
 out the product's start-word negatives, its Fisher fallback and its ramp from the prompt.
 Positive rows: the fact's prompt, the wordings a new ledger trains it on
 (`editing.wording_prompts`, with quality.py's `--held-out strict` table) and the prompt
@@ -41,9 +44,9 @@ Prints one JSON line per (layer, key): the share of rephrases and neighbours the
 from __future__ import annotations
 
 import argparse
-import tempfile
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -53,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import quality  # noqa: E402
-from ledger import BaftConfig, Ledger  # noqa: E402
+from ledger import BaftConfig  # noqa: E402
 from ledger import wordings as wd  # noqa: E402
 from ledger.baft.objective import KEY_MARGIN  # noqa: E402
 from ledger.baft.rows import GENERIC_SUBJECTS, NEUTRAL, PREFIXES, subject_positions  # noqa: E402
@@ -118,8 +121,8 @@ def fact_gates(fact: Fact, wordings: list[str], S: States, tok, layer: int, cfg:
     others = wd.relation_negatives(fact, wordings, cfg.relation_negatives, cfg.seed)
 
     def at_subject(texts):
-        out = [S(t, layer)[subject_positions(tok, t, fact.subject)[-1]] for t in texts
-               if subject_positions(tok, t, fact.subject)]
+        found = ((t, subject_positions(tok, t, fact.subject)) for t in texts)
+        out = [S(t, layer)[at[-1]] for t, at in found if at]
         return torch.stack(out) if out else None
 
     neg_all = torch.cat([S(t, layer) for t in generic + list(NEUTRAL)])
@@ -145,7 +148,7 @@ def fact_gates(fact: Fact, wordings: list[str], S: States, tok, layer: int, cfg:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", default="everyday-check", choices=["everyday-check", "everyday", "counterfact"])
-    ap.add_argument("--split", default="val", choices=["val", "train"],
+    ap.add_argument("--split", default="val", choices=[k for k in quality.CF_SPLITS if k != "edit-1k"],
                     help="counterfact's split (the test split, edit-1k, is for reporting, not for this)")
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--offset", type=int, default=0)
@@ -156,50 +159,46 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     layers = [int(x) for x in args.layers.split(",")]
     if args.dataset == "counterfact":
-        quality.DATASETS["counterfact"] = (f"counterfact/counterfact-{args.split}.json", "counterfact")
+        quality.DATASETS["counterfact"] = (quality.CF_SPLITS[args.split], "counterfact")
     facts = [f for _, f in quality.load_dataset(args.data_dir, args.dataset, args.offset, args.n)]
     cfg = BaftConfig()
     paths = [wd.DATA_DIR / name for name in wd.BUILTIN]
     held_out = quality.held_out_pairs(paths, facts, cfg)
 
+    fires: dict[tuple[int, str], dict[str, list[float]]] = {(L, key): {} for L in layers for key in KEYS}
     with tempfile.TemporaryDirectory(prefix="bench-gate-keys-") as tmp:
-        lg = Ledger.init(f"sqlite:///{Path(tmp) / 'ledger.db'}", wordings=False)
-        for path in paths:
-            lg.import_wordings(path, exclude=held_out)
-        with lg.engine.connect() as conn:
+        # A new ledger's wordings table without the held-out pairs, as quality.py's runs get it.
+        ledgers = quality.Ledgers(Path(tmp), None, paths, held_out)
+        with ledgers.fresh() as lg, lg.engine.connect() as conn:
             wordings, _ = quality.wording_prompts(conn, facts, cfg)
-        tok = lg.base.tokenizer
-        S = States(lg.base.model, tok, layers)
-        fires: dict[tuple[int, str, str], list[float]] = {}
+        tok = ledgers.base.tokenizer
+        S = States(ledgers.base.model, tok, layers)
         for k, fact in enumerate(facts):
             kind = quality.rephrase_kind(fact) if args.dataset == "counterfact" else None
             for layer in layers:
                 gates = fact_gates(fact, wordings[k], S, tok, layer, cfg)
                 for key, gate in gates.items():
+                    parts = fires[(layer, key)]
                     for p in fact.rephrase_prompts:
                         v = gate(S(p, layer))
-                        fires.setdefault((layer, key, "rephrases"), []).append(v)
-                        if kind:
-                            fires.setdefault((layer, key, f"rephrases_{kind}"), []).append(v)
+                        for part in ("rephrases", f"rephrases_{kind}") if kind else ("rephrases",):
+                            parts.setdefault(part, []).append(v)
                     for loc in fact.locality_prompts:
-                        part = "neighbours_naming_subject" if fact.subject.lower() in loc.prompt.lower() \
-                            else "neighbours_other"
+                        named = fact.subject.lower() in loc.prompt.lower()
                         v = gate(S(loc.prompt, layer))
-                        fires.setdefault((layer, key, "neighbours"), []).append(v)
-                        fires.setdefault((layer, key, part), []).append(v)
+                        for part in ("neighbours", "neighbours_naming_subject" if named else "neighbours_other"):
+                            parts.setdefault(part, []).append(v)
             print(f"{k + 1}/{len(facts)} {fact.prompt}", file=sys.stderr, flush=True)
-        lg.close()
 
-    for layer in layers:
-        for key in KEYS:
-            row = {"dataset": args.dataset if args.dataset != "counterfact" else f"counterfact-{args.split}",
-                   "n": len(facts), "offset": args.offset, "layer": layer, "key": key,
-                   "git_commit": quality.git_state()["git_commit"]}
-            for (L, kk, part), vs in fires.items():
-                if L == layer and kk == key:
-                    row[f"{part}_fires"] = round(sum(v >= FIRES for v in vs) / len(vs), 3)
-                    row[f"{part}_n"] = len(vs)
-            print(json.dumps(row), flush=True)
+    dataset = args.dataset if args.dataset != "counterfact" else f"counterfact-{args.split}"
+    commit = quality.git_state()["git_commit"]
+    for (layer, key), parts in fires.items():
+        row = {"dataset": dataset, "n": len(facts), "offset": args.offset, "layer": layer, "key": key,
+               "git_commit": commit}
+        for part, vs in parts.items():
+            row[f"{part}_fires"] = round(sum(v >= FIRES for v in vs) / len(vs), 3)
+            row[f"{part}_n"] = len(vs)
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
